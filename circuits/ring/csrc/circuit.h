@@ -1,0 +1,142 @@
+/*
+ * circuit.h - the circuit data plane: one endpoint of a shared-memory circuit.
+ *
+ * A circuit joins two sides through one shared-memory object (format.h).
+ * Side s produces into direction s and consumes from direction 1 - s.
+ * Each side has a doorbell, an eventfd: it sleeps on its own and rings the
+ * peer's.  Each side also holds one end of a "link", a connected AF_UNIX
+ * socket pair that carries nothing: when every holder of the peer's end is
+ * gone (closed, exited, killed), our end reports hang-up, and that is how a
+ * survivor learns that its peer died without saying goodbye.
+ *
+ * Life of an endpoint:
+ *   circuit_create()  makes the memory object (the operator, or a test, does this)
+ *   circuit_attach()  maps it for one side, checking it against trusted params
+ *   circuit_send/recv, or circuit_reserve/commit and circuit_peek/consume
+ *   circuit_shutdown_write(), circuit_close() end the conversation
+ *   circuit_free()    unmaps; nothing may touch views into the data areas after
+ *
+ * Every call returns a non-negative count or a negative errno:
+ *   -EAGAIN      CIRCUIT_NONBLOCK was given and the call would wait
+ *   -ETIMEDOUT   the deadline passed
+ *   -EINTR       a signal arrived while sleeping; call again
+ *   -ESHUTDOWN   (receive side) end of data: the peer shut down writing and
+ *                everything it wrote has been consumed
+ *   -EPIPE       (send side) the peer has closed
+ *   -ECONNRESET  the peer aborted or vanished, or the circuit was aborted
+ *                because the peer broke the format (a hostile peer)
+ *   -EMSGSIZE    a datagram larger than the ring can ever hold
+ *   -EBADF       this endpoint was closed
+ *   -EINVAL      a bad argument (never caused by the peer)
+ *
+ * Deadlines are absolute CLOCK_MONOTONIC nanoseconds; CIRCUIT_FOREVER waits
+ * without limit.  Waiting spins for at most spin_ns, then sleeps on the doorbell.
+ * Each endpoint's calls are thread-safe; one direction is used by one thread
+ * at a time (a second sender waits for the first).
+ */
+#ifndef CIRCUITS_CIRCUIT_H
+#define CIRCUITS_CIRCUIT_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "format.h"
+
+struct circuit;
+
+/* What both sides must agree on; it comes from a trusted party, never the peer. */
+struct circuit_params {
+    uint32_t kind;     /* CIRCUIT_STREAM or CIRCUIT_DGRAM */
+    uint64_t size[2];  /* data area of direction 0 and of direction 1 */
+};
+
+#define CIRCUIT_FOREVER (-1LL)
+#define CIRCUIT_NONBLOCK 1 /* flag: never wait */
+#define CIRCUIT_ALL 2      /* flag: send or receive the whole buffer */
+
+/* Size of the memory object that params describe, or 0 if params are invalid. */
+uint64_t circuit_object_size(const struct circuit_params *p);
+
+/* Create a sealed memfd holding an initialised circuit.  Returns fd or -errno. */
+int circuit_create(const struct circuit_params *p);
+
+/* The descriptors of one endpoint besides the memory. */
+struct circuit_fds {
+    int bell;      /* our doorbell (eventfd): we sleep on it */
+    int peer_bell; /* the peer's doorbell: we ring it */
+    int link;      /* our end of the link socket pair, or -1 for none */
+};
+
+/*
+ * Map side `side` of the circuit in memfd, after checking the object against
+ * params (size, seals, header).  The endpoint owns fds from now on (on
+ * success only); memfd stays the caller's.
+ * Returns 0 and *out, or -errno (-EPROTO: the object does not match params).
+ */
+int circuit_attach(int memfd, const struct circuit_fds *fds,
+                   const struct circuit_params *p, int side, struct circuit **out);
+
+/* Spin budget before sleeping, in nanoseconds (default: 50 us; 0: never spin). */
+void circuit_set_spin(struct circuit *c, uint32_t spin_ns);
+
+/* Copying data path. */
+ssize_t circuit_send(struct circuit *c, const void *buf, size_t len, int flags,
+                     int64_t deadline);
+ssize_t circuit_recv(struct circuit *c, void *buf, size_t len, int flags,
+                     int64_t deadline);
+
+/*
+ * Zero-copy data path.  reserve waits for `need` bytes of free space (datagram:
+ * room for a datagram of `need` bytes) and returns the writable span in *ptr
+ * and its length; commit(n) publishes its first n bytes (datagram: as one
+ * datagram).  peek waits for data and returns the readable span (datagram: the
+ * next datagram's payload); consume(n) releases n bytes of it (datagram: the
+ * whole datagram, n must equal its length).  A send or recv in between
+ * cancels a reservation or peek.
+ */
+ssize_t circuit_reserve(struct circuit *c, size_t need, int flags,
+                        int64_t deadline, void **ptr);
+int circuit_commit(struct circuit *c, size_t n);
+ssize_t circuit_peek(struct circuit *c, int flags, int64_t deadline, void **ptr);
+int circuit_consume(struct circuit *c, size_t n);
+
+/* Largest datagram this endpoint can send (its transmit ring less a header). */
+size_t circuit_max_dgram(const struct circuit *c);
+
+/* Readiness without waiting, for poll-style callers: CIRCUIT_READABLE etc. */
+#define CIRCUIT_READABLE 1  /* data, end of data, or an error is waiting */
+#define CIRCUIT_WRITABLE 2  /* a send would not wait */
+#define CIRCUIT_HANGUP 4    /* peer closed, vanished or aborted */
+int circuit_poll(struct circuit *c);
+
+/*
+ * Make our doorbell tell the truth for poll-style callers: after this, it is
+ * readable if data or an end is waiting now, and it turns readable as soon
+ * as either arrives.  Costs a syscall or two; callers that sleep inside the
+ * library (blocking calls) do not need it.
+ */
+int circuit_arm_read(struct circuit *c);
+
+int circuit_shutdown_write(struct circuit *c);
+int circuit_abort(struct circuit *c);
+/* End this side: mark CLOSED, wake the peer and local waiters, close the fds. */
+int circuit_close(struct circuit *c);
+/* Give up this endpoint without ending the circuit (it lives on in another
+ * process that holds the same memory and fds): closes our fds only. */
+int circuit_detach(struct circuit *c);
+/* Unmap and free; closes the endpoint first unless it was closed or detached. */
+void circuit_free(struct circuit *c);
+
+/* Introspection. */
+int circuit_bell(const struct circuit *c);
+int circuit_side(const struct circuit *c);
+uint32_t circuit_kind(const struct circuit *c);
+/* Base of the mirror-mapped transmit (dir = 0) or receive (dir = 1) area. */
+void *circuit_area_base(const struct circuit *c, int dir);
+uint64_t circuit_area_size(const struct circuit *c, int dir);
+/* Bytes ever sent, ever received (from this side's own indices). */
+uint64_t circuit_bytes_sent(const struct circuit *c);
+uint64_t circuit_bytes_received(const struct circuit *c);
+
+#endif

@@ -1,0 +1,247 @@
+/*
+ * map.c - creating a circuit object and attaching an endpoint to it.
+ *
+ * The object is a sealed memfd: once sealed, no holder (the peer included) can
+ * shrink it, so a mapped page can never turn into SIGBUS under us.  Each data
+ * area is mapped twice, back to back (the mirror mapping): the span
+ * [i & mask, (i & mask) + size) is always contiguous, so readers and writers
+ * never split a copy, a record or a zero-copy view at the wrap.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define DEFAULT_SPIN_NS 50000u
+#define REQUIRED_SEALS (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)
+
+static bool valid_ring_size(uint64_t n)
+{
+    return n >= CIRCUIT_MIN_RING && n <= CIRCUIT_MAX_RING && (n & (n - 1)) == 0;
+}
+
+uint64_t circuit_object_size(const struct circuit_params *p)
+{
+    if (p->kind != CIRCUIT_STREAM && p->kind != CIRCUIT_DGRAM)
+        return 0;
+    if (!valid_ring_size(p->size[0]) || !valid_ring_size(p->size[1]))
+        return 0;
+    return CIRCUIT_DATA_OFFSET + p->size[0] + p->size[1];
+}
+
+/* The header a correct object for params has. */
+static void expected_header(const struct circuit_params *p, struct circuit_header *h)
+{
+    memset(h, 0, sizeof(*h));
+    h->magic = CIRCUIT_MAGIC;
+    h->version = CIRCUIT_VERSION;
+    h->kind = (uint16_t)p->kind;
+    h->header_size = CIRCUIT_PAGE;
+    h->total_size = circuit_object_size(p);
+    h->ctrl_offset = CIRCUIT_CTRL_OFFSET;
+    h->area[0].offset = CIRCUIT_DATA_OFFSET;
+    h->area[0].size = p->size[0];
+    h->area[1].offset = CIRCUIT_DATA_OFFSET + p->size[0];
+    h->area[1].size = p->size[1];
+}
+
+int circuit_create(const struct circuit_params *p)
+{
+    uint64_t total = circuit_object_size(p);
+    if (!total)
+        return -EINVAL;
+    int fd = memfd_create("circuit", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    if (fd < 0)
+        return -errno;
+    int err = 0;
+    if (ftruncate(fd, (off_t)total) < 0) {
+        err = -errno;
+        goto fail;
+    }
+    void *hdr = mmap(NULL, CIRCUIT_PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (hdr == MAP_FAILED) {
+        err = -errno;
+        goto fail;
+    }
+    expected_header(p, hdr);
+    munmap(hdr, CIRCUIT_PAGE);
+    /* Both consumers start armed: the first data rings even a poller that
+     * never called in (docs/circuit-format.md, "Doorbells"). */
+    void *ctl = mmap(NULL, CIRCUIT_PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
+                     CIRCUIT_CTRL_OFFSET);
+    if (ctl == MAP_FAILED) {
+        err = -errno;
+        goto fail;
+    }
+    for (int d = 0; d < 2; d++)
+        ((struct circuit_ctrl *)ctl)->dir[d].cons_wait = 1;
+    munmap(ctl, CIRCUIT_PAGE);
+    if (fcntl(fd, F_ADD_SEALS, REQUIRED_SEALS) < 0) {
+        err = -errno;
+        goto fail;
+    }
+    return fd;
+fail:
+    close(fd);
+    return err;
+}
+
+/* The object must be exactly the size params give and sealed against shrinking. */
+static int check_object(int memfd, uint64_t total)
+{
+    struct stat st;
+    if (fstat(memfd, &st) < 0)
+        return -errno;
+    if ((uint64_t)st.st_size != total)
+        return -EPROTO;
+    int seals = fcntl(memfd, F_GET_SEALS);
+    if (seals < 0 || (seals & REQUIRED_SEALS) != REQUIRED_SEALS)
+        return -EPROTO;
+    return 0;
+}
+
+/* Compare a private copy of the header, so the peer cannot change it mid-check. */
+static int check_header(const struct circuit_header *shared,
+                        const struct circuit_params *p)
+{
+    struct circuit_header want, got;
+    expected_header(p, &want);
+    memcpy(&got, shared, 64);
+    return memcmp(&got, &want, 64) == 0 ? 0 : -EPROTO;
+}
+
+/* Map `size` bytes of memfd at `offset` twice, back to back. */
+static uint8_t *map_mirror(int memfd, uint64_t offset, uint64_t size)
+{
+    uint8_t *base = mmap(NULL, 2 * size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED)
+        return NULL;
+    for (int half = 0; half < 2; half++) {
+        void *want = base + half * size;
+        void *got = mmap(want, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+                         memfd, (off_t)offset);
+        if (got != want) {
+            munmap(base, 2 * size);
+            return NULL;
+        }
+    }
+    return base;
+}
+
+static void init_ring(struct circuit_ring *r, struct circuit_dir_ctrl *ctrl,
+                      uint8_t *data, uint64_t size)
+{
+    r->ctrl = ctrl;
+    r->data = data;
+    r->size = size;
+    r->mask = size - 1;
+    r->pending = 0;
+    pthread_mutex_init(&r->lock, NULL);
+}
+
+static void unmap_all(struct circuit *c)
+{
+    if (c->map)
+        munmap(c->map, CIRCUIT_DATA_OFFSET);
+    if (c->tx.data)
+        munmap(c->tx.data, 2 * c->tx.size);
+    if (c->rx.data)
+        munmap(c->rx.data, 2 * c->rx.size);
+}
+
+int circuit_attach(int memfd, const struct circuit_fds *fds,
+                   const struct circuit_params *p, int side, struct circuit **out)
+{
+    uint64_t total = circuit_object_size(p);
+    if (!total || (side != 0 && side != 1) || fds->bell < 0 || fds->peer_bell < 0)
+        return -EINVAL;
+    int err = check_object(memfd, total);
+    if (err)
+        return err;
+    struct circuit *c = calloc(1, sizeof(*c));
+    if (!c)
+        return -ENOMEM;
+    c->side = side;
+    c->kind = p->kind;
+    c->bell = fds->bell;
+    c->peer_bell = fds->peer_bell;
+    c->link = fds->link;
+    c->spin_ns = sysconf(_SC_NPROCESSORS_ONLN) > 1 ? DEFAULT_SPIN_NS : 0;
+    c->map = mmap(NULL, CIRCUIT_DATA_OFFSET, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+    if (c->map == MAP_FAILED) {
+        c->map = NULL;
+        err = -errno;
+        goto fail;
+    }
+    c->hdr = c->map;
+    c->ctrl = (struct circuit_ctrl *)((uint8_t *)c->map + CIRCUIT_CTRL_OFFSET);
+    err = check_header(c->hdr, p);
+    if (err)
+        goto fail;
+    int tx = side, rx = 1 - side;
+    uint64_t off[2] = {CIRCUIT_DATA_OFFSET, CIRCUIT_DATA_OFFSET + p->size[0]};
+    uint8_t *txd = map_mirror(memfd, off[tx], p->size[tx]);
+    uint8_t *rxd = txd ? map_mirror(memfd, off[rx], p->size[rx]) : NULL;
+    if (!txd || !rxd) {
+        if (txd)
+            munmap(txd, 2 * p->size[tx]);
+        err = -ENOMEM;
+        goto fail;
+    }
+    init_ring(&c->tx, &c->ctrl->dir[tx], txd, p->size[tx]);
+    init_ring(&c->rx, &c->ctrl->dir[rx], rxd, p->size[rx]);
+    /* Our own indices start where the shared ones are now: an endpoint may be
+     * attached after the other side began (hand-off between processes). */
+    c->tx.local = load_acquire(&c->tx.ctrl->prod);
+    c->tx.seen = load_acquire(&c->tx.ctrl->cons);
+    c->rx.local = c->rx.seen = load_acquire(&c->rx.ctrl->cons);
+    if (c->tx.local - c->tx.seen > c->tx.size ||
+        (p->kind == CIRCUIT_DGRAM && ((c->tx.local | c->tx.seen | c->rx.local) & 7))) {
+        err = -EPROTO;
+        goto fail;
+    }
+    c->my_state = load_acquire(&c->hdr->side[side].state);
+    if (c->my_state > CIRCUIT_ABORTED)
+        c->my_state = CIRCUIT_ABORTED;
+    *out = c;
+    return 0;
+fail:
+    unmap_all(c);
+    free(c);
+    return err;
+}
+
+void circuit_free(struct circuit *c)
+{
+    if (!c)
+        return;
+    if (!c->closed)
+        circuit_close(c);
+    unmap_all(c);
+    pthread_mutex_destroy(&c->tx.lock);
+    pthread_mutex_destroy(&c->rx.lock);
+    free(c);
+}
+
+void circuit_set_spin(struct circuit *c, uint32_t spin_ns) { c->spin_ns = spin_ns; }
+int circuit_bell(const struct circuit *c) { return c->bell; }
+int circuit_side(const struct circuit *c) { return c->side; }
+uint32_t circuit_kind(const struct circuit *c) { return c->kind; }
+uint64_t circuit_bytes_sent(const struct circuit *c) { return c->tx.local; }
+uint64_t circuit_bytes_received(const struct circuit *c) { return c->rx.local; }
+
+void *circuit_area_base(const struct circuit *c, int dir)
+{
+    return dir == 0 ? c->tx.data : c->rx.data;
+}
+
+uint64_t circuit_area_size(const struct circuit *c, int dir)
+{
+    return dir == 0 ? c->tx.size : c->rx.size;
+}

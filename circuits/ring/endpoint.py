@@ -1,0 +1,379 @@
+"""A circuit endpoint shaped like a socket, over the C ring core.
+
+Python crosses into C once per call (one buffer, one view), never per byte;
+every wait (spinning, then sleeping on the doorbell) happens inside C with
+the GIL released.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from circuits.ring._ring import ffi, lib
+
+Kind = Literal["stream", "dgram"]
+_KIND_CODE = {"stream": lib.CIRCUIT_STREAM, "dgram": lib.CIRCUIT_DGRAM}
+_FOREVER = -1
+
+
+@dataclass(frozen=True)
+class CircuitSpec:
+    """What both sides of a circuit agree on; it comes from a trusted party.
+
+    ``sizes[d]`` is the data area of direction ``d``; side ``s`` sends on
+    direction ``s`` and receives on direction ``1 - s``.
+    """
+
+    kind: Kind
+    side: int
+    sizes: tuple[int, int]
+
+    def params(self):
+        """The C ``struct circuit_params`` for this spec."""
+        p = ffi.new("struct circuit_params *")
+        p.kind = _KIND_CODE[self.kind]
+        p.size[0], p.size[1] = self.sizes
+        return p
+
+    def peer(self) -> CircuitSpec:
+        """The spec of the other side."""
+        return CircuitSpec(self.kind, 1 - self.side, self.sizes)
+
+
+def _raise(code: int) -> None:
+    """Turn a negative errno from C into the OSError subclass sockets raise."""
+    err = -code
+    if err == errno.ETIMEDOUT:
+        raise TimeoutError(errno.ETIMEDOUT, "timed out")
+    raise OSError(err, os.strerror(err))
+
+
+class ViewError(BufferError):
+    """A zero-copy view was misused (still exported, or none is open)."""
+
+
+class Circuit:
+    """One endpoint of a circuit, with the methods of a socket.
+
+    Built from file descriptors: ``memfd`` (the circuit memory), ``bell`` (our
+    eventfd doorbell, which is :meth:`fileno`), ``peer_bell`` (the peer's
+    doorbell) and ``link`` (our end of the liveness socket pair, or -1).  The
+    endpoint owns all four and closes them in :meth:`close`.
+    """
+
+    def __init__(self, memfd: int, bell: int, peer_bell: int, link: int, spec: CircuitSpec):
+        fds = ffi.new("struct circuit_fds *", {"bell": bell, "peer_bell": peer_bell, "link": link})
+        out = ffi.new("struct circuit **")
+        rc = lib.circuit_attach(memfd, fds, spec.params(), spec.side, out)
+        if rc < 0:
+            _raise(rc)
+        self._c = ffi.gc(out[0], lib.circuit_free)
+        self._memfd = memfd
+        self._fds = (bell, peer_bell, link)
+        self.spec = spec
+        self._timeout: float | None = None
+        self._flags = 0
+        self._read_shut = False
+        self._armed = False
+        self._ptr = ffi.new("void **")
+        self._rview: memoryview | None = None
+        self._wview: memoryview | None = None
+        self._areas = [self._area(0), self._area(1)]
+
+    def _area(self, direction: int) -> tuple[memoryview, int]:
+        """A memoryview over a mirror-mapped data area, and its base address.
+
+        The view keeps the C endpoint alive (through the cdata's destructor
+        closure), so memory stays mapped while any view or slice of it lives.
+        """
+        c = self._c
+        size = lib.circuit_area_size(c, direction)
+        base = ffi.cast("uint8_t *", lib.circuit_area_base(c, direction))
+        owner = ffi.gc(base, lambda _p, _keep=c: None)
+        mv = memoryview(ffi.buffer(owner, 2 * size))
+        return mv, int(ffi.cast("uintptr_t", base))
+
+    # -- identity ---------------------------------------------------------
+
+    @property
+    def type(self) -> int:
+        """socket.SOCK_STREAM or socket.SOCK_DGRAM."""
+        return socket.SOCK_STREAM if self.spec.kind == "stream" else socket.SOCK_DGRAM
+
+    @property
+    def memfd(self) -> int:
+        """The circuit memory, for handing this endpoint to another process."""
+        return self._memfd
+
+    def fds(self) -> list[int]:
+        """[memfd, bell, peer_bell, link]: pass them with socket.send_fds."""
+        return [self._memfd, *self._fds]
+
+    def fileno(self) -> int:
+        """Our doorbell: readable when data, an end of data, or room that a
+        blocked non-blocking send waits for is there.  -1 once closed."""
+        fd = lib.circuit_bell(self._c)
+        if fd >= 0 and not self._armed:
+            lib.circuit_arm_read(self._c)  # sets the rule up once; it then holds
+            self._armed = True
+        return fd
+
+    @property
+    def max_datagram(self) -> int:
+        """Largest datagram this endpoint can send."""
+        return lib.circuit_max_dgram(self._c)
+
+    @property
+    def bytes_sent(self) -> int:
+        return lib.circuit_bytes_sent(self._c)
+
+    @property
+    def bytes_received(self) -> int:
+        return lib.circuit_bytes_received(self._c)
+
+    # -- timeouts ---------------------------------------------------------
+
+    def settimeout(self, value: float | None) -> None:
+        """None blocks, 0 never waits, a positive number bounds each call."""
+        if value is not None and value < 0:
+            raise ValueError("Timeout value out of range")
+        self._timeout = None if value is None else float(value)
+        self._flags = lib.CIRCUIT_NONBLOCK if value == 0 else 0
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def setblocking(self, flag: bool) -> None:
+        self.settimeout(None if flag else 0.0)
+
+    def getblocking(self) -> bool:
+        return self._timeout != 0.0
+
+    def _deadline(self) -> int:
+        if not self._timeout:
+            return _FOREVER
+        return time.monotonic_ns() + int(self._timeout * 1e9)
+
+    # -- copying data path ------------------------------------------------
+
+    def _call(self, fn, *args) -> int:
+        """Run a C call, retrying after signals (PEP 475), raising on errors.
+
+        Signal handlers run between the retries; one that raises ends the call.
+        """
+        while True:
+            rc = fn(self._c, *args)
+            if rc >= 0:
+                return rc
+            if rc != -errno.EINTR:
+                return rc
+
+    def send(self, data, flags: int = 0) -> int:
+        """Send bytes; returns how many were taken (all of a datagram)."""
+        self._drop_wview()
+        rc = self._call(lib.circuit_send, ffi.from_buffer(data), _nbytes(data),
+                        self._flags, self._deadline())
+        if rc < 0:
+            _raise(rc)
+        return rc
+
+    def sendall(self, data, flags: int = 0) -> None:
+        """Send every byte, waiting as needed (the timeout bounds the whole)."""
+        self._drop_wview()
+        view = memoryview(data).cast("B")
+        deadline = self._deadline()
+        if self.spec.kind == "dgram":
+            rc = self._call(lib.circuit_send, ffi.from_buffer(view), len(view), self._flags, deadline)
+            if rc < 0:
+                _raise(rc)
+            return
+        done = 0
+        flags_all = self._flags | lib.CIRCUIT_ALL
+        while done < len(view):
+            rc = self._call(lib.circuit_send, ffi.from_buffer(view[done:]), len(view) - done,
+                            flags_all, deadline)
+            if rc < 0:
+                _raise(rc)
+            done += rc
+
+    def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
+        """Receive into buffer; 0 at end of data.  A datagram longer than the
+        buffer is truncated (with MSG_TRUNC in flags, its full length is returned)."""
+        self._drop_rview()
+        view = memoryview(buffer).cast("B")
+        n = nbytes or len(view)
+        if n > len(view):
+            raise ValueError("buffer too small for requested bytes")
+        if self._read_shut:
+            return 0
+        rc = self._call(lib.circuit_recv, ffi.from_buffer(view, require_writable=True), n,
+                        self._flags, self._deadline())
+        if rc < 0:
+            if rc == -errno.ESHUTDOWN:
+                return 0
+            _raise(rc)
+        if self.spec.kind == "dgram" and not flags & socket.MSG_TRUNC:
+            return min(rc, n)
+        return rc
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        """Receive up to bufsize bytes; b'' at end of data."""
+        buf = bytearray(bufsize)
+        n = self.recv_into(buf, bufsize)
+        return bytes(memoryview(buf)[:n])
+
+    def recvmsg(self, bufsize: int, ancbufsize: int = 0, flags: int = 0):
+        """Like socket.recvmsg: (data, [], msg_flags, None); MSG_TRUNC marks a
+        datagram that did not fit."""
+        buf = bytearray(bufsize)
+        full = self.recv_into(buf, bufsize, socket.MSG_TRUNC)
+        msg_flags = socket.MSG_TRUNC if full > bufsize else 0
+        return bytes(memoryview(buf)[: min(full, bufsize)]), [], msg_flags, None
+
+    # -- zero-copy data path ----------------------------------------------
+
+    def read_view(self) -> memoryview | None:
+        """A view of everything readable, read in place (a datagram: its
+        payload).  None at end of data.  Valid until consume() or close()."""
+        self._drop_rview()
+        if self._read_shut:
+            return None
+        rc = self._call(lib.circuit_peek, self._flags, self._deadline(), self._ptr)
+        if rc == -errno.ESHUTDOWN:
+            return None
+        if rc < 0:
+            _raise(rc)
+        self._rview = self._slice(1, rc)
+        return self._rview
+
+    def consume(self, n: int | None = None) -> None:
+        """Release n bytes of the read view (default: all; a datagram: all)."""
+        if self._rview is None:
+            raise ViewError("no read view is open")
+        size = len(self._rview)
+        n = size if n is None else n
+        if not 0 <= n <= size:
+            raise ValueError(f"consume({n}) outside the read view of {size} bytes")
+        self._drop_rview()
+        rc = lib.circuit_consume(self._c, n)
+        if rc < 0:
+            _raise(rc)
+
+    def write_view(self, size: int = 1) -> memoryview:
+        """A view of free space to write in place: at least ``size`` bytes
+        (a datagram: room for one of ``size`` bytes).  Publish with commit()."""
+        self._drop_wview()
+        rc = self._call(lib.circuit_reserve, size, self._flags, self._deadline(), self._ptr)
+        if rc < 0:
+            if rc == -errno.EINVAL:
+                raise ValueError(f"write_view({size}) larger than the ring")
+            _raise(rc)
+        self._wview = self._slice(0, rc)
+        return self._wview
+
+    def commit(self, n: int) -> None:
+        """Publish the first n bytes written into the write view (a datagram of n bytes)."""
+        if self._wview is None:
+            raise ViewError("no write view is open")
+        if not 0 <= n <= len(self._wview):
+            raise ValueError(f"commit({n}) outside the write view of {len(self._wview)} bytes")
+        self._drop_wview()
+        rc = lib.circuit_commit(self._c, n)
+        if rc < 0:
+            _raise(rc)
+
+    def _slice(self, direction: int, n: int) -> memoryview:
+        mv, base = self._areas[direction]
+        off = int(ffi.cast("uintptr_t", self._ptr[0])) - base
+        return mv[off : off + n]
+
+    def _drop_rview(self) -> None:
+        self._rview = _release(self._rview)
+
+    def _drop_wview(self) -> None:
+        self._wview = _release(self._wview)
+
+    # -- ending -----------------------------------------------------------
+
+    def shutdown(self, how: int) -> None:
+        """SHUT_WR: the peer reads to the end, then b''.  SHUT_RD: our reads
+        return b'' (the peer is not told, as with TCP)."""
+        if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
+            raise ValueError("invalid shutdown mode")
+        if how in (socket.SHUT_RD, socket.SHUT_RDWR):
+            self._read_shut = True
+        if how in (socket.SHUT_WR, socket.SHUT_RDWR):
+            rc = lib.circuit_shutdown_write(self._c)
+            if rc < 0:
+                _raise(rc)
+
+    def abort(self) -> None:
+        """Reset the circuit: the peer gets ConnectionResetError."""
+        rc = lib.circuit_abort(self._c)
+        if rc < 0:
+            _raise(rc)
+
+    def close(self) -> None:
+        """End this side; the peer reads what is left, then b''.  Threads of
+        ours blocked on this endpoint wake with OSError(EBADF)."""
+        self._drop_rview()
+        self._drop_wview()
+        lib.circuit_close(self._c)
+        self._close_memfd()
+
+    def detach(self) -> None:
+        """Give this endpoint up without ending the circuit: another process
+        that holds the same fds carries on."""
+        self._drop_rview()
+        self._drop_wview()
+        lib.circuit_detach(self._c)
+        self._close_memfd()
+
+    def _close_memfd(self) -> None:
+        if self._memfd >= 0:
+            os.close(self._memfd)
+            self._memfd = -1
+
+    @property
+    def closed(self) -> bool:
+        return lib.circuit_bell(self._c) < 0
+
+    def __enter__(self) -> Circuit:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.closed:
+            self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_memfd", -1) >= 0:
+            os.close(self._memfd)
+            self._memfd = -1
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"fd={lib.circuit_bell(self._c)}"
+        return f"<Circuit {self.spec.kind} side={self.spec.side} {state}>"
+
+
+def _nbytes(data) -> int:
+    """Length in bytes of any buffer, cheaply for the common types."""
+    if type(data) in (bytes, bytearray):
+        return len(data)
+    return memoryview(data).nbytes
+
+
+def _release(view: memoryview | None) -> None:
+    """Release a view so that later use raises instead of reading stale memory."""
+    if view is not None:
+        try:
+            view.release()
+        except BufferError:
+            raise ViewError(
+                "a zero-copy view is still exported (a memoryview or array made "
+                "from it is alive): release it before consume/commit/close"
+            ) from None
+    return None
