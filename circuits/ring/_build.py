@@ -36,7 +36,7 @@ int circuit_create(const struct circuit_params *p);
 int circuit_attach(int memfd, const struct circuit_fds *fds,
                    const struct circuit_params *p, int side, struct circuit **out);
 void circuit_set_spin(struct circuit *c, uint32_t spin_ns);
-ssize_t circuit_send(struct circuit *c, const void *buf, size_t len, int flags,
+ssize_t circuit_send(struct circuit *c, const char *buf, size_t len, int flags,
                      int64_t deadline);
 ssize_t circuit_recv(struct circuit *c, void *buf, size_t len, int flags,
                      int64_t deadline);

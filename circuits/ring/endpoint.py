@@ -174,51 +174,70 @@ class Circuit:
 
     def send(self, data, flags: int = 0) -> int:
         """Send bytes; returns how many were taken (all of a datagram)."""
-        self._drop_wview()
-        rc = self._call(lib.circuit_send, ffi.from_buffer(data), _nbytes(data),
-                        self._flags, self._deadline())
+        if self._wview is not None:
+            self._drop_wview()
+        deadline = -1 if not self._timeout else self._deadline()
+        if type(data) is bytes:  # passed to C as is: no buffer export
+            rc = lib.circuit_send(self._c, data, len(data), self._flags, deadline)
+        else:
+            rc = lib.circuit_send(self._c, ffi.from_buffer(data), _nbytes(data),
+                                  self._flags, deadline)
         if rc < 0:
-            _raise(rc)
+            return self._send_failed(rc, data, flags)
         return rc
+
+    def _send_failed(self, rc: int, data, flags: int) -> int:
+        if rc == -errno.EINTR:  # PEP 475: handlers have run, go again
+            return self.send(data, flags)
+        _raise(rc)
 
     def sendall(self, data, flags: int = 0) -> None:
         """Send every byte, waiting as needed (the timeout bounds the whole)."""
-        self._drop_wview()
-        view = memoryview(data).cast("B")
-        deadline = self._deadline()
-        if self.spec.kind == "dgram":
-            rc = self._call(lib.circuit_send, ffi.from_buffer(view), len(view), self._flags, deadline)
-            if rc < 0:
-                _raise(rc)
-            return
-        done = 0
+        if self._wview is not None:
+            self._drop_wview()
+        deadline = -1 if not self._timeout else self._deadline()
         flags_all = self._flags | lib.CIRCUIT_ALL
-        while done < len(view):
-            rc = self._call(lib.circuit_send, ffi.from_buffer(view[done:]), len(view) - done,
-                            flags_all, deadline)
-            if rc < 0:
+        if type(data) is bytes:
+            rc = lib.circuit_send(self._c, data, len(data), flags_all, deadline)
+            if rc == len(data):
+                return
+            view = memoryview(data)
+        else:
+            view = memoryview(data).cast("B")
+            rc = 0
+        done = max(rc, 0)
+        while done < len(view) or rc < 0:
+            if rc < 0 and rc != -errno.EINTR:
                 _raise(rc)
-            done += rc
+            rc = lib.circuit_send(self._c, ffi.from_buffer(view[done:]), len(view) - done,
+                                  flags_all, deadline)
+            done += max(rc, 0)
 
     def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
         """Receive into buffer; 0 at end of data.  A datagram longer than the
         buffer is truncated (with MSG_TRUNC in flags, its full length is returned)."""
-        self._drop_rview()
-        view = memoryview(buffer).cast("B")
-        n = nbytes or len(view)
-        if n > len(view):
+        if self._rview is not None:
+            self._drop_rview()
+        size = _nbytes(buffer)
+        n = nbytes or size
+        if n > size or n < 0:
             raise ValueError("buffer too small for requested bytes")
         if self._read_shut:
             return 0
-        rc = self._call(lib.circuit_recv, ffi.from_buffer(view, require_writable=True), n,
-                        self._flags, self._deadline())
+        rc = lib.circuit_recv(self._c, ffi.from_buffer(buffer, require_writable=True), n,
+                              self._flags, -1 if not self._timeout else self._deadline())
         if rc < 0:
-            if rc == -errno.ESHUTDOWN:
-                return 0
-            _raise(rc)
-        if self.spec.kind == "dgram" and not flags & socket.MSG_TRUNC:
-            return min(rc, n)
+            return self._recv_failed(rc, buffer, nbytes, flags)
+        if rc > n and not flags & socket.MSG_TRUNC:
+            return n  # a datagram truncated to the buffer
         return rc
+
+    def _recv_failed(self, rc: int, buffer, nbytes: int, flags: int) -> int:
+        if rc == -errno.ESHUTDOWN:
+            return 0
+        if rc == -errno.EINTR:  # PEP 475: handlers have run, go again
+            return self.recv_into(buffer, nbytes, flags)
+        _raise(rc)
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         """Receive up to bufsize bytes; b'' at end of data."""
@@ -258,6 +277,8 @@ class Circuit:
         n = size if n is None else n
         if not 0 <= n <= size:
             raise ValueError(f"consume({n}) outside the read view of {size} bytes")
+        if n != size and self.spec.kind == "dgram":
+            raise ValueError(f"a datagram is consumed whole: consume({size}) or consume()")
         self._drop_rview()
         rc = lib.circuit_consume(self._c, n)
         if rc < 0:

@@ -1,0 +1,41 @@
+# circuits: `make demo` and `make test` are the whole Quickstart (see README.md).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# What a fresh Debian machine lacks to build the C core and the venv.
+APT_PACKAGES := build-essential python3-dev python3-venv libffi-dev
+STAMP := $(VENV)/.installed
+
+.PHONY: setup deps demo test ctest bench clean
+
+setup: $(STAMP)
+
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ] && command -v apt-get >/dev/null; then \
+	  sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "installing: $$missing"; \
+	  $$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing; \
+	fi
+
+$(STAMP): pyproject.toml setup.py circuits/ring/_build.py $(wildcard circuits/ring/csrc/*)
+	$(MAKE) deps
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/circuits bench ring --quick --rounds 3 --size 65536 --size 1024
+
+test: setup
+	$(PY) -m pytest -q
+
+ctest:
+	$(MAKE) -C tests/c check
+
+bench: setup
+	$(VENV)/bin/circuits bench ring
+
+clean:
+	rm -rf $(VENV) build *.egg-info circuits/ring/_ring*.so circuits/ring/_ring.c tests/c/build
