@@ -49,7 +49,8 @@ ssize_t dgram_send(struct circuit *c, const uint8_t *buf, size_t len, int flags,
     if (err)
         return err;
     write_record_header(r, len);
-    memcpy(r->data + ((r->local + HDR) & r->mask), buf, len);
+    if (len) /* an empty datagram may come from a NULL buffer */
+        memcpy(r->data + ((r->local + HDR) & r->mask), buf, len);
     circuit_publish(c, record_size(len));
     return (ssize_t)len;
 }
@@ -87,7 +88,9 @@ ssize_t dgram_recv(struct circuit *c, uint8_t *buf, size_t len, int flags,
     ssize_t full = next_record(c, flags, deadline);
     if (full < 0)
         return full;
-    memcpy(buf, r->data + ((r->local + HDR) & r->mask), (size_t)full < len ? (size_t)full : len);
+    size_t n = (size_t)full < len ? (size_t)full : len;
+    if (n) /* a NULL buffer of length 0 just discards the datagram */
+        memcpy(buf, r->data + ((r->local + HDR) & r->mask), n);
     circuit_release(c, record_size((uint64_t)full));
     return full;
 }
@@ -100,15 +103,17 @@ ssize_t dgram_reserve(struct circuit *c, size_t need, int flags, int64_t deadlin
     int err = wait_room(c, need, flags, deadline, &free);
     if (err)
         return err;
-    r->pending = free - HDR;
+    /* pending counts the header too: with room for just an empty datagram
+     * (free == HDR) the reservation must still be told from none (0). */
+    r->pending = free;
     *ptr = r->data + ((r->local + HDR) & r->mask);
-    return (ssize_t)r->pending;
+    return (ssize_t)(free - HDR);
 }
 
 int dgram_commit(struct circuit *c, size_t n)
 {
     struct circuit_ring *r = &c->tx;
-    if (!r->pending || n > r->pending)
+    if (!r->pending || n > r->pending - HDR)
         return -EINVAL;
     int err = circuit_tx_end(c);
     r->pending = 0;

@@ -58,6 +58,7 @@ struct circuit {
     bool closed;           /* circuit_close was called */
     bool tx_blocked;       /* a non-blocking send found no room: poll for space */
     int waiters;           /* threads sleeping on the doorbell (atomic) */
+    pthread_mutex_t bell_lock; /* entering the sleep and draining (wait.c) */
 };
 
 /* state.c */

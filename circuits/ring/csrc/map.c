@@ -172,6 +172,7 @@ int circuit_attach(int memfd, const struct circuit_fds *fds,
     c->bell = fds->bell;
     c->peer_bell = fds->peer_bell;
     c->link = fds->link;
+    pthread_mutex_init(&c->bell_lock, NULL);
     c->spin_ns = sysconf(_SC_NPROCESSORS_ONLN) > 1 ? DEFAULT_SPIN_NS : 0;
     c->map = mmap(NULL, CIRCUIT_DATA_OFFSET, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
     if (c->map == MAP_FAILED) {
@@ -226,6 +227,7 @@ void circuit_free(struct circuit *c)
     unmap_all(c);
     pthread_mutex_destroy(&c->tx.lock);
     pthread_mutex_destroy(&c->rx.lock);
+    pthread_mutex_destroy(&c->bell_lock);
     free(c);
 }
 

@@ -94,9 +94,17 @@ static int arm_and_sleep(struct circuit *c, enum circuit_wait_for what, uint64_t
 {
     uint32_t *flag = what == WAIT_RX ? &c->rx.ctrl->cons_wait : &c->tx.ctrl->prod_wait;
     int rc = 0;
+    /* Counting in and draining are one step: a thread that came in first
+     * keeps its ring (we see it and do not drain); one that comes in during
+     * our drain waits, then raises its flag and looks after the drain.  With
+     * a bare counter, a second sleeper could raise its flag, look, and have
+     * the ring that answers it drained by a first one that counted in
+     * earlier but read the doorbell later: a lost wakeup. */
+    pthread_mutex_lock(&c->bell_lock);
     int sleepers = __atomic_add_fetch(&c->waiters, 1, __ATOMIC_ACQ_REL);
     if (sleepers == 1)
         circuit_drain_bell(c);
+    pthread_mutex_unlock(&c->bell_lock);
     if (what == WAIT_TX && (flags & CIRCUIT_NONBLOCK))
         c->tx_blocked = true;
     store_relaxed(flag, 1);
