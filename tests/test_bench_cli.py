@@ -1,0 +1,34 @@
+"""The benchmark command's outputs (figures are checked by people, not here)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_bench_ring_json_and_plot(tmp_path):
+    chart = tmp_path / "ring.png"
+    run = subprocess.run(
+        [sys.executable, "-m", "circuits.bench", "ring", "--quick", "--rounds", "1",
+         "--size", "65536", "--json", "--plot", str(chart)],
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    seen = {(f["transport"], f["test"]) for f in out["figures"]}
+    for t in ("circuit", "circuit-zerocopy", "unix", "tcp"):
+        assert (t, "stream") in seen
+    for t in ("circuit", "unix", "tcp"):
+        assert (t, "rtt") in seen
+    assert all(f["median"] > 0 for f in out["figures"])
+    assert any("circuit / tcp" in name for name in out["ratios"])
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_example_two_processes_runs():
+    run = subprocess.run([sys.executable, "examples/two_processes.py", "16"],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("16 MiB in ")
