@@ -1,6 +1,7 @@
 """Shared fixtures: real peer processes holding one end of a circuit."""
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -50,12 +51,22 @@ def spawn_peer(role: str, ep: Circuit, **args) -> Peer:
     return peer
 
 
+@contextlib.contextmanager
+def peer_group():
+    """A list to put started peers in; any still running at the end are killed.
+    (A context manager too, for hypothesis tests, which cannot take fixtures.)"""
+    started: list[Peer] = []
+    try:
+        yield started
+    finally:
+        for p in started:
+            if p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait()
+
+
 @pytest.fixture
 def peers():
     """Peers started by a test; any still running at its end are killed."""
-    started: list[Peer] = []
-    yield started
-    for p in started:
-        if p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait()
+    with peer_group() as started:
+        yield started

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from circuits.ring import pair
-from conftest import spawn_peer
+from conftest import peer_group, spawn_peer
 
 
 def expected(seed: int, i: int, size: int) -> bytes:
@@ -46,13 +46,8 @@ def test_dgram_integrity_with_zero_and_max(ring_size, peers):
 @given(ring_size=st.sampled_from([4096, 8192, 65536]), seed=st.integers(0, 2**31),
        sizes=st.lists(st.integers(0, 4088), max_size=200))
 def test_dgram_integrity_random(ring_size, seed, sizes):
-    started: list = []
-    try:
+    with peer_group() as started:
         check_dgrams(ring_size, seed, sizes, started)
-    finally:
-        for p in started:
-            if p.proc.poll() is None:
-                p.proc.kill()
 
 
 def test_truncation_reported_as_udp_does():

@@ -77,3 +77,23 @@ def test_doorbell_wakes_a_blocked_nonblocking_sender(peers):
     a.close()
     assert peer.expect("read") == "read 4100"
     peer.finish()
+
+
+def test_select_wakes_when_the_peer_dies_silently(peers):
+    """A peer killed without a word: pollers of fileno() wake, recv resets."""
+    a, b = pair()
+    peers.append(peer := spawn_peer("block_in", b, op="recv"))
+    peer.expect("ready")
+    readable, _, _ = select.select([a], [], [], 0.2)
+    assert readable == []
+    peer.proc.kill()
+    peer.proc.wait(10)
+    readable, _, _ = select.select([a], [], [], 5)
+    assert readable == [a]
+    a.setblocking(False)
+    try:
+        a.recv(10)
+    except ConnectionResetError:
+        pass
+    else:
+        raise AssertionError("a dead peer must read as a reset")

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from circuits.ring import pair
-from conftest import spawn_peer
+from conftest import peer_group, spawn_peer
 
 # Eight fixed cases of 128 MiB: 1 GiB in all, every ring size wrapping many times.
 FIXED = [(4096, 1), (8192, 2), (65536, 3), (1 << 18, 4), (1 << 20, 5), (4 << 20, 6),
@@ -59,10 +59,5 @@ def test_stream_integrity_gib(ring_size, seed, peers):
 @given(ring_size=st.sampled_from([4096, 8192, 32768, 1 << 20]),
        seed=st.integers(0, 2**32 - 1), total=st.integers(0, 8 << 20))
 def test_stream_integrity_random(ring_size, seed, total):
-    started: list = []
-    try:
+    with peer_group() as started:
         transfer(ring_size, seed, total, started)
-    finally:
-        for p in started:
-            if p.proc.poll() is None:
-                p.proc.kill()

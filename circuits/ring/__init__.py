@@ -29,18 +29,20 @@ def create(spec: CircuitSpec) -> int:
     return fd
 
 
-def _bell() -> int:
-    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+def _doorbell() -> tuple[int, int]:
+    """A doorbell: (the end its side sleeps on, the end that rings it)."""
+    sleep_end, ring_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return sleep_end.detach(), ring_end.detach()
 
 
 def endpoint_fds(spec: CircuitSpec) -> tuple[list[int], list[int]]:
-    """Everything two sides need: [memfd, bell, peer_bell, link] for side 0
-    and for side 1.  Every descriptor is new and close-on-exec."""
+    """Everything two sides need: [memfd, bell, self_bell, peer_bell] for
+    side 0 and for side 1.  Every descriptor is new and close-on-exec."""
     memfd = create(spec)
-    bell0, bell1 = _bell(), _bell()
-    link0, link1 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    side0 = [memfd, bell0, os.dup(bell1), link0.detach()]
-    side1 = [os.dup(memfd), bell1, os.dup(bell0), link1.detach()]
+    bell0, ring0 = _doorbell()
+    bell1, ring1 = _doorbell()
+    side0 = [memfd, bell0, ring0, os.dup(ring1)]
+    side1 = [os.dup(memfd), bell1, ring1, os.dup(ring0)]
     return side0, side1
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from cffi import FFI
 
 CSRC = Path("circuits/ring/csrc")
-SOURCES = ["map.c", "state.c", "ring.c", "wait.c", "stream.c", "dgram.c", "io.c"]
+SOURCES = ["map.c", "state.c", "bell.c", "ring.c", "wait.c", "stream.c", "dgram.c", "io.c"]
 
 CDEF = """
 #define CIRCUIT_STREAM ...
@@ -29,7 +29,7 @@ CDEF = """
 
 struct circuit;
 struct circuit_params { uint32_t kind; uint64_t size[2]; };
-struct circuit_fds { int bell; int peer_bell; int link; };
+struct circuit_fds { int bell; int self_bell; int peer_bell; };
 
 uint64_t circuit_object_size(const struct circuit_params *p);
 int circuit_create(const struct circuit_params *p);

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import time
 from dataclasses import dataclass
@@ -59,26 +60,29 @@ class ViewError(BufferError):
 class Circuit:
     """One endpoint of a circuit, with the methods of a socket.
 
-    Built from file descriptors: ``memfd`` (the circuit memory), ``bell`` (our
-    eventfd doorbell, which is :meth:`fileno`), ``peer_bell`` (the peer's
-    doorbell) and ``link`` (our end of the liveness socket pair, or -1).  The
-    endpoint owns all four and closes them in :meth:`close`.
+    Built from file descriptors: ``memfd`` (the circuit memory), ``bell``
+    (the end of our doorbell we sleep on, which is :meth:`fileno`),
+    ``self_bell`` (its other end, to ring ourselves) and ``peer_bell`` (the
+    ringing end of the peer's doorbell).  The endpoint owns all four and
+    closes them in :meth:`close`.
     """
 
-    def __init__(self, memfd: int, bell: int, peer_bell: int, link: int, spec: CircuitSpec):
-        fds = ffi.new("struct circuit_fds *", {"bell": bell, "peer_bell": peer_bell, "link": link})
+    def __init__(self, memfd: int, bell: int, self_bell: int, peer_bell: int,
+                 spec: CircuitSpec):
+        fds = ffi.new("struct circuit_fds *",
+                      {"bell": bell, "self_bell": self_bell, "peer_bell": peer_bell})
         out = ffi.new("struct circuit **")
         rc = lib.circuit_attach(memfd, fds, spec.params(), spec.side, out)
         if rc < 0:
             _raise(rc)
-        self._c = ffi.gc(out[0], lib.circuit_free)
+        self._c = ffi.gc(out[0], _finalizer(os.getpid()))
         self._memfd = memfd
-        self._fds = (bell, peer_bell, link)
+        self._fds = (bell, self_bell, peer_bell)
         self.spec = spec
         self._timeout: float | None = None
         self._flags = 0
         self._read_shut = False
-        self._armed = False
+        self._watch: select.epoll | None = None
         self._ptr = ffi.new("void **")
         self._rview: memoryview | None = None
         self._wview: memoryview | None = None
@@ -110,17 +114,27 @@ class Circuit:
         return self._memfd
 
     def fds(self) -> list[int]:
-        """[memfd, bell, peer_bell, link]: pass them with socket.send_fds."""
+        """[memfd, bell, self_bell, peer_bell]: pass them with socket.send_fds."""
         return [self._memfd, *self._fds]
 
     def fileno(self) -> int:
-        """Our doorbell: readable when data, an end of data, or room that a
-        blocked non-blocking send waits for is there.  -1 once closed."""
-        fd = lib.circuit_bell(self._c)
-        if fd >= 0 and not self._armed:
-            lib.circuit_arm_read(self._c)  # sets the rule up once; it then holds
-            self._armed = True
-        return fd
+        """A descriptor that polls readable when there is something to do:
+        data, an end of data (the peer's shutdown, close, reset or death), or
+        room that a refused non-blocking send waits for.  -1 once closed.
+
+        It is an epoll set of our doorbell (rings) and the peer's doorbell
+        (whose hang-up is the peer's death), made at the first call.
+        """
+        if lib.circuit_bell(self._c) < 0:
+            return -1
+        if self._watch is None:
+            bell, _self_bell, peer_bell = self._fds
+            watch = select.epoll()
+            watch.register(bell, select.EPOLLIN)
+            watch.register(peer_bell, 0)  # hang-up and errors are always reported
+            lib.circuit_arm_read(self._c)  # sets the readiness rule up; it then holds
+            self._watch = watch
+        return self._watch.fileno()
 
     @property
     def max_datagram(self) -> int:
@@ -358,6 +372,9 @@ class Circuit:
         if self._memfd >= 0:
             os.close(self._memfd)
             self._memfd = -1
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
 
     @property
     def closed(self) -> bool:
@@ -378,6 +395,17 @@ class Circuit:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={lib.circuit_bell(self._c)}"
         return f"<Circuit {self.spec.kind} side={self.spec.side} {state}>"
+
+
+def _finalizer(owner_pid: int):
+    """Free an endpoint that nobody closed.  In the process that made it, that
+    closes the circuit, as a forgotten socket is closed; in a forked child it
+    only lets go (the parent's endpoint lives on)."""
+    def free(c) -> None:
+        if os.getpid() != owner_pid:
+            lib.circuit_detach(c)
+        lib.circuit_free(c)
+    return free
 
 
 def _nbytes(data) -> int:

@@ -13,7 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -77,19 +77,26 @@ static inline uint64_t rnd(uint64_t *s)
     return x * 0x2545F4914F6CDD1DULL;
 }
 
-/* Keep side 1's link end in the harness (the endpoint gets none), so a test
- * can close it to play side 1's death without changing any state. */
-#define PAIR_KEEP_LINK1 1
-
+/*
+ * Two endpoints built as circuits/ring/__init__.py endpoint_fds() builds
+ * them: doorbell s is a socket pair (X_s, Y_s); side s gets
+ * {bell X_s, self_bell Y_s, peer_bell dup(Y_{1-s})}.  The sockets are left
+ * blocking, as Python's socketpair() makes them: the core must never rely
+ * on O_NONBLOCK (it is in descriptions the peer shares).  The endpoints own
+ * every one of these fds; the numbers are kept here only to look at them,
+ * or to play the peer with them (never close them here).
+ */
 struct pair {
     struct circuit *c[2];
     int memfd;           /* the object; still open, for raw mappings */
-    int link1;           /* side 1's link end with PAIR_KEEP_LINK1, else -1 */
+    int bell[2];         /* X_s: side s sleeps on it; only side s holds it */
+    int self_bell[2];    /* Y_s: side s rings itself with it */
+    int peer_bell[2];    /* side s's dup of Y_{1-s}: it rings side 1 - s */
     struct circuit_params p;
 };
 
 static inline void pair_open(struct pair *pr, uint32_t kind, uint64_t size0,
-                             uint64_t size1, int flags)
+                             uint64_t size1)
 {
     memset(pr, 0, sizeof(*pr));
     pr->p.kind = kind;
@@ -97,31 +104,35 @@ static inline void pair_open(struct pair *pr, uint32_t kind, uint64_t size0,
     pr->p.size[1] = size1;
     pr->memfd = circuit_create(&pr->p);
     CHECK(pr->memfd >= 0);
-    int bell0 = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    int bell1 = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    int link[2];
-    CHECK(bell0 >= 0 && bell1 >= 0);
-    CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, link) == 0);
-    pr->link1 = -1;
-    if (flags & PAIR_KEEP_LINK1) {
-        pr->link1 = link[1];
-        link[1] = -1;
+    for (int s = 0; s < 2; s++) {
+        int sv[2];
+        CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
+        pr->bell[s] = sv[0];
+        pr->self_bell[s] = sv[1];
     }
-    struct circuit_fds f0 = {.bell = bell0, .peer_bell = dup(bell1), .link = link[0]};
-    struct circuit_fds f1 = {.bell = bell1, .peer_bell = dup(bell0), .link = link[1]};
-    CHECK(f0.peer_bell >= 0 && f1.peer_bell >= 0);
-    CHECK_EQ(circuit_attach(pr->memfd, &f0, &pr->p, 0, &pr->c[0]), 0);
-    CHECK_EQ(circuit_attach(pr->memfd, &f1, &pr->p, 1, &pr->c[1]), 0);
-    CHECK_EQ(circuit_side(pr->c[0]), 0);
-    CHECK_EQ(circuit_side(pr->c[1]), 1);
+    for (int s = 0; s < 2; s++) {
+        pr->peer_bell[s] = fcntl(pr->self_bell[1 - s], F_DUPFD_CLOEXEC, 0);
+        CHECK(pr->peer_bell[s] >= 0);
+    }
+    for (int s = 0; s < 2; s++) {
+        struct circuit_fds f = {.bell = pr->bell[s], .self_bell = pr->self_bell[s],
+                                .peer_bell = pr->peer_bell[s]};
+        CHECK_EQ(circuit_attach(pr->memfd, &f, &pr->p, s, &pr->c[s]), 0);
+        CHECK_EQ(circuit_side(pr->c[s]), s);
+        CHECK_EQ(circuit_bell(pr->c[s]), pr->bell[s]);
+    }
+}
+
+/* Side s vanishes without a word: its fds close, its state stays. */
+static inline void pair_vanish(struct pair *pr, int s)
+{
+    CHECK_EQ(circuit_detach(pr->c[s]), 0);
 }
 
 static inline void pair_close(struct pair *pr)
 {
     circuit_free(pr->c[0]);
     circuit_free(pr->c[1]);
-    if (pr->link1 >= 0)
-        close(pr->link1);
     close(pr->memfd);
     memset(pr, 0, sizeof(*pr));
 }
@@ -155,15 +166,36 @@ static inline uint8_t *raw_data(const struct pair *pr, uint8_t *m, int dir)
     return m + CIRCUIT_DATA_OFFSET + (dir ? pr->p.size[0] : 0);
 }
 
-/* The count an eventfd holds, read (and so reset); 0 if it was not rung. */
+/* Rings queued on a doorbell (one byte each), without taking them. */
+static inline int bell_count(int fd)
+{
+    int n = -1;
+    CHECK(ioctl(fd, FIONREAD, &n) == 0);
+    CHECK(n >= 0);
+    return n;
+}
+
+/* The rings queued on a doorbell, taken (drained); 0 if it was not rung. */
 static inline uint64_t bell_take(int fd)
 {
-    uint64_t n = 0;
-    if (read(fd, &n, sizeof(n)) < 0) {
-        CHECK(errno == EAGAIN);
-        return 0;
+    uint64_t total = 0;
+    char buf[256];
+    for (;;) {
+        ssize_t n = recv(fd, buf, sizeof(buf), MSG_DONTWAIT);
+        if (n < 0) {
+            CHECK(errno == EAGAIN || errno == EWOULDBLOCK);
+            return total;
+        }
+        CHECK(n > 0); /* 0: the ringing end was shut, not expected here */
+        total += (uint64_t)n;
     }
-    return n;
+}
+
+/* Ring a doorbell through a ringing end, as a side (or a liar) does. */
+static inline void bell_ring(int fd)
+{
+    static const char ding = 1;
+    CHECK(send(fd, &ding, 1, MSG_DONTWAIT | MSG_NOSIGNAL) == 1);
 }
 
 static inline int fd_readable(int fd)
@@ -187,6 +219,20 @@ static inline char thread_state(pid_t tid)
     buf[n] = 0;
     char *p = strrchr(buf, ')');
     return p && p[1] == ' ' ? p[2] : '?';
+}
+
+/* Whether thread tid is asleep in the kernel within ms, and stays asleep. */
+static inline int asleep_within(pid_t tid, int ms)
+{
+    for (int i = 0; i < ms; i++) {
+        if (thread_state(tid) == 'S') {
+            sleep_ms(20); /* and stays asleep: not a passing page fault */
+            if (thread_state(tid) == 'S')
+                return 1;
+        }
+        sleep_ms(1);
+    }
+    return 0;
 }
 
 /* Wait until thread tid sleeps in the kernel (bounded by the test's alarm). */

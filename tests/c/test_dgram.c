@@ -27,7 +27,7 @@ static void test_sizes(void)
     static uint8_t out[2 * RING], in[2 * RING + 16];
     /* Direction 0 has the small ring, direction 1 the large one. */
     struct pair pr;
-    pair_open(&pr, CIRCUIT_DGRAM, RING, 2 * RING, 0);
+    pair_open(&pr, CIRCUIT_DGRAM, RING, 2 * RING);
     CHECK_EQ(circuit_max_dgram(pr.c[0]), RING - 8);
     CHECK_EQ(circuit_max_dgram(pr.c[1]), 2 * RING - 8);
     for (int s = 0; s < 2; s++) {
@@ -70,7 +70,7 @@ static void test_sizes(void)
 static void test_boundaries(void)
 {
     struct pair pr;
-    pair_open(&pr, CIRCUIT_DGRAM, RING, RING, 0);
+    pair_open(&pr, CIRCUIT_DGRAM, RING, RING);
     char buf[64];
     /* Several datagrams waiting come out one per call, never merged. */
     CHECK_EQ(circuit_send(pr.c[0], "a", 1, 0, CIRCUIT_FOREVER), 1);
@@ -103,7 +103,7 @@ static void test_boundaries(void)
 static void test_truncation(void)
 {
     struct pair pr;
-    pair_open(&pr, CIRCUIT_DGRAM, RING, RING, 0);
+    pair_open(&pr, CIRCUIT_DGRAM, RING, RING);
     uint8_t out[300], in[300];
     fill(out, 42, sizeof(out));
     CHECK_EQ(circuit_send(pr.c[0], out, 300, 0, CIRCUIT_FOREVER), 300);
@@ -140,7 +140,7 @@ static void test_many(void)
     for (int round = 0; round < 2; round++) {
         uint64_t seed = 0x9e3779b97f4a7c15ull + (uint64_t)round;
         struct pair pr;
-        pair_open(&pr, CIRCUIT_DGRAM, RING, RING, 0);
+        pair_open(&pr, CIRCUIT_DGRAM, RING, RING);
         const size_t cap = round ? RING - 8 : 600;
         uint64_t sent = 0, got = 0, bytes = 0;
         size_t lens[64]; /* lengths in flight, by sequence number mod 64 */

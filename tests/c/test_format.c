@@ -4,23 +4,26 @@
  */
 #include "harness.h"
 
+/* A side's doorbell fds, made as endpoint_fds() makes them: our socket
+ * pair (bell, self_bell) and a ringing end of the peer's pair.  Returns the
+ * peer's sleeping end, which the caller closes. */
 static int make_bells(struct circuit_fds *f)
 {
-    int link[2];
-    f->bell = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    f->peer_bell = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    CHECK(f->bell >= 0 && f->peer_bell >= 0);
-    CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, link) == 0);
-    f->link = link[0];
-    return link[1];
+    int ours[2], theirs[2];
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, ours) == 0);
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, theirs) == 0);
+    f->bell = ours[0];
+    f->self_bell = ours[1];
+    f->peer_bell = theirs[1];
+    return theirs[0];
 }
 
-static void close_fds(struct circuit_fds *f, int other_link)
+static void close_fds(struct circuit_fds *f, int other)
 {
     close(f->bell);
+    close(f->self_bell);
     close(f->peer_bell);
-    close(f->link);
-    close(other_link);
+    close(other);
 }
 
 /* attach must fail with `want` and leave our fds ours (still open). */
@@ -32,8 +35,8 @@ static void attach_fails(int memfd, const struct circuit_params *p, int side, in
     CHECK_EQ(circuit_attach(memfd, &f, p, side, &c), want);
     CHECK(c == (struct circuit *)0x1);
     CHECK(fcntl(f.bell, F_GETFD) >= 0);
+    CHECK(fcntl(f.self_bell, F_GETFD) >= 0);
     CHECK(fcntl(f.peer_bell, F_GETFD) >= 0);
-    CHECK(fcntl(f.link, F_GETFD) >= 0);
     close_fds(&f, other);
 }
 
@@ -50,6 +53,11 @@ static void attach_works(int memfd, const struct circuit_params *p, int side)
     CHECK_EQ(circuit_area_size(c, 0), p->size[side]);
     CHECK_EQ(circuit_area_size(c, 1), p->size[1 - side]);
     circuit_free(c);
+    /* The endpoint owned all three and closed them (nothing else opens fds
+     * in this single-threaded test, so the numbers are not reused yet). */
+    CHECK(fcntl(f.bell, F_GETFD) < 0 && errno == EBADF);
+    CHECK(fcntl(f.self_bell, F_GETFD) < 0 && errno == EBADF);
+    CHECK(fcntl(f.peer_bell, F_GETFD) < 0 && errno == EBADF);
     close(other);
 }
 
@@ -178,13 +186,12 @@ static void test_attach_rejects_params(void)
     g = f;
     g.peer_bell = -1;
     CHECK_EQ(circuit_attach(fd, &g, &p, 0, &c), -EINVAL);
-    /* No link is allowed. */
+    /* Every doorbell fd is required: none is optional any more. */
     g = f;
-    g.link = -1;
-    CHECK_EQ(circuit_attach(fd, &g, &p, 0, &c), 0);
-    circuit_free(c);
-    close(f.link);
-    close(other);
+    g.self_bell = -1;
+    CHECK_EQ(circuit_attach(fd, &g, &p, 0, &c), -EINVAL);
+    CHECK(c == NULL);
+    close_fds(&f, other);
 
     attach_works(fd, &p, 0);
     close(fd);

@@ -221,7 +221,7 @@ static int detects(enum lie_class cls, enum op op)
 static void one_lie(const struct lie *l, uint32_t kind, int v, enum op first, int nonblock)
 {
     struct pair pr;
-    pair_open(&pr, kind, RING, 2 * RING, 0);
+    pair_open(&pr, kind, RING, 2 * RING);
     struct lie_ctx x = {.pr = &pr, .m = raw_map(&pr), .v = v};
     x.rx = raw_dir(x.m, 1 - v);
     x.tx = raw_dir(x.m, v);
@@ -289,7 +289,7 @@ static void test_lies(void)
 static void test_truths(void)
 {
     struct pair pr;
-    pair_open(&pr, CIRCUIT_DGRAM, RING, RING, 0);
+    pair_open(&pr, CIRCUIT_DGRAM, RING, RING);
     uint8_t *m = raw_map(&pr);
     struct circuit_dir_ctrl *d1 = raw_dir(m, 1);
     uint8_t *data = raw_data(&pr, m, 1);
@@ -345,7 +345,7 @@ static void test_lie_to_sleeper(void)
 {
     for (int which = 0; which < 3; which++) {
         struct pair pr;
-        pair_open(&pr, which == 1 ? CIRCUIT_DGRAM : CIRCUIT_STREAM, RING, RING, 0);
+        pair_open(&pr, which == 1 ? CIRCUIT_DGRAM : CIRCUIT_STREAM, RING, RING);
         circuit_set_spin(pr.c[0], 0);
         uint8_t *m = raw_map(&pr);
         enum op op = which == 2 ? OP_SEND : OP_RECV;
@@ -365,15 +365,262 @@ static void test_lie_to_sleeper(void)
             raw_dir(m, 1)->prod = 4;
         else
             raw_dir(m, 0)->cons = RING + 8;
-        /* Ring the victim's doorbell as the liar would. */
-        uint64_t one = 1;
-        CHECK(write(circuit_bell(pr.c[0]), &one, 8) == 8);
+        /* Ring the victim's doorbell as the liar would: through its
+         * peer_bell, the ringing end of the victim's doorbell it holds. */
+        bell_ring(pr.peer_bell[1]);
         CHECK(pthread_join(t, NULL) == 0);
         CHECK_EQ(s.rc, -ECONNRESET);
         raw_unmap(&pr, m);
         pair_close(&pr);
     }
     OK("lie_wakes_sleeper_with_reset");
+}
+
+/*
+ * A broken circuit is never written again: once the victim aborted for a
+ * violation, no call of its (consume of a view taken before, arm, ending
+ * calls) writes an index, a flag or a state.
+ */
+static void test_broken_never_written(void)
+{
+    for (uint32_t kind = CIRCUIT_STREAM; kind <= CIRCUIT_DGRAM; kind++) {
+        struct pair pr;
+        pair_open(&pr, kind, RING, RING);
+        uint8_t *m = raw_map(&pr);
+        struct circuit *v = pr.c[0];
+        uint8_t buf[64];
+        void *p;
+        CHECK_EQ(circuit_send(pr.c[1], "abcdefgh", 8, 0, CIRCUIT_FOREVER), 8);
+        CHECK_EQ(circuit_peek(v, 0, CIRCUIT_FOREVER, &p), 8);
+        /* The liar breaks the other direction; the victim finds out sending. */
+        raw_dir(m, 0)->cons = kind == CIRCUIT_DGRAM ? 8 : 1;
+        CHECK_EQ(circuit_send(v, "x", 1, 0, CIRCUIT_FOREVER), -ECONNRESET);
+        CHECK_EQ(raw_hdr(m)->side[0].state, CIRCUIT_ABORTED);
+        /* The liar lowers every flag and rewrites our state: any write of
+         * ours would show. */
+        raw_dir(m, 0)->prod_wait = raw_dir(m, 0)->cons_wait = 0;
+        raw_dir(m, 1)->prod_wait = raw_dir(m, 1)->cons_wait = 0;
+        raw_hdr(m)->side[0].state = CIRCUIT_OPEN;
+        static uint8_t snap[CIRCUIT_DATA_OFFSET];
+        memcpy(snap, m, sizeof(snap));
+        CHECK_EQ(circuit_consume(v, 8), -ECONNRESET);
+        CHECK_EQ(circuit_arm_read(v), CIRCUIT_READABLE);
+        CHECK_EQ(circuit_recv(v, buf, sizeof(buf), CIRCUIT_NONBLOCK, CIRCUIT_FOREVER),
+                 -ECONNRESET);
+        CHECK_EQ(circuit_peek(v, 0, CIRCUIT_FOREVER, &p), -ECONNRESET);
+        CHECK_EQ(circuit_reserve(v, 1, 0, CIRCUIT_FOREVER, &p), -ECONNRESET);
+        CHECK(circuit_commit(v, 0) < 0);
+        CHECK(circuit_poll(v) & CIRCUIT_HANGUP);
+        CHECK_EQ(circuit_shutdown_write(v), 0);
+        CHECK_EQ(circuit_abort(v), 0);
+        CHECK(memcmp(snap, m, sizeof(snap)) == 0);
+        CHECK_EQ(circuit_close(v), 0);
+        CHECK(memcmp(snap, m, sizeof(snap)) == 0);
+        CHECK_EQ(circuit_bytes_received(v), 0);
+        raw_unmap(&pr, m);
+        pair_close(&pr);
+    }
+    OK("broken_circuit_never_written");
+}
+
+/* --- Fd games: what the peer can do with the doorbell socket it shares. --- */
+
+static void set_blocking(int fd)
+{
+    int fl = fcntl(fd, F_GETFL);
+    CHECK(fl >= 0);
+    CHECK(fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) == 0);
+    CHECK(!(fcntl(fd, F_GETFL) & O_NONBLOCK));
+}
+
+static ino_t inode(int fd)
+{
+    struct stat st;
+    CHECK(fstat(fd, &st) == 0);
+    return st.st_ino;
+}
+
+/* Send on fd (without waiting) until its peer's queue is full. */
+static size_t fill_socket(int fd)
+{
+    static const char junk[4096];
+    size_t total = 0;
+    for (size_t chunk = sizeof(junk); chunk; chunk /= 8) {
+        ssize_t n;
+        while ((n = send(fd, junk, chunk, MSG_DONTWAIT | MSG_NOSIGNAL)) > 0)
+            total += (size_t)n;
+        CHECK(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK));
+    }
+    CHECK(send(fd, junk, 1, MSG_DONTWAIT | MSG_NOSIGNAL) < 0 && errno == EAGAIN);
+    return total;
+}
+
+#define BOUNDED(expr, want, max_ms)                                            \
+    do {                                                                       \
+        int64_t t0_ = now_ns();                                                \
+        CHECK_EQ((expr), (want));                                              \
+        CHECK(now_ns() - t0_ < (int64_t)(max_ms) * 1000000LL);                 \
+    } while (0)
+
+/*
+ * The peer (side 1) holds a duplicate of our doorbell's ringing end Y0
+ * (its peer_bell) and shares with us the description of its own Y1 (our
+ * peer_bell).  It clears O_NONBLOCK on every description it can reach,
+ * and fills both doorbell queues.  It cannot reach X0, the end we sleep
+ * on.  None of our calls may block beyond its deadline, nor fail.
+ */
+static void test_fd_games(void)
+{
+    static uint8_t buf[RING];
+    struct pair pr;
+    pair_open(&pr, CIRCUIT_STREAM, RING, RING);
+    circuit_set_spin(pr.c[0], 0);
+    struct circuit *v = pr.c[0], *h = pr.c[1];
+    /* The design gives the peer no handle on X0: none of its fds is X0. */
+    const ino_t x0 = inode(pr.bell[0]);
+    CHECK(inode(pr.bell[1]) != x0 && inode(pr.self_bell[1]) != x0 &&
+          inode(pr.peer_bell[1]) != x0);
+    CHECK_EQ(inode(pr.peer_bell[1]), inode(pr.self_bell[0])); /* Y0, shared */
+    CHECK_EQ(inode(pr.peer_bell[0]), inode(pr.self_bell[1])); /* Y1, shared */
+    /* Every description made blocking: the peer's, and even ours. */
+    for (int s = 0; s < 2; s++) {
+        set_blocking(pr.bell[s]);
+        set_blocking(pr.self_bell[s]);
+        set_blocking(pr.peer_bell[s]);
+    }
+    /* Our waits end on time; non-blocking calls return at once. */
+    int64_t t0 = now_ns();
+    CHECK_EQ(circuit_recv(v, buf, sizeof(buf), 0, in_ms(100)), -ETIMEDOUT);
+    int64_t took = now_ns() - t0;
+    CHECK(took >= 100 * 1000000LL && took < 1000 * 1000000LL);
+    BOUNDED(circuit_recv(v, buf, sizeof(buf), CIRCUIT_NONBLOCK, CIRCUIT_FOREVER), -EAGAIN, 100);
+    void *p;
+    BOUNDED(circuit_peek(v, CIRCUIT_NONBLOCK, CIRCUIT_FOREVER, &p), -EAGAIN, 100);
+    CHECK_EQ(circuit_arm_read(v), 0);
+
+    /* The peer's doorbell queue full (rung by a dup of Y1, as ours is):
+     * our rings meet a full, blocking socket and must not wait. */
+    CHECK(fill_socket(pr.peer_bell[0]) > 0);
+    BOUNDED(circuit_send(v, "abc", 3, 0, CIRCUIT_FOREVER), 3, 100); /* rings h */
+    BOUNDED(circuit_send(v, buf, RING, 0, in_ms(2000)), RING - 3, 100);
+    BOUNDED(circuit_send(v, buf, 1, CIRCUIT_NONBLOCK, CIRCUIT_FOREVER), -EAGAIN, 100);
+    t0 = now_ns();
+    CHECK_EQ(circuit_send(v, buf, 1, 0, in_ms(100)), -ETIMEDOUT);
+    CHECK(now_ns() - t0 < 1000 * 1000000LL);
+    /* Our own doorbell flooded by the peer too (through its dup of Y0). */
+    CHECK(fill_socket(pr.peer_bell[1]) > 0);
+    t0 = now_ns();
+    CHECK_EQ(circuit_recv(v, buf, sizeof(buf), 0, in_ms(100)), -ETIMEDOUT);
+    CHECK(now_ns() - t0 < 1000 * 1000000LL);
+    BOUNDED(circuit_recv(v, buf, sizeof(buf), CIRCUIT_NONBLOCK, CIRCUIT_FOREVER), -EAGAIN, 100);
+    BOUNDED(circuit_arm_read(v), 0, 100);
+    /* The flood is rings in vain: data still flows both ways, and rings
+     * still get through once the peer drains its own doorbell. */
+    CHECK_EQ(circuit_recv(h, buf, sizeof(buf), CIRCUIT_ALL, CIRCUIT_FOREVER), RING);
+    CHECK_EQ(circuit_send(h, "back", 4, 0, CIRCUIT_FOREVER), 4);
+    BOUNDED(circuit_recv(v, buf, sizeof(buf), 0, in_ms(2000)), 4, 1000);
+    CHECK(memcmp(buf, "back", 4) == 0);
+    /* Ending rings both doorbells, full or not: still no wait. */
+    BOUNDED(circuit_shutdown_write(v), 0, 100);
+    BOUNDED(circuit_abort(v), 0, 100);
+    BOUNDED(circuit_close(v), 0, 100);
+    CHECK_EQ(circuit_recv(h, buf, sizeof(buf), 0, in_ms(2000)), -ECONNRESET);
+    pair_close(&pr);
+    OK("fd_games_never_block");
+}
+
+struct sleeper2 {
+    struct circuit *c;
+    int send;
+    pid_t tid;
+    ssize_t rc;
+    int64_t took;
+};
+
+static void *sleeper2_main(void *arg)
+{
+    struct sleeper2 *s = arg;
+    static uint8_t buf[RING];
+    __atomic_store_n(&s->tid, gettid(), __ATOMIC_RELEASE);
+    int64_t t0 = now_ns();
+    s->rc = s->send ? circuit_send(s->c, buf, 1, 0, in_ms(5000))
+                    : circuit_recv(s->c, buf, sizeof(buf), 0, in_ms(5000));
+    s->took = now_ns() - t0;
+    return NULL;
+}
+
+/*
+ * The peer shuts down its ringing end of our doorbell (a dup of Y0): it can
+ * no longer ring us, and our bell reads end of file for ever.  We take the
+ * peer as gone: data it sent is still received, then -ECONNRESET; no call
+ * hangs, and nothing spins on the ever-readable bell.
+ */
+static void test_peer_shuts_doorbell(void)
+{
+    static uint8_t buf[RING];
+    /* Idle victim: its poll and its calls see the hang-up. */
+    struct pair pr;
+    pair_open(&pr, CIRCUIT_STREAM, RING, RING);
+    circuit_set_spin(pr.c[0], 0);
+    CHECK_EQ(circuit_send(pr.c[1], "last", 4, 0, CIRCUIT_FOREVER), 4);
+    CHECK_EQ(circuit_arm_read(pr.c[0]), CIRCUIT_READABLE);
+    CHECK_EQ(shutdown(pr.peer_bell[1], SHUT_RDWR), 0);
+    CHECK(fd_readable(pr.bell[0])); /* end of file: readable for ever */
+    int mask = circuit_poll(pr.c[0]);
+    CHECK(mask & CIRCUIT_READABLE);
+    CHECK(mask & CIRCUIT_HANGUP);
+    BOUNDED(circuit_recv(pr.c[0], buf, sizeof(buf), 0, in_ms(2000)), 4, 1000);
+    CHECK(memcmp(buf, "last", 4) == 0);
+    BOUNDED(circuit_recv(pr.c[0], buf, sizeof(buf), 0, in_ms(2000)), -ECONNRESET, 1000);
+    BOUNDED(circuit_recv(pr.c[0], buf, sizeof(buf), CIRCUIT_NONBLOCK, CIRCUIT_FOREVER),
+            -ECONNRESET, 100);
+    BOUNDED(circuit_send(pr.c[0], "x", 1, 0, in_ms(2000)), -ECONNRESET, 1000);
+    CHECK_EQ(circuit_arm_read(pr.c[0]), CIRCUIT_READABLE);
+    BOUNDED(circuit_close(pr.c[0]), 0, 100);
+    pair_close(&pr);
+
+    /* Sleeping victims, a receiver and a sender on a full ring: woken,
+     * reset, and never busy while they waited. */
+    for (int send = 0; send < 2; send++) {
+        pair_open(&pr, CIRCUIT_STREAM, RING, RING);
+        circuit_set_spin(pr.c[0], 0);
+        if (send)
+            CHECK_EQ(circuit_send(pr.c[0], buf, RING, 0, CIRCUIT_FOREVER), RING);
+        struct sleeper2 s = {.c = pr.c[0], .send = send};
+        pthread_t t;
+        CHECK(pthread_create(&t, NULL, sleeper2_main, &s) == 0);
+        while (!__atomic_load_n(&s.tid, __ATOMIC_ACQUIRE))
+            sleep_ms(1);
+        wait_sleeping(s.tid);
+        CHECK_EQ(shutdown(pr.peer_bell[1], SHUT_RDWR), 0);
+        CHECK(pthread_join(t, NULL) == 0);
+        CHECK_EQ(s.rc, -ECONNRESET);
+        CHECK(s.took < 1000 * 1000000LL);
+        CHECK(circuit_poll(pr.c[0]) & CIRCUIT_HANGUP);
+        pair_close(&pr);
+    }
+
+    /* Nothing to receive: a poller's bell reads end of file for ever, and
+     * circuit_poll must say why (hang-up, a receive fails at once), or a
+     * poller deciding by it would spin.  Arming does not hide it either. */
+    pair_open(&pr, CIRCUIT_STREAM, RING, RING);
+    CHECK_EQ(circuit_poll(pr.c[0]), CIRCUIT_WRITABLE);
+    CHECK_EQ(circuit_arm_read(pr.c[0]), 0);
+    CHECK_EQ(shutdown(pr.peer_bell[1], SHUT_RDWR), 0);
+    CHECK(fd_readable(pr.bell[0]));
+    CHECK_EQ(circuit_poll(pr.c[0]), CIRCUIT_READABLE | CIRCUIT_WRITABLE | CIRCUIT_HANGUP);
+    CHECK_EQ(circuit_arm_read(pr.c[0]), CIRCUIT_READABLE);
+    CHECK(fd_readable(pr.bell[0]));
+    BOUNDED(circuit_recv(pr.c[0], buf, sizeof(buf), CIRCUIT_NONBLOCK, CIRCUIT_FOREVER),
+            -ECONNRESET, 100);
+    pair_close(&pr);
+
+    /* Half shut (SHUT_WR only) is the same: the peer can no longer ring. */
+    pair_open(&pr, CIRCUIT_DGRAM, RING, RING);
+    CHECK_EQ(shutdown(pr.peer_bell[1], SHUT_WR), 0);
+    BOUNDED(circuit_recv(pr.c[0], buf, sizeof(buf), 0, in_ms(2000)), -ECONNRESET, 1000);
+    pair_close(&pr);
+    OK("peer_shuts_our_doorbell");
 }
 
 /* --- Random scribbling. --- */
@@ -391,7 +638,7 @@ static void fuzz_open(struct fuzz *f)
 {
     uint32_t kind = rnd(&f->seed) & 1 ? CIRCUIT_DGRAM : CIRCUIT_STREAM;
     uint64_t s0 = RING << (rnd(&f->seed) % 2), s1 = RING << (rnd(&f->seed) % 2);
-    pair_open(&f->pr, kind, s0, s1, 0);
+    pair_open(&f->pr, kind, s0, s1);
     f->m = raw_map(&f->pr);
     f->live = 1;
     f->mild = (int)(rnd(&f->seed) & 1);
@@ -643,6 +890,9 @@ int main(int argc, char **argv)
     test_lies();
     test_truths();
     test_lie_to_sleeper();
+    test_broken_never_written();
+    test_fd_games();
+    test_peer_shuts_doorbell();
     test_fuzz(seed, iters);
     return 0;
 }

@@ -28,7 +28,7 @@ static void verify(const uint8_t *buf, uint64_t start, size_t n)
 static void test_round_trip(void)
 {
     struct pair pr;
-    pair_open(&pr, CIRCUIT_STREAM, RING, 2 * RING, 0);
+    pair_open(&pr, CIRCUIT_STREAM, RING, 2 * RING);
     char buf[64];
     CHECK_EQ(circuit_send(pr.c[0], "hello", 5, 0, CIRCUIT_FOREVER), 5);
     CHECK_EQ(circuit_recv(pr.c[1], buf, sizeof(buf), 0, CIRCUIT_FOREVER), 5);
@@ -70,7 +70,7 @@ static void test_wrap(void)
     static const size_t recv_sizes[] = {2, 5, 11, 17, 997, 3001, 4095, 4097, 31, 1};
     const uint64_t total = 200 * RING + 17;
     struct pair pr;
-    pair_open(&pr, CIRCUIT_STREAM, RING, RING, 0);
+    pair_open(&pr, CIRCUIT_STREAM, RING, RING);
     static uint8_t buf[8192];
     uint64_t sent = 0, got = 0;
     unsigned si = 0, ri = 0, rounds = 0;
@@ -128,7 +128,7 @@ static void test_all(void)
     fill(out, 1000, LEN);
     for (int spin = 0; spin < 2; spin++) {
         struct pair pr;
-        pair_open(&pr, CIRCUIT_STREAM, RING, RING, 0);
+        pair_open(&pr, CIRCUIT_STREAM, RING, RING);
         if (!spin) {
             circuit_set_spin(pr.c[0], 0);
             circuit_set_spin(pr.c[1], 0);
@@ -168,7 +168,7 @@ static void test_all(void)
 static void test_nonblock(void)
 {
     struct pair pr;
-    pair_open(&pr, CIRCUIT_STREAM, RING, RING, 0);
+    pair_open(&pr, CIRCUIT_STREAM, RING, RING);
     uint8_t buf[RING];
     fill(buf, 0, RING);
     CHECK_EQ(circuit_recv(pr.c[1], buf, 1, CIRCUIT_NONBLOCK, CIRCUIT_FOREVER), -EAGAIN);
@@ -192,7 +192,7 @@ static void test_deadline(void)
 {
     for (int spin = 0; spin < 2; spin++) {
         struct pair pr;
-        pair_open(&pr, CIRCUIT_STREAM, RING, RING, 0);
+        pair_open(&pr, CIRCUIT_STREAM, RING, RING);
         if (!spin)
             circuit_set_spin(pr.c[1], 0);
         uint8_t buf[RING];
@@ -223,7 +223,7 @@ static void test_deadline(void)
 static void test_shutdown_write(void)
 {
     struct pair pr;
-    pair_open(&pr, CIRCUIT_STREAM, RING, RING, 0);
+    pair_open(&pr, CIRCUIT_STREAM, RING, RING);
     char buf[RING];
     CHECK_EQ(circuit_send(pr.c[0], "abc", 3, 0, CIRCUIT_FOREVER), 3);
     CHECK_EQ(circuit_send(pr.c[0], "defg", 4, 0, CIRCUIT_FOREVER), 4);
@@ -254,7 +254,7 @@ static void test_shutdown_write(void)
 static void test_close(void)
 {
     struct pair pr;
-    pair_open(&pr, CIRCUIT_STREAM, RING, RING, 0);
+    pair_open(&pr, CIRCUIT_STREAM, RING, RING);
     uint8_t buf[RING];
     fill(buf, 0, 3000);
     CHECK_EQ(circuit_send(pr.c[0], buf, 3000, 0, CIRCUIT_FOREVER), 3000);
@@ -276,7 +276,7 @@ static void test_close(void)
 static void test_abort(void)
 {
     struct pair pr;
-    pair_open(&pr, CIRCUIT_STREAM, RING, RING, 0);
+    pair_open(&pr, CIRCUIT_STREAM, RING, RING);
     uint8_t buf[64];
     CHECK_EQ(circuit_abort(pr.c[0]), 0);
     CHECK_EQ(circuit_abort(pr.c[0]), 0);
@@ -295,7 +295,7 @@ static void test_abort(void)
     pair_close(&pr);
 
     /* Abort after a shutdown still resets. */
-    pair_open(&pr, CIRCUIT_STREAM, RING, RING, 0);
+    pair_open(&pr, CIRCUIT_STREAM, RING, RING);
     CHECK_EQ(circuit_shutdown_write(pr.c[0]), 0);
     CHECK_EQ(circuit_recv(pr.c[1], buf, sizeof(buf), 0, CIRCUIT_FOREVER), -ESHUTDOWN);
     CHECK_EQ(circuit_abort(pr.c[0]), 0);
@@ -312,18 +312,18 @@ static void *recv_thread(void *arg)
     return NULL;
 }
 
-/* Side 1 vanishes without a word: its end of the link closes. */
+/* Side 1 vanishes without a word: its fds close (detach), its state stays;
+ * side 0 learns of it from the hang-up of its peer_bell. */
 static void test_peer_death(void)
 {
     struct pair pr;
     uint8_t buf[RING];
     for (int spin = 0; spin < 2; spin++) {
-        pair_open(&pr, CIRCUIT_STREAM, RING, RING, PAIR_KEEP_LINK1);
+        pair_open(&pr, CIRCUIT_STREAM, RING, RING);
         if (!spin)
             circuit_set_spin(pr.c[0], 0);
         CHECK_EQ(circuit_send(pr.c[1], "last words", 10, 0, CIRCUIT_FOREVER), 10);
-        CHECK_EQ(close(pr.link1), 0);
-        pr.link1 = -1;
+        pair_vanish(&pr, 1);
         CHECK_EQ(circuit_recv(pr.c[0], buf, 4, 0, CIRCUIT_FOREVER), 4);
         CHECK_EQ(circuit_recv(pr.c[0], buf + 4, sizeof(buf), 0, CIRCUIT_FOREVER), 6);
         CHECK(memcmp(buf, "last words", 10) == 0);
@@ -336,59 +336,60 @@ static void test_peer_death(void)
     }
 
     /* A sender blocked on a full ring learns of the death. */
-    pair_open(&pr, CIRCUIT_STREAM, RING, RING, PAIR_KEEP_LINK1);
+    pair_open(&pr, CIRCUIT_STREAM, RING, RING);
     circuit_set_spin(pr.c[0], 0);
     CHECK_EQ(circuit_send(pr.c[0], buf, RING, 0, CIRCUIT_FOREVER), RING);
     struct sender s = {pr.c[0], buf, 1, 0, 0};
     pthread_t t;
     CHECK(pthread_create(&t, NULL, send_thread, &s) == 0);
     sleep_ms(30);
-    close(pr.link1);
-    pr.link1 = -1;
+    pair_vanish(&pr, 1);
     CHECK(pthread_join(t, NULL) == 0);
     CHECK_EQ(s.rc, -ECONNRESET);
     pair_close(&pr);
 
     /* A receiver blocked on an empty ring learns of it. */
-    pair_open(&pr, CIRCUIT_STREAM, RING, RING, PAIR_KEEP_LINK1);
+    pair_open(&pr, CIRCUIT_STREAM, RING, RING);
     circuit_set_spin(pr.c[0], 0);
     s = (struct sender){pr.c[0], buf, sizeof(buf), 0, 0};
     CHECK(pthread_create(&t, NULL, recv_thread, &s) == 0);
     sleep_ms(30);
-    close(pr.link1);
-    pr.link1 = -1;
+    pair_vanish(&pr, 1);
     CHECK(pthread_join(t, NULL) == 0);
     CHECK_EQ(s.rc, -ECONNRESET);
     pair_close(&pr);
 
-    /* Detach is the same death seen from inside: fds gone, state untouched. */
-    pair_open(&pr, CIRCUIT_STREAM, RING, RING, 0);
+    /* Detach, seen from inside: fds gone, state untouched; only once. */
+    pair_open(&pr, CIRCUIT_STREAM, RING, RING);
+    uint8_t *m = raw_map(&pr);
     CHECK_EQ(circuit_send(pr.c[1], "bye", 3, 0, CIRCUIT_FOREVER), 3);
     CHECK_EQ(circuit_detach(pr.c[1]), 0);
+    CHECK_EQ(raw_hdr(m)->side[1].state, CIRCUIT_OPEN);
+    CHECK_EQ(circuit_bell(pr.c[1]), -1);
+    raw_unmap(&pr, m);
     CHECK_EQ(circuit_detach(pr.c[1]), -EBADF);
     CHECK_EQ(circuit_recv(pr.c[0], buf, sizeof(buf), 0, CIRCUIT_FOREVER), 3);
     CHECK_EQ(circuit_recv(pr.c[0], buf, sizeof(buf), 0, CIRCUIT_FOREVER), -ECONNRESET);
     pair_close(&pr);
 
     /* Dying after a shutdown is a clean end of data for the reader. */
-    pair_open(&pr, CIRCUIT_STREAM, RING, RING, PAIR_KEEP_LINK1);
+    pair_open(&pr, CIRCUIT_STREAM, RING, RING);
     CHECK_EQ(circuit_send(pr.c[1], "ok", 2, 0, CIRCUIT_FOREVER), 2);
     CHECK_EQ(circuit_shutdown_write(pr.c[1]), 0);
-    close(pr.link1);
-    pr.link1 = -1;
+    pair_vanish(&pr, 1);
     CHECK_EQ(circuit_recv(pr.c[0], buf, sizeof(buf), 0, CIRCUIT_FOREVER), 2);
     CHECK_EQ(circuit_recv(pr.c[0], buf, sizeof(buf), 0, CIRCUIT_FOREVER), -ESHUTDOWN);
     CHECK(circuit_poll(pr.c[0]) & CIRCUIT_HANGUP);
     CHECK_EQ(circuit_send(pr.c[0], buf, 1, 0, CIRCUIT_FOREVER), -ECONNRESET);
     pair_close(&pr);
-    OK("peer_death_via_link");
+    OK("peer_death_via_doorbell_hangup");
 }
 
 static void test_after_close(void)
 {
     for (uint32_t kind = CIRCUIT_STREAM; kind <= CIRCUIT_DGRAM; kind++) {
         struct pair pr;
-        pair_open(&pr, kind, RING, RING, 0);
+        pair_open(&pr, kind, RING, RING);
         struct circuit *c = pr.c[0];
         uint8_t buf[16] = {0};
         void *p;
@@ -416,6 +417,55 @@ static void test_after_close(void)
     OK("calls_after_close_ebadf");
 }
 
+/* Our state only moves forward, whichever call and thread comes last. */
+struct racer {
+    struct circuit *c;
+    int abort;
+    int *go;
+};
+
+static void *racer_main(void *arg)
+{
+    struct racer *r = arg;
+    while (!__atomic_load_n(r->go, __ATOMIC_ACQUIRE))
+        ;
+    CHECK_EQ(r->abort ? circuit_abort(r->c) : circuit_shutdown_write(r->c), 0);
+    return NULL;
+}
+
+static void test_state_never_back(void)
+{
+    struct pair pr;
+    pair_open(&pr, CIRCUIT_STREAM, RING, RING);
+    uint8_t *m = raw_map(&pr);
+    uint8_t buf[8];
+    CHECK_EQ(circuit_abort(pr.c[0]), 0);
+    CHECK_EQ(circuit_shutdown_write(pr.c[0]), 0);
+    CHECK_EQ(raw_hdr(m)->side[0].state, CIRCUIT_ABORTED);
+    CHECK_EQ(circuit_close(pr.c[0]), 0);
+    CHECK_EQ(raw_hdr(m)->side[0].state, CIRCUIT_ABORTED);
+    CHECK_EQ(circuit_recv(pr.c[1], buf, sizeof(buf), 0, CIRCUIT_FOREVER), -ECONNRESET);
+    raw_unmap(&pr, m);
+    pair_close(&pr);
+    /* Two threads ending one endpoint at once: ABORTED wins every time. */
+    for (int i = 0; i < 100; i++) {
+        pair_open(&pr, CIRCUIT_STREAM, RING, RING);
+        m = raw_map(&pr);
+        int go = 0;
+        struct racer a = {pr.c[0], 0, &go}, b = {pr.c[0], 1, &go};
+        pthread_t ta, tb;
+        CHECK(pthread_create(&ta, NULL, racer_main, &a) == 0);
+        CHECK(pthread_create(&tb, NULL, racer_main, &b) == 0);
+        __atomic_store_n(&go, 1, __ATOMIC_RELEASE);
+        CHECK(pthread_join(ta, NULL) == 0);
+        CHECK(pthread_join(tb, NULL) == 0);
+        CHECK_EQ(raw_hdr(m)->side[0].state, CIRCUIT_ABORTED);
+        raw_unmap(&pr, m);
+        pair_close(&pr);
+    }
+    OK("state_never_moves_back");
+}
+
 int main(void)
 {
     alarm(30);
@@ -429,5 +479,6 @@ int main(void)
     test_abort();
     test_peer_death();
     test_after_close();
+    test_state_never_back();
     return 0;
 }

@@ -60,7 +60,7 @@ static void quiet(struct pair *pr)
 static void test_recv_woken_by_send(void)
 {
     struct pair pr;
-    pair_open(&pr, CIRCUIT_STREAM, RING, RING, 0);
+    pair_open(&pr, CIRCUIT_STREAM, RING, RING);
     quiet(&pr);
     uint8_t *m = raw_map(&pr);
     char buf[64] = {0};
@@ -80,7 +80,7 @@ static void test_recv_woken_by_send(void)
     /* Same for datagrams. */
     raw_unmap(&pr, m);
     pair_close(&pr);
-    pair_open(&pr, CIRCUIT_DGRAM, RING, RING, 0);
+    pair_open(&pr, CIRCUIT_DGRAM, RING, RING);
     quiet(&pr);
     struct worker w = {.c = pr.c[0], .what = DO_RECV, .buf = buf, .len = sizeof(buf)};
     start_asleep(&w);
@@ -97,7 +97,7 @@ static void test_send_woken_by_recv(void)
     static uint8_t fillbuf[RING], out[300], in[RING];
     for (uint32_t kind = CIRCUIT_STREAM; kind <= CIRCUIT_DGRAM; kind++) {
         struct pair pr;
-        pair_open(&pr, kind, RING, RING, 0);
+        pair_open(&pr, kind, RING, RING);
         quiet(&pr);
         uint8_t *m = raw_map(&pr);
         /* Fill the ring exactly. */
@@ -122,7 +122,7 @@ static void test_send_woken_by_recv(void)
     }
     /* A stream sender with ALL is woken again and again as room trickles in. */
     struct pair pr;
-    pair_open(&pr, CIRCUIT_STREAM, RING, RING, 0);
+    pair_open(&pr, CIRCUIT_STREAM, RING, RING);
     quiet(&pr);
     static uint8_t big[3 * RING];
     for (size_t i = 0; i < sizeof(big); i++)
@@ -151,7 +151,7 @@ static void test_woken_by_end(void)
     /* The peer closes: a receiver sees the end, a sender the broken pipe. */
     for (int how = 0; how < 4; how++) {
         struct pair pr;
-        pair_open(&pr, CIRCUIT_STREAM, RING, RING, 0);
+        pair_open(&pr, CIRCUIT_STREAM, RING, RING);
         quiet(&pr);
         struct worker w = {.c = pr.c[1], .what = DO_RECV, .buf = buf, .len = sizeof(buf)};
         if (how >= 2) {
@@ -170,7 +170,7 @@ static void test_woken_by_end(void)
     }
     /* The peer shuts down writing: the receiver wakes to the end of data. */
     struct pair pr;
-    pair_open(&pr, CIRCUIT_DGRAM, RING, RING, 0);
+    pair_open(&pr, CIRCUIT_DGRAM, RING, RING);
     quiet(&pr);
     struct worker w = {.c = pr.c[1], .what = DO_RECV, .buf = buf, .len = sizeof(buf)};
     start_asleep(&w);
@@ -179,7 +179,7 @@ static void test_woken_by_end(void)
     CHECK_EQ(w.rc, -ESHUTDOWN);
     pair_close(&pr);
     /* Our own endpoint is closed under a sleeper: it wakes with EBADF. */
-    pair_open(&pr, CIRCUIT_STREAM, RING, RING, 0);
+    pair_open(&pr, CIRCUIT_STREAM, RING, RING);
     quiet(&pr);
     w = (struct worker){.c = pr.c[1], .what = DO_RECV, .buf = buf, .len = sizeof(buf)};
     start_asleep(&w);
@@ -196,7 +196,7 @@ static void test_woken_by_end(void)
 static void test_need_wakeup_consumed(void)
 {
     struct pair pr;
-    pair_open(&pr, CIRCUIT_STREAM, RING, RING, 0);
+    pair_open(&pr, CIRCUIT_STREAM, RING, RING);
     quiet(&pr);
     uint8_t *m = raw_map(&pr);
     struct circuit_dir_ctrl *d0 = raw_dir(m, 0);
@@ -273,7 +273,7 @@ static void test_two_sleepers(void)
     static uint8_t full[RING], in[RING];
     for (int order = 0; order < 2; order++) {
         struct pair pr;
-        pair_open(&pr, CIRCUIT_STREAM, RING, RING, 0);
+        pair_open(&pr, CIRCUIT_STREAM, RING, RING);
         quiet(&pr);
         CHECK_EQ(circuit_send(pr.c[0], full, RING, 0, CIRCUIT_FOREVER), RING);
         uint8_t rbuf[16];
@@ -347,7 +347,7 @@ static void test_no_lost_wakeups(void)
 {
     for (int spin = 0; spin < 2; spin++) {
         struct pair pr;
-        pair_open(&pr, CIRCUIT_STREAM, RING, RING, 0);
+        pair_open(&pr, CIRCUIT_STREAM, RING, RING);
         if (!spin)
             quiet(&pr);
         else {

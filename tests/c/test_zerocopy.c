@@ -24,7 +24,7 @@ static int matches(const uint8_t *buf, uint64_t start, size_t n)
 static void test_mirror(void)
 {
     struct pair pr;
-    pair_open(&pr, CIRCUIT_STREAM, RING, 2 * RING, 0);
+    pair_open(&pr, CIRCUIT_STREAM, RING, 2 * RING);
     for (int s = 0; s < 2; s++)
         for (int dir = 0; dir < 2; dir++) {
             uint8_t *base = circuit_area_base(pr.c[s], dir);
@@ -47,7 +47,7 @@ static void test_mirror(void)
 static void test_stream_basic(void)
 {
     struct pair pr;
-    pair_open(&pr, CIRCUIT_STREAM, RING, RING, 0);
+    pair_open(&pr, CIRCUIT_STREAM, RING, RING);
     void *w, *r;
     CHECK_EQ(circuit_reserve(pr.c[0], 10, 0, CIRCUIT_FOREVER, &w), RING);
     CHECK(w == circuit_area_base(pr.c[0], 0));
@@ -117,7 +117,7 @@ static void test_stream_wrap(void)
     static uint8_t copy[RING];
     for (uint64_t at = RING - 100; at < 4 * RING; at += RING + 1) {
         struct pair pr;
-        pair_open(&pr, CIRCUIT_STREAM, RING, RING, 0);
+        pair_open(&pr, CIRCUIT_STREAM, RING, RING);
         advance(&pr, at);
         uint8_t *txb = circuit_area_base(pr.c[0], 0);
         uint8_t *rxb = circuit_area_base(pr.c[1], 1);
@@ -152,7 +152,7 @@ static void test_stream_wrap(void)
 static void test_stream_cancel(void)
 {
     struct pair pr;
-    pair_open(&pr, CIRCUIT_STREAM, RING, RING, 0);
+    pair_open(&pr, CIRCUIT_STREAM, RING, RING);
     void *w, *r;
     char buf[16];
     /* Commit needs a reservation, and no more than it. */
@@ -186,7 +186,7 @@ static void test_stream_cancel(void)
 static void test_dgram_basic(void)
 {
     struct pair pr;
-    pair_open(&pr, CIRCUIT_DGRAM, RING, RING, 0);
+    pair_open(&pr, CIRCUIT_DGRAM, RING, RING);
     void *w, *r;
     uint8_t *txb = circuit_area_base(pr.c[0], 0);
     CHECK_EQ(circuit_max_dgram(pr.c[0]), RING - 8);
@@ -250,7 +250,7 @@ static void test_dgram_wrap(void)
     static const size_t lens[] = {100, RING - 8, 17, RING - 8, 1000};
     for (int i = 0; i < 5; i++) {
         struct pair pr;
-        pair_open(&pr, CIRCUIT_DGRAM, RING, RING, 0);
+        pair_open(&pr, CIRCUIT_DGRAM, RING, RING);
         advance(&pr, starts[i]);
         uint64_t off = starts[i] & (RING - 1);
         uint8_t *txb = circuit_area_base(pr.c[0], 0);
@@ -279,7 +279,7 @@ static void test_dgram_wrap(void)
 static void test_dgram_cancel(void)
 {
     struct pair pr;
-    pair_open(&pr, CIRCUIT_DGRAM, RING, RING, 0);
+    pair_open(&pr, CIRCUIT_DGRAM, RING, RING);
     void *w, *r;
     char buf[16];
     /* No reservation: nothing to commit, not even an empty datagram. */
@@ -318,7 +318,7 @@ static void test_dgram_last_slot(void)
 {
     static uint8_t junk[RING];
     struct pair pr;
-    pair_open(&pr, CIRCUIT_DGRAM, RING, RING, 0);
+    pair_open(&pr, CIRCUIT_DGRAM, RING, RING);
     void *w, *r;
     CHECK_EQ(circuit_send(pr.c[0], junk, RING - 16, 0, CIRCUIT_FOREVER), RING - 16);
     CHECK_EQ(circuit_reserve(pr.c[0], 1, CIRCUIT_NONBLOCK, CIRCUIT_FOREVER, &w), -EAGAIN);

@@ -3,11 +3,11 @@
  *
  * A circuit joins two sides through one shared-memory object (format.h).
  * Side s produces into direction s and consumes from direction 1 - s.
- * Each side has a doorbell, an eventfd: it sleeps on its own and rings the
- * peer's.  Each side also holds one end of a "link", a connected AF_UNIX
- * socket pair that carries nothing: when every holder of the peer's end is
- * gone (closed, exited, killed), our end reports hang-up, and that is how a
- * survivor learns that its peer died without saying goodbye.
+ * Each side has a doorbell, a connected AF_UNIX stream socket pair: it
+ * sleeps on one end ("bell", also what poll-style callers watch) and rings
+ * itself through the other ("self_bell"); the peer holds a duplicate of that
+ * other end to ring it ("peer_bell" on the peer's side).  The doorbell's
+ * hang-up tells the peer that this side is gone (bell.c).
  *
  * Life of an endpoint:
  *   circuit_create()  makes the memory object (the operator, or a test, does this)
@@ -63,14 +63,14 @@ int circuit_create(const struct circuit_params *p);
 
 /* The descriptors of one endpoint besides the memory. */
 struct circuit_fds {
-    int bell;      /* our doorbell (eventfd): we sleep on it */
-    int peer_bell; /* the peer's doorbell: we ring it */
-    int link;      /* our end of the link socket pair, or -1 for none */
+    int bell;      /* our doorbell's end we sleep on; only we hold it */
+    int self_bell; /* our doorbell's other end: we ring ourselves with it */
+    int peer_bell; /* the peer's doorbell's other end: we ring the peer */
 };
 
 /*
  * Map side `side` of the circuit in memfd, after checking the object against
- * params (size, seals, header).  The endpoint owns fds from now on (on
+ * params (seals, size, header).  The endpoint owns fds from now on (on
  * success only); memfd stays the caller's.
  * Returns 0 and *out, or -errno (-EPROTO: the object does not match params).
  */
@@ -129,6 +129,7 @@ int circuit_detach(struct circuit *c);
 void circuit_free(struct circuit *c);
 
 /* Introspection. */
+/* The descriptor poll-style callers watch; -1 once closed. */
 int circuit_bell(const struct circuit *c);
 int circuit_side(const struct circuit *c);
 uint32_t circuit_kind(const struct circuit *c);

@@ -139,6 +139,8 @@ ssize_t dgram_peek(struct circuit *c, int flags, int64_t deadline, void **ptr)
 int dgram_consume(struct circuit *c, size_t n)
 {
     struct circuit_ring *r = &c->rx;
+    if (c->broken)
+        return -ECONNRESET; /* a broken circuit's memory is never written again */
     if (!r->pending || n != r->pending_len)
         return -EINVAL;
     circuit_release(c, r->pending);

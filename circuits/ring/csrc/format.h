@@ -12,8 +12,10 @@
  *
  * All integers are little-endian, naturally aligned.  Indices are free-running
  * 64-bit byte counters: the byte at index i lives at data[i & (size - 1)].
- * Each side writes only its own fields; every field the other side can write
- * is validated before use (see docs/circuit-format.md, "Trust").
+ * Each side writes only its own index and state; the need-wakeup flags are
+ * raised by the side that sleeps and taken down by the side that rings it.
+ * Every field the other side can write is validated before use (see
+ * docs/circuit-format.md, "Trust").
  */
 #ifndef CIRCUITS_FORMAT_H
 #define CIRCUITS_FORMAT_H

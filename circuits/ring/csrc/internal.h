@@ -44,7 +44,7 @@ struct circuit_ring {
 struct circuit {
     int side;
     uint32_t kind;
-    int bell, peer_bell, link; /* -1 once closed */
+    int bell, self_bell, peer_bell; /* doorbells (bell.c); -1 once released */
     void *map;             /* header and control pages */
     struct circuit_header *hdr;
     struct circuit_ctrl *ctrl;
@@ -53,21 +53,29 @@ struct circuit {
     /* local truth */
     uint32_t my_state;     /* CIRCUIT_OPEN ... as last written by us */
     uint32_t peer_state;   /* highest valid state seen from the peer */
-    bool peer_gone;        /* the peer's end of the link is gone */
+    bool peer_gone;        /* the peer's doorbell is gone: it left or died */
     bool broken;           /* the peer broke the format: circuit aborted */
     bool closed;           /* circuit_close was called */
-    bool tx_blocked;       /* a non-blocking send found no room: poll for space */
+    bool fds_released;     /* the doorbells are closed (state.c) */
+    bool shutting;         /* writing is ending: senders turn away (state.c) */
+    uint64_t tx_need;      /* room a refused non-blocking send waits for, 0: none */
+    uint64_t tx_wait;      /* room a sender asleep on the next ring waits for (atomic) */
     int waiters;           /* threads sleeping on the doorbell (atomic) */
-    pthread_mutex_t bell_lock; /* entering the sleep and draining (wait.c) */
+    int inflight;          /* calls inside the endpoint: fds stay open (atomic) */
+    pthread_mutex_t bell_lock;  /* entering the sleep and draining (wait.c) */
+    pthread_mutex_t state_lock; /* moving my_state forward (state.c) */
 };
+
+/* bell.c */
+void circuit_ring(struct circuit *c, int bell);
+void circuit_drain_bell(struct circuit *c);
+void circuit_check_peer(struct circuit *c);
+bool circuit_restore_bell(struct circuit *c);
 
 /* state.c */
 uint32_t circuit_peer_state(struct circuit *c);
-void circuit_ring(struct circuit *c, int bell);
-void circuit_drain_bell(struct circuit *c);
-void circuit_check_link(struct circuit *c);
 int circuit_readiness(struct circuit *c);
-void circuit_restore_bell(struct circuit *c);
+void circuit_release_fds(struct circuit *c);
 int circuit_violation(struct circuit *c);
 void circuit_set_my_state(struct circuit *c, uint32_t state);
 int circuit_rx_end(struct circuit *c);
@@ -79,6 +87,10 @@ int64_t circuit_now(void);
 int circuit_wait(struct circuit *c, enum circuit_wait_for what, uint64_t need,
                  int flags, int64_t deadline);
 int circuit_lock(pthread_mutex_t *m, int flags, int64_t deadline);
+
+/* io.c: every call that may touch our fds is inside enter/exit */
+int circuit_enter(struct circuit *c);
+void circuit_exit(struct circuit *c);
 int circuit_arm(struct circuit *c);
 
 /* ring.c: index arithmetic, validated against the peer */

@@ -92,16 +92,17 @@ fail:
     return err;
 }
 
-/* The object must be exactly the size params give and sealed against shrinking. */
+/* The object must be sealed against resizing (seals first: only then can its
+ * size not change after we look), and exactly the size params give. */
 static int check_object(int memfd, uint64_t total)
 {
+    int seals = fcntl(memfd, F_GET_SEALS);
+    if (seals < 0 || (seals & REQUIRED_SEALS) != REQUIRED_SEALS)
+        return -EPROTO;
     struct stat st;
     if (fstat(memfd, &st) < 0)
         return -errno;
     if ((uint64_t)st.st_size != total)
-        return -EPROTO;
-    int seals = fcntl(memfd, F_GET_SEALS);
-    if (seals < 0 || (seals & REQUIRED_SEALS) != REQUIRED_SEALS)
         return -EPROTO;
     return 0;
 }
@@ -159,7 +160,8 @@ int circuit_attach(int memfd, const struct circuit_fds *fds,
                    const struct circuit_params *p, int side, struct circuit **out)
 {
     uint64_t total = circuit_object_size(p);
-    if (!total || (side != 0 && side != 1) || fds->bell < 0 || fds->peer_bell < 0)
+    if (!total || (side != 0 && side != 1) || fds->bell < 0 || fds->self_bell < 0 ||
+        fds->peer_bell < 0)
         return -EINVAL;
     int err = check_object(memfd, total);
     if (err)
@@ -170,9 +172,10 @@ int circuit_attach(int memfd, const struct circuit_fds *fds,
     c->side = side;
     c->kind = p->kind;
     c->bell = fds->bell;
+    c->self_bell = fds->self_bell;
     c->peer_bell = fds->peer_bell;
-    c->link = fds->link;
     pthread_mutex_init(&c->bell_lock, NULL);
+    pthread_mutex_init(&c->state_lock, NULL);
     c->spin_ns = sysconf(_SC_NPROCESSORS_ONLN) > 1 ? DEFAULT_SPIN_NS : 0;
     c->map = mmap(NULL, CIRCUIT_DATA_OFFSET, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
     if (c->map == MAP_FAILED) {
@@ -224,15 +227,20 @@ void circuit_free(struct circuit *c)
         return;
     if (!c->closed)
         circuit_close(c);
+    circuit_release_fds(c); /* no call is in flight once the owner frees */
     unmap_all(c);
     pthread_mutex_destroy(&c->tx.lock);
     pthread_mutex_destroy(&c->rx.lock);
     pthread_mutex_destroy(&c->bell_lock);
+    pthread_mutex_destroy(&c->state_lock);
     free(c);
 }
 
 void circuit_set_spin(struct circuit *c, uint32_t spin_ns) { c->spin_ns = spin_ns; }
-int circuit_bell(const struct circuit *c) { return c->bell; }
+int circuit_bell(const struct circuit *c)
+{
+    return __atomic_load_n(&c->closed, __ATOMIC_ACQUIRE) ? -1 : c->bell;
+}
 int circuit_side(const struct circuit *c) { return c->side; }
 uint32_t circuit_kind(const struct circuit *c) { return c->kind; }
 uint64_t circuit_bytes_sent(const struct circuit *c) { return c->tx.local; }

@@ -1,15 +1,11 @@
 /*
- * state.c - side states, doorbells, the link, and how a conversation ends.
+ * state.c - side states, and how a conversation ends.
  *
  * Each side publishes its own state in the header; the peer's state is read,
- * checked and latched (it can only move forward in our eyes).  A doorbell is
- * an eventfd: ringing adds 1, draining reads the count back to 0.  The link
- * is a socket pair end that carries nothing; its hang-up means the peer is
- * gone, whatever its state says.
+ * checked and latched (it can only move forward in our eyes).
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <poll.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -21,40 +17,27 @@ uint32_t circuit_peer_state(struct circuit *c)
         circuit_violation(c);
         s = CIRCUIT_ABORTED;
     }
-    if (s > c->peer_state)
-        c->peer_state = s;
-    return c->peer_state;
+    /* Latch the highest: threads racing here may only move it forward. */
+    uint32_t seen = __atomic_load_n(&c->peer_state, __ATOMIC_ACQUIRE);
+    while (s > seen &&
+           !__atomic_compare_exchange_n(&c->peer_state, &seen, s, false,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        ;
+    return s > seen ? s : seen;
 }
 
-void circuit_ring(struct circuit *c, int bell)
-{
-    (void)c;
-    uint64_t one = 1;
-    /* EAGAIN only if the count is near 2^64: it is readable anyway. */
-    if (bell >= 0 && write(bell, &one, sizeof(one)) < 0)
-        return;
-}
-
-void circuit_drain_bell(struct circuit *c)
-{
-    uint64_t count;
-    if (read(c->bell, &count, sizeof(count)) < 0)
-        return; /* EAGAIN: nothing rang */
-}
-
-void circuit_check_link(struct circuit *c)
-{
-    struct pollfd p = {.fd = c->link, .events = 0};
-    if (c->link >= 0 && poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLERR)))
-        c->peer_gone = true;
-}
-
+/* Move our state forward (never back, whichever thread wins) and tell the peer. */
 void circuit_set_my_state(struct circuit *c, uint32_t state)
 {
-    if (state <= c->my_state)
+    pthread_mutex_lock(&c->state_lock);
+    bool forward = state > c->my_state;
+    if (forward) {
+        c->my_state = state;
+        store_release(&c->hdr->side[c->side].state, state);
+    }
+    pthread_mutex_unlock(&c->state_lock);
+    if (!forward)
         return;
-    c->my_state = state;
-    store_release(&c->hdr->side[c->side].state, state);
     full_fence();
     circuit_ring(c, c->peer_bell);
 }
@@ -95,7 +78,7 @@ int circuit_tx_end(struct circuit *c)
         return -EBADF;
     if (c->broken || c->my_state == CIRCUIT_ABORTED)
         return -ECONNRESET;
-    if (c->my_state >= CIRCUIT_WRITE_SHUT)
+    if (c->my_state >= CIRCUIT_WRITE_SHUT || __atomic_load_n(&c->shutting, __ATOMIC_ACQUIRE))
         return -EPIPE;
     uint32_t peer = circuit_peer_state(c);
     if (peer == CIRCUIT_ABORTED || (c->peer_gone && peer < CIRCUIT_CLOSED))
@@ -105,19 +88,38 @@ int circuit_tx_end(struct circuit *c)
     return 0;
 }
 
+/*
+ * End our writing (WRITE_SHUT or CLOSED) only once no send of ours is
+ * half-way: a sender past its checks would otherwise publish after our end,
+ * and the peer would read data after its end of data.  `shutting` turns a
+ * sender away (EPIPE), the ring wakes one asleep on a full ring, and the
+ * transmit lock waits for one in the middle of a publish.
+ */
+static void end_writing(struct circuit *c, uint32_t state)
+{
+    __atomic_store_n(&c->shutting, true, __ATOMIC_RELEASE);
+    circuit_ring(c, c->self_bell);
+    pthread_mutex_lock(&c->tx.lock);
+    circuit_set_my_state(c, state);
+    pthread_mutex_unlock(&c->tx.lock);
+}
+
 int circuit_shutdown_write(struct circuit *c)
 {
-    if (c->closed)
+    if (circuit_enter(c))
         return -EBADF;
-    circuit_set_my_state(c, CIRCUIT_WRITE_SHUT);
+    end_writing(c, CIRCUIT_WRITE_SHUT);
+    circuit_exit(c);
     return 0;
 }
 
+/* A reset needs no care for senders: the peer drops whatever follows it. */
 int circuit_abort(struct circuit *c)
 {
-    if (c->closed)
+    if (circuit_enter(c))
         return -EBADF;
     circuit_set_my_state(c, CIRCUIT_ABORTED);
+    circuit_exit(c);
     return 0;
 }
 
@@ -128,32 +130,33 @@ static void close_fd(int *fd)
     *fd = -1;
 }
 
-/* Close our fds; wake our own sleeping threads first, they will see EBADF. */
-static void end_endpoint(struct circuit *c)
+/* Close our fds: only once no call is inside (see circuit_exit). */
+void circuit_release_fds(struct circuit *c)
 {
-    __atomic_store_n(&c->closed, true, __ATOMIC_RELEASE);
-    circuit_ring(c, c->bell);
-    close_fd(&c->link);
+    if (__atomic_exchange_n(&c->fds_released, true, __ATOMIC_ACQ_REL))
+        return;
     close_fd(&c->peer_bell);
+    close_fd(&c->self_bell);
     close_fd(&c->bell);
 }
 
-int circuit_close(struct circuit *c)
+/* Mark closed once; wake our own sleepers, they will see EBADF on their way out. */
+static int end_endpoint(struct circuit *c, uint32_t state)
 {
-    if (c->closed)
+    if (circuit_enter(c))
         return -EBADF;
-    circuit_set_my_state(c, CIRCUIT_CLOSED);
-    end_endpoint(c);
-    return 0;
+    bool was = __atomic_exchange_n(&c->closed, true, __ATOMIC_ACQ_REL);
+    if (!was) {
+        circuit_ring(c, c->self_bell); /* our sleepers wake and leave with EBADF */
+        if (state)
+            end_writing(c, state);
+    }
+    circuit_exit(c);
+    return was ? -EBADF : 0;
 }
 
-int circuit_detach(struct circuit *c)
-{
-    if (c->closed)
-        return -EBADF;
-    end_endpoint(c);
-    return 0;
-}
+int circuit_close(struct circuit *c) { return end_endpoint(c, CIRCUIT_CLOSED); }
+int circuit_detach(struct circuit *c) { return end_endpoint(c, 0); }
 
 /* What a poller would be told now; lock-free, no side effects, no syscall. */
 int circuit_readiness(struct circuit *c)
@@ -172,21 +175,10 @@ int circuit_readiness(struct circuit *c)
 
 int circuit_poll(struct circuit *c)
 {
-    if (__atomic_load_n(&c->closed, __ATOMIC_ACQUIRE))
+    if (circuit_enter(c))
         return CIRCUIT_READABLE | CIRCUIT_WRITABLE | CIRCUIT_HANGUP;
-    circuit_check_link(c);
-    return circuit_readiness(c);
-}
-
-/*
- * After draining our doorbell, ring it again if a poller of it has work:
- * data or an end to receive, or room that a blocked sender waits for.  This
- * keeps the rule that fileno() polling relies on: while there is work, our
- * doorbell's count is not zero.
- */
-void circuit_restore_bell(struct circuit *c)
-{
+    circuit_check_peer(c);
     int mask = circuit_readiness(c);
-    if ((mask & CIRCUIT_READABLE) || (c->tx_blocked && (mask & CIRCUIT_WRITABLE)))
-        circuit_ring(c, c->bell);
+    circuit_exit(c);
+    return mask;
 }

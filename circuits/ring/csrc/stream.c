@@ -112,6 +112,8 @@ ssize_t stream_peek(struct circuit *c, int flags, int64_t deadline, void **ptr)
 int stream_consume(struct circuit *c, size_t n)
 {
     struct circuit_ring *r = &c->rx;
+    if (c->broken)
+        return -ECONNRESET; /* a broken circuit's memory is never written again */
     if (n > r->pending)
         return -EINVAL;
     r->pending -= n;
