@@ -211,19 +211,18 @@ class Circuit:
             self._drop_wview()
         deadline = -1 if not self._timeout else self._deadline()
         flags_all = self._flags | lib.CIRCUIT_ALL
-        if type(data) is bytes:
-            rc = lib.circuit_send(self._c, data, len(data), flags_all, deadline)
-            if rc == len(data):
-                return
-            view = memoryview(data)
-        else:
-            view = memoryview(data).cast("B")
-            rc = 0
+        n = _nbytes(data)
+        # One call carries the whole buffer unless a signal or a timeout stops it.
+        rc = lib.circuit_send(self._c, data if type(data) is bytes else ffi.from_buffer(data),
+                              n, flags_all, deadline)
+        if rc == n:
+            return
+        view = memoryview(data).cast("B")
         done = max(rc, 0)
-        while done < len(view) or rc < 0:
+        while done < n or rc < 0:
             if rc < 0 and rc != -errno.EINTR:
                 _raise(rc)
-            rc = lib.circuit_send(self._c, ffi.from_buffer(view[done:]), len(view) - done,
+            rc = lib.circuit_send(self._c, ffi.from_buffer(view[done:]), n - done,
                                   flags_all, deadline)
             done += max(rc, 0)
 
@@ -410,8 +409,11 @@ def _finalizer(owner_pid: int):
 
 def _nbytes(data) -> int:
     """Length in bytes of any buffer, cheaply for the common types."""
-    if type(data) in (bytes, bytearray):
+    kind = type(data)
+    if kind is bytes or kind is bytearray:
         return len(data)
+    if kind is memoryview:
+        return data.nbytes
     return memoryview(data).nbytes
 
 
