@@ -35,6 +35,7 @@ ctest:
 	$(MAKE) -C tests/c check
 
 bench: setup
+	$(MAKE) -s -C tests/c bench
 	$(VENV)/bin/circuits bench ring
 
 clean:
