@@ -97,3 +97,34 @@ def test_select_wakes_when_the_peer_dies_silently(peers):
         pass
     else:
         raise AssertionError("a dead peer must read as a reset")
+
+
+def test_blocked_sender_never_stranded_by_unread_rings():
+    """A blocking send of a big datagram, room coming 16 bytes at a time, with
+    data for a poller waiting on the same endpoint: the sender finishes (its
+    doorbell's queue fills with rings, which must not end its wake-ups), and
+    close() returns."""
+    a, b = pair("dgram", 65536)
+    b.send(b"for a poller of a")  # a's bell must stay readable for this
+    count = 0
+    a.setblocking(False)
+    try:
+        while True:
+            a.send(b"12345678")
+            count += 1
+    except BlockingIOError:
+        pass
+    a.setblocking(True)
+    done = threading.Event()
+    threading.Thread(target=lambda: (a.send(b"y" * 60000), done.set()), daemon=True).start()
+    time.sleep(0.05)
+    got = 0
+    while got < count and not done.is_set():
+        b.recv(64)
+        got += 1
+        time.sleep(0.0003)
+    assert done.wait(5), "the blocked sender was stranded"
+    closer = threading.Thread(target=a.close, daemon=True)
+    closer.start()
+    closer.join(5)
+    assert not closer.is_alive()

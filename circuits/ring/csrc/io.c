@@ -54,10 +54,9 @@ ssize_t circuit_send(struct circuit *c, const void *buf, size_t len, int flags,
     if (err)
         return err;
     c->tx.pending = 0;
+    c->tx_need = 0; /* the room a refused send waited for is this call's business now */
     ssize_t rc = IS_DGRAM(c) ? dgram_send(c, buf, len, flags, deadline)
                              : stream_send(c, buf, len, flags, deadline);
-    if (rc >= 0)
-        c->tx_need = 0;
     return leave(c, &c->tx, rc);
 }
 
@@ -81,6 +80,7 @@ ssize_t circuit_reserve(struct circuit *c, size_t need, int flags, int64_t deadl
     if (err)
         return err;
     c->tx.pending = 0;
+    c->tx_need = 0;
     return leave(c, &c->tx, IS_DGRAM(c) ? dgram_reserve(c, need, flags, deadline, ptr)
                                      : stream_reserve(c, need, flags, deadline, ptr));
 }
@@ -90,10 +90,7 @@ int circuit_commit(struct circuit *c, size_t n)
     int err = enter(c, &c->tx, 0, CIRCUIT_FOREVER);
     if (err)
         return err;
-    int rc = IS_DGRAM(c) ? dgram_commit(c, n) : stream_commit(c, n);
-    if (rc == 0)
-        c->tx_need = 0;
-    return (int)leave(c, &c->tx, rc);
+    return (int)leave(c, &c->tx, IS_DGRAM(c) ? dgram_commit(c, n) : stream_commit(c, n));
 }
 
 ssize_t circuit_peek(struct circuit *c, int flags, int64_t deadline, void **ptr)

@@ -113,7 +113,7 @@ int circuit_shutdown_write(struct circuit *c)
     return 0;
 }
 
-/* A reset needs no care for senders: the peer drops whatever follows it. */
+/* A reset needs no care for senders: it promises the peer nothing about data. */
 int circuit_abort(struct circuit *c)
 {
     if (circuit_enter(c))
@@ -158,7 +158,8 @@ static int end_endpoint(struct circuit *c, uint32_t state)
 int circuit_close(struct circuit *c) { return end_endpoint(c, CIRCUIT_CLOSED); }
 int circuit_detach(struct circuit *c) { return end_endpoint(c, 0); }
 
-/* What a poller would be told now; lock-free, no side effects, no syscall. */
+/* What a poller would be told now; lock-free and no syscall (a lie in the
+ * peer's state is the one thing that acts: it aborts the circuit). */
 int circuit_readiness(struct circuit *c)
 {
     int mask = 0;

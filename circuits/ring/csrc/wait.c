@@ -26,6 +26,7 @@
 #include "internal.h"
 
 #define YIELD_AFTER_NS 5000
+#define EDGE_SLICE_MS 10
 
 int64_t circuit_now(void)
 {
@@ -143,7 +144,10 @@ static int sleep_on_edge(struct circuit *c, enum circuit_wait_for what, uint64_t
         circuit_check_peer(c);
         if (ready(c, what, need))
             break;
-        int n = epoll_wait(ep, ev, 2, poll_timeout_ms(deadline));
+        /* Bounded: we never drain, so once the doorbell's queue is full a
+         * ring makes no new edge; a slice makes that cost latency, not a hang. */
+        int ms = poll_timeout_ms(deadline);
+        int n = epoll_wait(ep, ev, 2, ms < 0 || ms > EDGE_SLICE_MS ? EDGE_SLICE_MS : ms);
         if (n < 0) {
             rc = errno == EINTR ? -EINTR : -errno;
             break;
