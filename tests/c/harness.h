@@ -66,6 +66,13 @@ static inline uint8_t pattern(uint64_t i)
     return (uint8_t)((i * 2654435761u) >> 13 ^ (i / 251));
 }
 
+/* n bytes of the test stream from absolute index `start`. */
+static inline void fill(uint8_t *buf, uint64_t start, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        buf[i] = pattern(start + i);
+}
+
 /* xorshift64*: reproducible randomness from a printed seed. */
 static inline uint64_t rnd(uint64_t *s)
 {

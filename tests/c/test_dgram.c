@@ -8,11 +8,8 @@
 
 static uint64_t record(uint64_t len) { return 8 + ((len + 7) & ~7ull); }
 
-static void fill(uint8_t *buf, uint64_t seed, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        buf[i] = pattern(seed * 7919 + i);
-}
+/* A datagram's bytes: the test stream from a point its seed picks. */
+static void fill_dgram(uint8_t *buf, uint64_t seed, size_t n) { fill(buf, seed * 7919, n); }
 
 static int matches(const uint8_t *buf, uint64_t seed, size_t n)
 {
@@ -38,7 +35,7 @@ static void test_sizes(void)
         uint64_t before = circuit_bytes_sent(tx);
         for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
             size_t n = sizes[i];
-            fill(out, i + 1, n);
+            fill_dgram(out, i + 1, n);
             CHECK_EQ(circuit_send(tx, out, n, 0, CIRCUIT_FOREVER), n);
             CHECK_EQ(circuit_bytes_sent(tx) - before, record(n));
             before = circuit_bytes_sent(tx);
@@ -105,7 +102,7 @@ static void test_truncation(void)
     struct pair pr;
     pair_open(&pr, CIRCUIT_DGRAM, RING, RING);
     uint8_t out[300], in[300];
-    fill(out, 42, sizeof(out));
+    fill_dgram(out, 42, sizeof(out));
     CHECK_EQ(circuit_send(pr.c[0], out, 300, 0, CIRCUIT_FOREVER), 300);
     CHECK_EQ(circuit_send(pr.c[0], out, 20, 0, CIRCUIT_FOREVER), 20);
     CHECK_EQ(circuit_send(pr.c[0], out, 5, 0, CIRCUIT_FOREVER), 5);
@@ -152,7 +149,7 @@ static void test_many(void)
                     n = (size_t)(rnd(&seed) % 17);
                 if (sent - got == 64)
                     break;
-                fill(out, sent, n);
+                fill_dgram(out, sent, n);
                 ssize_t rc = circuit_send(pr.c[0], out, n, CIRCUIT_NONBLOCK, CIRCUIT_FOREVER);
                 if (rc == -EAGAIN)
                     break;

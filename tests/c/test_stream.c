@@ -9,12 +9,6 @@
 
 #define RING 4096u
 
-static void fill(uint8_t *buf, uint64_t start, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        buf[i] = pattern(start + i);
-}
-
 static void verify(const uint8_t *buf, uint64_t start, size_t n)
 {
     for (size_t i = 0; i < n; i++)

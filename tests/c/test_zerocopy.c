@@ -7,12 +7,6 @@
 
 #define RING 4096u
 
-static void fill(uint8_t *buf, uint64_t start, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        buf[i] = pattern(start + i);
-}
-
 static int matches(const uint8_t *buf, uint64_t start, size_t n)
 {
     for (size_t i = 0; i < n; i++)
