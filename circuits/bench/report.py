@@ -49,6 +49,7 @@ def plot_ring(figures: list[Figure], path: str) -> None:
                      if f.transport == t and f.test == "stream")
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=t)
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("write size (bytes)")
     ax.set_ylabel("throughput (GB/s)")
     ax.set_title("circuits: stream throughput, median of rounds")
