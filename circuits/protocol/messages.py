@@ -1,0 +1,349 @@
+"""Control protocol messages, version 1: encoding and strict decoding.
+
+Every message is a 16-byte header and a body, all little-endian; the layout
+is specified in docs/protocol.md, which this module follows field by field.
+Decoding never trusts its input: any deviation raises ProtocolError, never
+another exception.
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import struct
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+VERSION = 1
+MAX_MESSAGE = 4096
+TCP, UDP = 6, 17
+STREAM, DGRAM = 1, 2
+FDS_PER_CIRCUIT = 4  # memfd, bell, self_bell, peer_bell (docs/circuit-format.md)
+
+HEADER = struct.Struct("<HHIIBBH")  # version, type, length, request, nfds, flags, reserved
+ENDPOINT = struct.Struct("<16sHBB")  # address (IPv6 form), port, proto, reserved
+TEXT_LEN = struct.Struct("<H")
+
+
+class ProtocolError(Exception):
+    """A message that breaks the protocol; ``errno`` is what to answer with."""
+
+    def __init__(self, reason: str, code: int = errno.EPROTO):
+        super().__init__(reason)
+        self.errno = code
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An address, port and transport protocol: what applications connect to."""
+
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    port: int
+    proto: int = TCP
+
+    def pack(self) -> bytes:
+        addr = self.address
+        if addr.version == 4:
+            addr = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + addr.packed)
+        return ENDPOINT.pack(addr.packed, self.port, self.proto, 0)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Endpoint:
+        packed, port, proto, reserved = ENDPOINT.unpack(raw)
+        if proto not in (TCP, UDP) or reserved:
+            raise ProtocolError(f"bad endpoint: proto {proto}, reserved {reserved}")
+        addr = ipaddress.IPv6Address(packed)
+        return cls(addr.ipv4_mapped or addr, port, proto)
+
+    @classmethod
+    def parse(cls, address: str, port: int, proto: int = TCP) -> Endpoint:
+        """From text, as applications give it ("10.0.0.2", "fd00::2")."""
+        return cls(ipaddress.ip_address(address), port, proto)
+
+    def __str__(self) -> str:
+        name = "tcp" if self.proto == TCP else "udp"
+        host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
+        return f"{name}://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of all messages: a type code, a fixed body, an optional text tail."""
+
+    TYPE: ClassVar[int]
+    BODY: ClassVar[struct.Struct]
+    HAS_TEXT: ClassVar[bool] = False
+    NFDS: ClassVar[tuple[int, ...]] = (0,)  # how many fds may come with it
+
+    request: int = field(default=0, kw_only=True)
+
+    def body_fields(self) -> tuple:
+        raise NotImplementedError
+
+    @classmethod
+    def from_body(cls, values: tuple, text: str, request: int) -> Message:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Semantic checks beyond the layout; raise ProtocolError."""
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """Client -> operator, first: the versions the client speaks."""
+
+    TYPE = 1
+    BODY = struct.Struct("<HHI")  # min_version, max_version, reserved
+    min_version: int = VERSION
+    max_version: int = VERSION
+
+    def body_fields(self):
+        return (self.min_version, self.max_version, 0)
+
+    @classmethod
+    def from_body(cls, v, text, request):
+        _reserved(v[2])
+        return cls(v[0], v[1], request=request)
+
+    def check(self):
+        if self.min_version > self.max_version:
+            raise ProtocolError("hello: min_version above max_version")
+
+
+@dataclass(frozen=True)
+class Welcome(Message):
+    """Operator -> client: the version chosen, and who the client is."""
+
+    TYPE = 2
+    BODY = struct.Struct("<HH")  # version, reserved
+    HAS_TEXT = True
+    version: int = VERSION
+    guest: str = ""
+
+    def body_fields(self):
+        return (self.version, 0)
+
+    def text(self) -> str:
+        return self.guest
+
+    @classmethod
+    def from_body(cls, v, text, request):
+        _reserved(v[1])
+        return cls(v[0], text, request=request)
+
+
+@dataclass(frozen=True)
+class Listen(Message):
+    """Client -> operator: accept circuits to this endpoint."""
+
+    TYPE = 3
+    BODY = struct.Struct(f"<{ENDPOINT.size}sII")  # endpoint, backlog, ring_size
+    local: Endpoint = None  # type: ignore[assignment]
+    backlog: int = 128
+    ring_size: int = 0  # 0: the operator's default
+
+    def body_fields(self):
+        return (self.local.pack(), self.backlog, self.ring_size)
+
+    @classmethod
+    def from_body(cls, v, text, request):
+        return cls(Endpoint.unpack(v[0]), v[1], v[2], request=request)
+
+
+@dataclass(frozen=True)
+class Unlisten(Message):
+    """Client -> operator: stop accepting circuits to this endpoint."""
+
+    TYPE = 4
+    BODY = struct.Struct(f"<{ENDPOINT.size}s")
+    local: Endpoint = None  # type: ignore[assignment]
+
+    def body_fields(self):
+        return (self.local.pack(),)
+
+    @classmethod
+    def from_body(cls, v, text, request):
+        return cls(Endpoint.unpack(v[0]), request=request)
+
+
+@dataclass(frozen=True)
+class Connect(Message):
+    """Client -> operator: a circuit to this endpoint, please."""
+
+    TYPE = 5
+    BODY = struct.Struct(f"<{ENDPOINT.size}sI")  # endpoint, ring_size
+    remote: Endpoint = None  # type: ignore[assignment]
+    ring_size: int = 0
+
+    def body_fields(self):
+        return (self.remote.pack(), self.ring_size)
+
+    @classmethod
+    def from_body(cls, v, text, request):
+        return cls(Endpoint.unpack(v[0]), v[1], request=request)
+
+
+@dataclass(frozen=True)
+class Circuit(Message):
+    """Operator -> client: one side of a new circuit.
+
+    The reply to Connect (request echoed), or unsolicited (request 0) to a
+    listener for each circuit to its endpoint.  Memory is given either as
+    four descriptors with the message (trunk 0) or, for VM guests on a byte
+    stream, as (trunk, offset, length) in shared memory both already map.
+    """
+
+    TYPE = 6
+    BODY = struct.Struct(f"<QHHIQQ{ENDPOINT.size}s{ENDPOINT.size}sIIQQ")
+    NFDS = (0, FDS_PER_CIRCUIT)
+    circuit_id: int = 0
+    kind: int = STREAM
+    side: int = 0
+    size0: int = 0
+    size1: int = 0
+    local: Endpoint = None  # type: ignore[assignment]
+    remote: Endpoint = None  # type: ignore[assignment]
+    trunk: int = 0
+    offset: int = 0
+    length: int = 0
+
+    def body_fields(self):
+        return (self.circuit_id, self.kind, self.side, 0, self.size0, self.size1,
+                self.local.pack(), self.remote.pack(), self.trunk, 0, self.offset, self.length)
+
+    @classmethod
+    def from_body(cls, v, text, request):
+        _reserved(v[3], v[9])
+        return cls(v[0], v[1], v[2], v[4], v[5], Endpoint.unpack(v[6]),
+                   Endpoint.unpack(v[7]), v[8], v[10], v[11], request=request)
+
+    def check(self):
+        if self.kind not in (STREAM, DGRAM) or self.side not in (0, 1):
+            raise ProtocolError(f"circuit: kind {self.kind}, side {self.side}")
+        if self.trunk == 0 and (self.offset or self.length):
+            raise ProtocolError("circuit: an fd-backed circuit has no offset or length")
+
+
+@dataclass(frozen=True)
+class Close(Message):
+    """Client -> operator: this side of the circuit is done."""
+
+    TYPE = 7
+    BODY = struct.Struct("<Q")
+    circuit_id: int = 0
+
+    def body_fields(self):
+        return (self.circuit_id,)
+
+    @classmethod
+    def from_body(cls, v, text, request):
+        return cls(v[0], request=request)
+
+
+@dataclass(frozen=True)
+class Ok(Message):
+    """Operator -> client: the request succeeded."""
+
+    TYPE = 8
+    BODY = struct.Struct("<")
+
+    def body_fields(self):
+        return ()
+
+    @classmethod
+    def from_body(cls, v, text, request):
+        return cls(request=request)
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    """Operator -> client: the request failed with an errno, and why."""
+
+    TYPE = 9
+    BODY = struct.Struct("<I")
+    HAS_TEXT = True
+    code: int = errno.EPROTO
+    reason: str = ""
+
+    def body_fields(self):
+        return (self.code,)
+
+    def text(self) -> str:
+        return self.reason
+
+    @classmethod
+    def from_body(cls, v, text, request):
+        return cls(v[0], text, request=request)
+
+    def check(self):
+        if not 0 < self.code < 4096:
+            raise ProtocolError(f"error: errno {self.code} out of range")
+
+
+TYPES: dict[int, type[Message]] = {m.TYPE: m for m in
+                                   (Hello, Welcome, Listen, Unlisten, Connect, Circuit, Close, Ok, Error)}
+
+
+def _reserved(*values: int) -> None:
+    if any(values):
+        raise ProtocolError("reserved field is not zero")
+
+
+def encode(msg: Message, nfds: int = 0) -> bytes:
+    """The bytes of a message; ``nfds`` descriptors will travel with it."""
+    msg.check()
+    if nfds not in msg.NFDS:
+        raise ValueError(f"{type(msg).__name__} carries {msg.NFDS} descriptors, not {nfds}")
+    body = msg.BODY.pack(*msg.body_fields())
+    if msg.HAS_TEXT:
+        text = msg.text().encode()
+        body += TEXT_LEN.pack(len(text)) + text
+    length = HEADER.size + len(body)
+    if length > MAX_MESSAGE:
+        raise ValueError(f"message of {length} bytes exceeds {MAX_MESSAGE}")
+    return HEADER.pack(VERSION, msg.TYPE, length, msg.request, nfds, 0, 0) + body
+
+
+def decode(data: bytes, nfds: int = 0) -> Message:
+    """Decode one whole message that arrived with ``nfds`` descriptors."""
+    if len(data) < HEADER.size:
+        raise ProtocolError(f"truncated: {len(data)} bytes, the header alone is {HEADER.size}")
+    version, kind, length, request, hdr_nfds, flags, reserved = HEADER.unpack_from(data)
+    if version != VERSION:
+        raise ProtocolError(f"version {version}, this side speaks {VERSION}")
+    if length != len(data) or length > MAX_MESSAGE:
+        raise ProtocolError(f"length field {length}, message of {len(data)} bytes")
+    if flags or reserved:
+        raise ProtocolError("header flags or reserved bytes are not zero")
+    cls = TYPES.get(kind)
+    if cls is None:
+        raise ProtocolError(f"unknown message type {kind}")
+    if hdr_nfds != nfds or nfds not in cls.NFDS:
+        raise ProtocolError(f"{cls.__name__} with {nfds} descriptors (header says {hdr_nfds})")
+    body = memoryview(data)[HEADER.size:]
+    values, text = _split_body(cls, body)
+    msg = cls.from_body(values, text, request)
+    msg.check()
+    if isinstance(msg, Circuit) and (msg.trunk == 0) != (nfds == FDS_PER_CIRCUIT):
+        raise ProtocolError("circuit: trunk 0 needs its 4 descriptors, a trunk none")
+    return msg
+
+
+def _split_body(cls: type[Message], body: memoryview) -> tuple[tuple, str]:
+    fixed = cls.BODY.size
+    if len(body) < fixed:
+        raise ProtocolError(f"{cls.__name__}: body of {len(body)} bytes, needs {fixed}")
+    values = cls.BODY.unpack_from(body)
+    rest = body[fixed:]
+    if not cls.HAS_TEXT:
+        if len(rest):
+            raise ProtocolError(f"{cls.__name__}: {len(rest)} bytes after the body")
+        return values, ""
+    if len(rest) < TEXT_LEN.size:
+        raise ProtocolError(f"{cls.__name__}: text length missing")
+    (n,) = TEXT_LEN.unpack_from(rest)
+    if n != len(rest) - TEXT_LEN.size:
+        raise ProtocolError(f"{cls.__name__}: text of {n} bytes in {len(rest) - 2}")
+    try:
+        return values, bytes(rest[TEXT_LEN.size:]).decode()
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{cls.__name__}: text is not UTF-8") from None

@@ -1,0 +1,72 @@
+"""Carrying messages: SOCK_SEQPACKET with SCM_RIGHTS for local guests, and
+length-framed byte streams for VM guests (docs/protocol.md, "Transports")."""
+from __future__ import annotations
+
+import os
+import socket
+
+from circuits.protocol.messages import HEADER, MAX_MESSAGE, Message, ProtocolError, decode, encode
+
+MAX_FDS = 4  # the most any message carries; more is a protocol error
+
+
+def send(sock: socket.socket, msg: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
+    """Send one message, with its descriptors, as one packet."""
+    data = encode(msg, len(fds))
+    if fds:
+        socket.send_fds(sock, [data], list(fds))
+    else:
+        sock.send(data)
+
+
+def receive(sock: socket.socket) -> tuple[Message, list[int]]:
+    """Receive one message and the descriptors that came with it.
+
+    Raises EOFError when the other side has closed, BlockingIOError on a
+    non-blocking socket with nothing to read, and ProtocolError for a bad
+    message, after closing any descriptors that came with it: a bad message
+    never leaks descriptors into this process.
+    """
+    data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE + 1, MAX_FDS,
+                                          socket.MSG_CMSG_CLOEXEC)
+    try:
+        if flags & socket.MSG_CTRUNC:
+            raise ProtocolError(f"more than {MAX_FDS} descriptors")
+        if flags & socket.MSG_TRUNC or len(data) > MAX_MESSAGE:
+            raise ProtocolError(f"message longer than {MAX_MESSAGE} bytes")
+        if not data and not fds:
+            raise EOFError("the other side closed the control socket")
+        return decode(data, len(fds)), fds
+    except BaseException:
+        close_all(fds)
+        raise
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+class StreamDecoder:
+    """Split a byte stream (a VM guest's control channel) into messages.
+
+    Feed it bytes as they come; it returns the whole messages they finish.
+    A length field out of range is a ProtocolError: the stream cannot be
+    resynchronised, so the channel must be dropped.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Message]:
+        self._buf += data
+        out = []
+        while len(self._buf) >= HEADER.size:
+            length = int.from_bytes(self._buf[4:8], "little")
+            if not HEADER.size <= length <= MAX_MESSAGE:
+                raise ProtocolError(f"stream frame of {length} bytes")
+            if len(self._buf) < length:
+                break
+            out.append(decode(bytes(self._buf[:length])))
+            del self._buf[:length]
+        return out

@@ -1,0 +1,193 @@
+"""The control protocol codec: round trips, and nothing but ProtocolError for bad input."""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from circuits.protocol import (
+    DGRAM, MAX_MESSAGE, STREAM, TCP, UDP, Circuit, Close, Connect, Endpoint, Error, Hello,
+    Listen, Ok, ProtocolError, StreamDecoder, Unlisten, Welcome, decode, encode, receive, send)
+
+u16 = st.integers(0, 2**16 - 1)
+u32 = st.integers(0, 2**32 - 1)
+u64 = st.integers(0, 2**64 - 1)
+text = st.text(max_size=200)
+addresses = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6).filter(
+    lambda a: a.ipv4_mapped is None))
+endpoints = st.builds(Endpoint, addresses, u16, st.sampled_from([TCP, UDP]))
+requests = u32.map(lambda r: {"request": r})
+
+messages = st.one_of(
+    st.builds(lambda lo, hi, k: Hello(min(lo, hi), max(lo, hi), **k), u16, u16, requests),
+    st.builds(lambda v, g, k: Welcome(v, g, **k), u16, text, requests),
+    st.builds(lambda e, b, r, k: Listen(e, b, r, **k), endpoints, u32, u32, requests),
+    st.builds(lambda e, k: Unlisten(e, **k), endpoints, requests),
+    st.builds(lambda e, r, k: Connect(e, r, **k), endpoints, u32, requests),
+    st.builds(lambda c, k: Close(c, **k), u64, requests),
+    st.builds(lambda k: Ok(**k), requests),
+    st.builds(lambda c, t, k: Error(c, t, **k), st.integers(1, 4095), text, requests),
+)
+circuits = st.builds(
+    lambda i, kind, side, s0, s1, a, b, k: Circuit(i, kind, side, s0, s1, a, b, **k),
+    u64, st.sampled_from([STREAM, DGRAM]), st.sampled_from([0, 1]), u64, u64,
+    endpoints, endpoints, requests)
+
+
+@given(messages)
+def test_every_message_round_trips(msg):
+    assert decode(encode(msg)) == msg
+
+
+@given(circuits)
+def test_circuit_round_trips_with_its_descriptors(msg):
+    assert decode(encode(msg, 4), 4) == msg
+
+
+@given(st.builds(lambda c, t, o, n: Circuit(c, STREAM, 0, 4096, 4096,
+                                               Endpoint.parse("10.0.0.1", 1),
+                                               Endpoint.parse("10.0.0.2", 2), t, o, n),
+                 u64, st.integers(1, 2**32 - 1), u64, u64))
+def test_vm_circuit_names_memory_instead_of_fds(msg):
+    assert decode(encode(msg)) == msg
+
+
+@settings(max_examples=2000)
+@given(st.binary(max_size=300), st.integers(0, 5))
+def test_random_bytes_are_refused_cleanly(data, nfds):
+    try:
+        decode(data, nfds)
+    except ProtocolError as e:
+        assert e.errno == errno.EPROTO
+
+
+@settings(max_examples=1000)
+@given(messages, st.data())
+def test_mutated_messages_decode_or_are_refused(msg, data):
+    raw = bytearray(encode(msg))
+    cut = data.draw(st.sampled_from(["flip", "truncate", "extend"]))
+    if cut == "flip":
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] ^= data.draw(st.integers(1, 255))
+    elif cut == "truncate":
+        del raw[data.draw(st.integers(0, len(raw) - 1)):]
+    else:
+        raw += data.draw(st.binary(min_size=1, max_size=20))
+    try:
+        decode(bytes(raw))
+    except ProtocolError:
+        pass
+
+
+@pytest.mark.parametrize("raw,why", [
+    (b"", "truncated"),
+    (encode(Ok())[:10], "truncated"),
+    (b"\x02\x00" + encode(Ok())[2:], "version 2"),
+    (encode(Ok()) + b"\0", "length field"),
+    (b"\x01\x00\x63\x00" + encode(Ok())[4:], "unknown message type 99"),
+])
+def test_specific_refusals_say_why(raw, why):
+    with pytest.raises(ProtocolError, match=why):
+        decode(raw)
+
+
+def test_oversized_and_unknown_fields_are_refused():
+    with pytest.raises(ValueError):
+        encode(Error(5, "x" * MAX_MESSAGE))
+    raw = bytearray(encode(Listen(Endpoint.parse("10.0.0.1", 80))))
+    raw[16 + 18] = 99  # the endpoint's protocol: neither tcp nor udp
+    with pytest.raises(ProtocolError, match="proto 99"):
+        decode(bytes(raw))
+
+
+def test_descriptors_only_where_they_belong():
+    with pytest.raises(ProtocolError, match="descriptors"):
+        decode(encode(Ok()), 1)
+    with pytest.raises(ProtocolError, match="trunk 0 needs"):
+        decode(encode(Circuit(1, STREAM, 0, 4096, 4096, Endpoint.parse("::1", 1),
+                              Endpoint.parse("::1", 2))))
+
+
+def test_ipv4_travels_mapped_and_comes_back_as_ipv4():
+    e = Endpoint.parse("192.0.2.7", 443)
+    assert decode(encode(Connect(e))).remote.address == ipaddress.IPv4Address("192.0.2.7")
+    assert str(Endpoint.parse("fd00::1", 53, UDP)) == "udp://[fd00::1]:53"
+
+
+# -- the wire: SOCK_SEQPACKET and SCM_RIGHTS ---------------------------------
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def seqpacket():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_circuit_with_its_four_descriptors(seqpacket):
+    a, b = seqpacket
+    msg = Circuit(3, DGRAM, 1, 8192, 4096, Endpoint.parse("10.0.0.1", 9),
+                  Endpoint.parse("10.0.0.2", 10), request=42)
+    r, w = os.pipe()
+    send(a, msg, [r, w, r, w])
+    got, fds = receive(b)
+    assert got == msg and len(fds) == 4
+    os.write(fds[1], b"!")
+    assert os.read(fds[0], 1) == b"!"
+    for fd in fds + [r, w]:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("nfds", [1, 5, 8])
+def test_stray_descriptors_are_refused_and_closed(seqpacket, nfds):
+    a, b = seqpacket
+    r, w = os.pipe()
+    before = open_fds()
+    socket.send_fds(a, [encode(Ok())[:12] + bytes([nfds % 256]) + encode(Ok())[13:]], [r] * nfds)
+    with pytest.raises(ProtocolError):
+        receive(b)
+    assert open_fds() == before  # nothing leaked into this process
+    os.close(r)
+    os.close(w)
+
+
+def test_oversized_packet_is_refused(seqpacket):
+    a, b = seqpacket
+    a.send(b"\x01" * (MAX_MESSAGE + 100))
+    with pytest.raises(ProtocolError, match="longer than"):
+        receive(b)
+    send(a, Ok(request=1))
+    assert receive(b)[0] == Ok(request=1)  # the socket goes on after a bad message
+
+
+def test_closed_peer_is_eof(seqpacket):
+    a, b = seqpacket
+    a.close()
+    with pytest.raises(EOFError):
+        receive(b)
+
+
+# -- the wire: byte streams for VM guests ------------------------------------
+
+@given(st.lists(messages, max_size=20), st.integers(1, 64))
+def test_stream_decoder_reassembles_any_split(msgs, step):
+    raw = b"".join(encode(m) for m in msgs)
+    dec = StreamDecoder()
+    got = []
+    for i in range(0, len(raw), step):
+        got += dec.feed(raw[i:i + step])
+    assert got == msgs
+
+
+def test_stream_decoder_refuses_an_impossible_length():
+    with pytest.raises(ProtocolError, match="frame"):
+        StreamDecoder().feed(b"\x01\x00\x08\x00" + (10**6).to_bytes(4, "little") + b"\0" * 8)
