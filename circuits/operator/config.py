@@ -1,0 +1,255 @@
+"""The operator's configuration file (TOML): guests, groups and rules.
+
+``load(path)`` returns a checked Config or raises ConfigError naming the line
+and what is wrong.  The format is documented in docs/policy.md.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_CONTROL_DIR = "/run/circuits/guests"
+DEFAULT_RING = 1 << 20
+NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+SIZE = re.compile(r"^(\d+)\s*(B|KiB|MiB|GiB)?$")
+UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; ``line`` is 1-based, 0 if unknown."""
+
+    def __init__(self, path: str, line: int, what: str):
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: {what}")
+        self.path, self.line, self.what = path, line, what
+
+
+@dataclass(frozen=True)
+class Limits:
+    circuits: int = 1024
+    ring_size: int = 4 << 20
+    setups_per_second: int = 1000
+    memory: int = 1 << 30
+
+
+@dataclass(frozen=True)
+class Guest:
+    name: str
+    addresses: tuple[IPAddress, ...]
+    control: str
+    limits: Limits
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One line of policy; ``index`` is its place in the file (0-based)."""
+
+    index: int
+    line: int
+    source: str  # a guest, a group or "*"
+    dest: str | IPNetwork  # a guest, a group, "*", "external", or a network
+    proto: str  # "tcp", "udp" or "*"
+    ports: tuple[tuple[int, int], ...]  # inclusive ranges; empty: every port
+    allow: bool
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    default_allow: bool
+    default_ring: int
+    control_dir: str
+    guests: dict[str, Guest]
+    groups: dict[str, frozenset[str]]
+    rules: tuple[Rule, ...] = field(default=())
+
+
+class _Lines:
+    """Where tables and keys stand in the TOML source, for error messages."""
+
+    HEADER = re.compile(r"^\s*(\[\[?)\s*([\w.-]+)\s*\]\]?")
+    KEY = re.compile(r"^\s*([\w-]+|\"[^\"]+\")\s*=")
+
+    def __init__(self, text: str):
+        self.tables: list[tuple[str, int]] = []  # (name, line) of [[arrays]] and [tables]
+        self.keys: list[tuple[int, str]] = []  # (line, key)
+        for n, line in enumerate(text.splitlines(), 1):
+            if m := self.HEADER.match(line):
+                self.tables.append((m.group(2), n))
+            elif m := self.KEY.match(line):
+                self.keys.append((n, m.group(1).strip('"')))
+
+    def of(self, table: str, index: int = 0, key: str | None = None) -> int:
+        """The line of key in the index-th [[table]] (or of the table itself)."""
+        starts = [n for name, n in self.tables if name == table]
+        if index >= len(starts):
+            return 0
+        start = starts[index]
+        ends = [n for _, n in self.tables if n > start]
+        end = min(ends) if ends else 1 << 30
+        if key is None:
+            return start
+        return next((n for n, k in self.keys if start < n < end and k == key), start)
+
+
+def load(path: str | Path) -> Config:
+    """Read and check a configuration file."""
+    path = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(path, 0, f"cannot read: {e.strerror}") from None
+    return parse(text, path)
+
+
+def parse(text: str, path: str = "<config>") -> Config:
+    """Check a configuration given as TOML text."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        line = int(m.group(1)) if (m := re.search(r"line (\d+)", str(e))) else 0
+        raise ConfigError(path, line, f"not valid TOML: {e}") from None
+    return _Checker(path, _Lines(text)).config(data)
+
+
+class _Checker:
+    def __init__(self, path: str, lines: _Lines):
+        self.path, self.lines = path, lines
+
+    def fail(self, line: int, what: str):
+        raise ConfigError(self.path, line, what)
+
+    def only(self, table: dict, allowed: set[str], where: str, index: int = 0) -> None:
+        for key in table:
+            if key not in allowed:
+                self.fail(self.lines.of(where, index, key) if where else 0,
+                          f"unknown key {key!r} in [{where or 'top level'}]"
+                          f" (known: {', '.join(sorted(allowed))})")
+
+    def config(self, data: dict) -> Config:
+        self.only(data, {"operator", "groups", "guests", "rules"}, "")
+        op = data.get("operator", {})
+        self.only(op, {"default", "default_ring", "control_dir"}, "operator")
+        default = op.get("default", "deny")
+        if default not in ("allow", "deny"):
+            self.fail(self.lines.of("operator", 0, "default"),
+                      f"default must be \"allow\" or \"deny\", not {default!r}")
+        ring = self.ring_size(op.get("default_ring", DEFAULT_RING), "operator", 0, "default_ring")
+        control_dir = op.get("control_dir", DEFAULT_CONTROL_DIR)
+        guests = self.guests(data.get("guests", []), control_dir)
+        groups = self.groups(data.get("groups", {}), guests)
+        rules = tuple(self.rule(i, r, guests, groups) for i, r in enumerate(data.get("rules", [])))
+        return Config(self.path, default == "allow", ring, control_dir, guests, groups, rules)
+
+    def guests(self, items: list, control_dir: str) -> dict[str, Guest]:
+        guests: dict[str, Guest] = {}
+        owner: dict[IPAddress, str] = {}
+        for i, g in enumerate(items):
+            at = lambda key=None, i=i: self.lines.of("guests", i, key)  # noqa: E731
+            self.only(g, {"name", "addresses", "control", "limits"}, "guests", i)
+            name = g.get("name")
+            if not isinstance(name, str) or not NAME.match(name):
+                self.fail(at("name"), f"guest name {name!r}: lower-case letters, digits and -,"
+                          " starting with a letter, at most 32")
+            if name in guests:
+                self.fail(at("name"), f"guest {name!r} is defined twice")
+            addresses = []
+            for a in g.get("addresses", []):
+                try:
+                    addr = ipaddress.ip_address(a)
+                except ValueError:
+                    self.fail(at("addresses"), f"guest {name!r}: {a!r} is not an IP address")
+                if addr in owner:
+                    self.fail(at("addresses"), f"guest {name!r}: {addr} belongs to {owner[addr]!r}")
+                owner[addr] = name
+                addresses.append(addr)
+            control = g.get("control", f"{control_dir}/{name}.sock")
+            guests[name] = Guest(name, tuple(addresses), control, self.limits(g.get("limits", {}), i))
+        return guests
+
+    def limits(self, table: dict, i: int) -> Limits:
+        self.only(table, {"circuits", "ring_size", "setups_per_second", "memory"}, "guests.limits", i)
+        at = lambda key: self.lines.of("guests.limits", i, key)  # noqa: E731
+        values = {}
+        for key in ("circuits", "setups_per_second"):
+            if key in table:
+                v = table[key]
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    self.fail(at(key), f"{key} must be a whole number above 0, not {v!r}")
+                values[key] = v
+        if "ring_size" in table:
+            values["ring_size"] = self.ring_size(table["ring_size"], "guests.limits", i, "ring_size")
+        if "memory" in table:
+            values["memory"] = self.size(table["memory"], at("memory"), "memory")
+        return Limits(**values)
+
+    def size(self, value, line: int, what: str) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        m = SIZE.match(value) if isinstance(value, str) else None
+        if not m or int(m.group(1)) == 0:
+            self.fail(line, f"{what} must be bytes, as 4096 or \"64 MiB\", not {value!r}")
+        return int(m.group(1)) * UNITS[m.group(2)]
+
+    def ring_size(self, value, table: str, i: int, key: str) -> int:
+        line = self.lines.of(table, i, key)
+        n = self.size(value, line, key)
+        if n < 4096 or n > 64 << 20 or n & (n - 1):
+            self.fail(line, f"{key} must be a power of two from 4 KiB to 64 MiB, not {n}")
+        return n
+
+    def groups(self, table: dict, guests: dict[str, Guest]) -> dict[str, frozenset[str]]:
+        groups = {}
+        for name, members in table.items():
+            line = self.lines.of("groups", 0, name)
+            if not NAME.match(name) or name in guests or name in ("external",):
+                self.fail(line, f"group name {name!r} is not valid or is a guest's name")
+            if not isinstance(members, list) or not members:
+                self.fail(line, f"group {name!r} must list guests")
+            for m in members:
+                if m not in guests:
+                    self.fail(line, f"group {name!r}: no guest is called {m!r}")
+            groups[name] = frozenset(members)
+        return groups
+
+    def rule(self, i: int, r: dict, guests: dict, groups: dict) -> Rule:
+        at = lambda key=None: self.lines.of("rules", i, key)  # noqa: E731
+        self.only(r, {"from", "to", "proto", "ports", "action"}, "rules", i)
+        for key in ("from", "to", "action"):
+            if key not in r:
+                self.fail(at(), f"rule {i + 1} has no {key!r}")
+        source = r["from"]
+        if source != "*" and source not in guests and source not in groups:
+            self.fail(at("from"), f"rule {i + 1}: from {source!r} is no guest, group or \"*\"")
+        dest = r["to"]
+        if dest not in ("*", "external") and dest not in guests and dest not in groups:
+            try:
+                dest = ipaddress.ip_network(dest)
+            except ValueError as e:
+                self.fail(at("to"), f"rule {i + 1}: to {dest!r} is no guest, group, CIDR,"
+                          f" \"external\" or \"*\" ({e})")
+        proto = r.get("proto", "*")
+        if proto not in ("tcp", "udp", "*"):
+            self.fail(at("proto"), f"rule {i + 1}: proto must be tcp, udp or \"*\", not {proto!r}")
+        action = r["action"]
+        if action not in ("allow", "deny"):
+            self.fail(at("action"), f"rule {i + 1}: action must be allow or deny, not {action!r}")
+        ports = tuple(self.port_range(p, at("ports"), i) for p in r.get("ports", []))
+        return Rule(i, at(), source, dest, proto, ports, action == "allow")
+
+    def port_range(self, p, line: int, i: int) -> tuple[int, int]:
+        if isinstance(p, int) and not isinstance(p, bool):
+            lo = hi = p
+        elif isinstance(p, str) and (m := re.fullmatch(r"(\d+)-(\d+)", p.strip())):
+            lo, hi = int(m.group(1)), int(m.group(2))
+        else:
+            self.fail(line, f"rule {i + 1}: port {p!r} is neither a number nor \"low-high\"")
+        if not 1 <= lo <= hi <= 65535:
+            self.fail(line, f"rule {i + 1}: port range {p!r} outside 1-65535 or reversed")
+        return lo, hi

@@ -1,0 +1,109 @@
+"""The configuration file and the policy it declares."""
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from circuits.operator.config import ConfigError, load, parse
+from circuits.operator.policy import Policy
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "policy.toml"
+ip = ipaddress.ip_address
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return Policy(load(EXAMPLE))
+
+
+def test_example_loads(policy):
+    cfg = policy.config
+    assert set(cfg.guests) == {"web", "db", "batch"}
+    assert cfg.guests["db"].limits.ring_size == 4 << 20
+    assert cfg.guests["batch"].limits.memory == 128 << 20
+    assert cfg.guests["web"].control == "/run/circuits/guests/web.sock"
+    assert cfg.default_ring == 1 << 20 and not cfg.default_allow
+
+
+@pytest.mark.parametrize("src,dst,port,proto,allow,rule", [
+    ("web", "10.0.0.2", 5432, "tcp", True, 1),        # a guest, a port, a protocol
+    ("web", "fd00::2", 5432, "tcp", True, 1),         # the same guest by IPv6
+    ("web", "10.0.0.2", 5433, "tcp", False, None),    # another port: the default
+    ("web", "10.0.0.2", 5432, "udp", False, None),    # another protocol: the default
+    ("batch", "10.0.0.2", 5432, "tcp", False, 2),     # an explicit deny
+    ("db", "10.0.0.1", 8080, "tcp", True, 3),         # a group and a port range
+    ("batch", "10.0.0.1", 8099, "tcp", True, 3),
+    ("batch", "10.0.0.1", 8100, "tcp", False, None),  # just past the range
+    ("db", "198.51.100.9", 53, "udp", True, 4),       # "*" to "external"
+    ("db", "10.0.0.1", 53, "udp", False, None),       # a guest is not external
+    ("web", "192.0.2.80", 443, "tcp", True, 5),       # a CIDR
+    ("web", "192.0.3.80", 443, "tcp", False, None),
+    ("web", "::ffff:10.0.0.2", 5432, "tcp", True, 1),  # IPv4-mapped means the IPv4 guest
+])
+def test_verdicts(policy, src, dst, port, proto, allow, rule):
+    v = policy.check(src, ip(dst), port, proto)
+    assert v.allow is allow
+    assert (v.rule.index + 1 if v.rule else None) == rule
+
+
+def test_first_match_wins_and_default_allow():
+    cfg = parse("""
+[operator]
+default = "allow"
+[[guests]]
+name = "a"
+addresses = ["10.1.0.1"]
+[[guests]]
+name = "b"
+addresses = ["10.1.0.2"]
+[[rules]]
+from = "a"
+to = "b"
+action = "deny"
+[[rules]]
+from = "a"
+to = "*"
+action = "allow"
+""")
+    p = Policy(cfg)
+    assert not p.check("a", ip("10.1.0.2"), 1, "tcp").allow  # rule 1 before rule 2
+    assert p.check("b", ip("10.1.0.1"), 1, "tcp").describe() == "allow by default"
+
+
+BAD = [
+    ("[[guests]]\nname = 'web'\naddresses = ['10.0.0.300']\n", 3, "not an IP address"),
+    ("[[guests]]\nname = 'Web'\n", 2, "guest name"),
+    ("[[guests]]\nname = 'a'\naddresses=['10.0.0.1']\n[[guests]]\nname = 'b'\n"
+     "addresses = ['10.0.0.1']\n", 6, "belongs to 'a'"),
+    ("[[guests]]\nname = 'a'\n[[guests]]\nname = 'a'\n", 4, "defined twice"),
+    ("[[guests]]\nname = 'a'\n[guests.limits]\nring_size = 5000\n", 4, "power of two"),
+    ("[[guests]]\nname = 'a'\n[guests.limits]\ncircuits = 0\n", 4, "above 0"),
+    ("[[guests]]\nname = 'a'\nsize = 3\n", 3, "unknown key 'size'"),
+    ("[groups]\nteam = ['nobody']\n", 2, "no guest is called 'nobody'"),
+    ("[[guests]]\nname = 'a'\n[[rules]]\nfrom = 'a'\nto = 'zz'\naction = 'allow'\n", 5, "no guest, group, CIDR"),
+    ("[[guests]]\nname = 'a'\n[[rules]]\nfrom = 'a'\nto = '10.0.0.1/8'\naction = 'allow'\n", 5, "host bits"),
+    ("[[guests]]\nname = 'a'\n[[rules]]\nfrom = 'a'\nto = '*'\nports = ['90-80']\naction = 'allow'\n",
+     6, "reversed"),
+    ("[[guests]]\nname = 'a'\n[[rules]]\nfrom = 'a'\nto = '*'\nproto = 'sctp'\naction = 'allow'\n",
+     6, "proto must be"),
+    ("[[guests]]\nname = 'a'\n[[rules]]\nfrom = 'a'\nto = '*'\naction = 'maybe'\n", 6, "action must be"),
+    ("[[rules]]\nfrom = '*'\nto = '*'\n", 1, "has no 'action'"),
+    ("[operator]\ndefault = 'perhaps'\n", 2, "default must be"),
+    ("[[guests]\nname = 'a'\n", 1, "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize("text,line,what", BAD)
+def test_bad_files_name_the_line_and_the_fault(text, line, what):
+    with pytest.raises(ConfigError) as e:
+        parse(text, "policy.toml")
+    assert e.value.line == line, str(e.value)
+    assert what in str(e.value)
+    assert str(e.value).startswith(f"policy.toml:{line}: ")
+
+
+def test_unreadable_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(tmp_path / "missing.toml")
