@@ -12,6 +12,56 @@ def main() -> None:
     """circuits: circuit-switched, zero-copy sockets for co-located guests."""
 
 
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="The operator's TOML file (docs/policy.md).")
+@click.option("-v", "--verbose", is_flag=True, help="Log every setup decision.")
+def operator(config_path: str, verbose: bool) -> None:
+    """Run the switch operator in the foreground (logs to stderr; SIGTERM stops it)."""
+    import logging
+
+    from circuits.operator.config import ConfigError, load
+    from circuits.operator.daemon import run
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = load(config_path)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    run(config)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--guest", required=True, help="The guest to run as.")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="The operator's TOML file, to find the guest's control socket.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(guest: str, config_path: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND as a guest: its control socket in CIRCUITS_CONTROL."""
+    import os
+
+    from circuits.client import Control
+    from circuits.operator.config import ConfigError, load
+
+    try:
+        config = load(config_path)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    if guest not in config.guests:
+        raise click.ClickException(f"no guest {guest!r} in {config_path}")
+    path = config.guests[guest].control
+    try:
+        Control(path).close()  # is the operator there? never fall back to the kernel's network
+    except OSError as e:
+        raise click.ClickException(f"the operator does not answer for guest {guest!r}: {e}")
+    env = {**os.environ, "CIRCUITS_CONTROL": path, "CIRCUITS_GUEST": guest}
+    try:
+        os.execvpe(command[0], list(command), env)
+    except OSError as e:
+        raise click.ClickException(f"cannot run {command[0]}: {e.strerror}") from None
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks, measured side by side with peer transports in one run."""

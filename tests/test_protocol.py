@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from circuits.protocol import (
-    DGRAM, MAX_MESSAGE, STREAM, TCP, UDP, Circuit, Close, Connect, Endpoint, Error, Hello,
+    DGRAM, MAX_MESSAGE, STREAM, TCP, UDP, Accept, Circuit, Close, Connect, Endpoint, Error, Hello,
     Listen, Ok, ProtocolError, StreamDecoder, Unlisten, Welcome, decode, encode, receive, send)
 
 u16 = st.integers(0, 2**16 - 1)
@@ -28,6 +28,7 @@ messages = st.one_of(
     st.builds(lambda v, g, k: Welcome(v, g, **k), u16, text, requests),
     st.builds(lambda e, b, r, k: Listen(e, b, r, **k), endpoints, u32, u32, requests),
     st.builds(lambda e, k: Unlisten(e, **k), endpoints, requests),
+    st.builds(lambda e, k: Accept(e, **k), endpoints, requests),
     st.builds(lambda e, r, k: Connect(e, r, **k), endpoints, u32, requests),
     st.builds(lambda c, k: Close(c, **k), u64, requests),
     st.builds(lambda k: Ok(**k), requests),
@@ -191,3 +192,19 @@ def test_stream_decoder_reassembles_any_split(msgs, step):
 def test_stream_decoder_refuses_an_impossible_length():
     with pytest.raises(ProtocolError, match="frame"):
         StreamDecoder().feed(b"\x01\x00\x08\x00" + (10**6).to_bytes(4, "little") + b"\0" * 8)
+
+
+def test_stream_decoder_goes_on_after_a_bad_frame():
+    bad = bytearray(encode(Ok(request=2)))
+    bad[13] = 1  # header flags
+    out = StreamDecoder().feed(encode(Ok(request=1)) + bytes(bad) + encode(Ok(request=3)))
+    assert out[0] == Ok(request=1) and out[2] == Ok(request=3)
+    assert isinstance(out[1], ProtocolError) and out[1].request == 2
+
+
+def test_refusal_names_the_offending_request():
+    raw = bytearray(encode(Listen(Endpoint.parse("10.0.0.1", 80), request=77)))
+    raw[16 + 18] = 3
+    with pytest.raises(ProtocolError) as e:
+        decode(bytes(raw))
+    assert e.value.request == 77

@@ -25,11 +25,13 @@ TEXT_LEN = struct.Struct("<H")
 
 
 class ProtocolError(Exception):
-    """A message that breaks the protocol; ``errno`` is what to answer with."""
+    """A message that breaks the protocol; ``errno`` is what to answer with,
+    ``request`` the offending request (0 if its header could not be read)."""
 
-    def __init__(self, reason: str, code: int = errno.EPROTO):
+    def __init__(self, reason: str, code: int = errno.EPROTO, request: int = 0):
         super().__init__(reason)
         self.errno = code
+        self.request = request
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,7 @@ class Listen(Message):
 
     TYPE = 3
     BODY = struct.Struct(f"<{ENDPOINT.size}sII")  # endpoint, backlog, ring_size
-    local: Endpoint = None  # type: ignore[assignment]
+    local: Endpoint
     backlog: int = 128
     ring_size: int = 0  # 0: the operator's default
 
@@ -155,7 +157,7 @@ class Unlisten(Message):
 
     TYPE = 4
     BODY = struct.Struct(f"<{ENDPOINT.size}s")
-    local: Endpoint = None  # type: ignore[assignment]
+    local: Endpoint
 
     def body_fields(self):
         return (self.local.pack(),)
@@ -171,7 +173,7 @@ class Connect(Message):
 
     TYPE = 5
     BODY = struct.Struct(f"<{ENDPOINT.size}sI")  # endpoint, ring_size
-    remote: Endpoint = None  # type: ignore[assignment]
+    remote: Endpoint
     ring_size: int = 0
 
     def body_fields(self):
@@ -186,8 +188,7 @@ class Connect(Message):
 class Circuit(Message):
     """Operator -> client: one side of a new circuit.
 
-    The reply to Connect (request echoed), or unsolicited (request 0) to a
-    listener for each circuit to its endpoint.  Memory is given either as
+    The reply to Connect, or to Accept (request echoed).  Memory is given either as
     four descriptors with the message (trunk 0) or, for VM guests on a byte
     stream, as (trunk, offset, length) in shared memory both already map.
     """
@@ -195,13 +196,13 @@ class Circuit(Message):
     TYPE = 6
     BODY = struct.Struct(f"<QHHIQQ{ENDPOINT.size}s{ENDPOINT.size}sIIQQ")
     NFDS = (0, FDS_PER_CIRCUIT)
-    circuit_id: int = 0
-    kind: int = STREAM
-    side: int = 0
-    size0: int = 0
-    size1: int = 0
-    local: Endpoint = None  # type: ignore[assignment]
-    remote: Endpoint = None  # type: ignore[assignment]
+    circuit_id: int
+    kind: int
+    side: int
+    size0: int
+    size1: int
+    local: Endpoint
+    remote: Endpoint
     trunk: int = 0
     offset: int = 0
     length: int = 0
@@ -279,8 +280,27 @@ class Error(Message):
             raise ProtocolError(f"error: errno {self.code} out of range")
 
 
-TYPES: dict[int, type[Message]] = {m.TYPE: m for m in
-                                   (Hello, Welcome, Listen, Unlisten, Connect, Circuit, Close, Ok, Error)}
+@dataclass(frozen=True)
+class Accept(Message):
+    """Client -> operator: hand me the next circuit to this listening endpoint.
+
+    Answered by a Circuit (same request) as soon as a connection is waiting
+    in the listener's backlog, possibly much later."""
+
+    TYPE = 10
+    BODY = struct.Struct(f"<{ENDPOINT.size}s")
+    local: Endpoint
+
+    def body_fields(self):
+        return (self.local.pack(),)
+
+    @classmethod
+    def from_body(cls, v, text, request):
+        return cls(Endpoint.unpack(v[0]), request=request)
+
+
+TYPES: dict[int, type[Message]] = {m.TYPE: m for m in (
+    Hello, Welcome, Listen, Unlisten, Connect, Circuit, Close, Ok, Error, Accept)}
 
 
 def _reserved(*values: int) -> None:
@@ -307,20 +327,32 @@ def decode(data: bytes, nfds: int = 0) -> Message:
     """Decode one whole message that arrived with ``nfds`` descriptors."""
     if len(data) < HEADER.size:
         raise ProtocolError(f"truncated: {len(data)} bytes, the header alone is {HEADER.size}")
-    version, kind, length, request, hdr_nfds, flags, reserved = HEADER.unpack_from(data)
+    header = HEADER.unpack_from(data)
+    try:
+        return _decode(header, data, nfds)
+    except ProtocolError as e:
+        e.request = header[3]
+        raise
+
+
+def _decode(header: tuple, data: bytes, nfds: int) -> Message:
+    version, kind, length, request, hdr_nfds, flags, reserved = header
     if version != VERSION:
         raise ProtocolError(f"version {version}, this side speaks {VERSION}")
     if length != len(data) or length > MAX_MESSAGE:
         raise ProtocolError(f"length field {length}, message of {len(data)} bytes")
     if flags or reserved:
         raise ProtocolError("header flags or reserved bytes are not zero")
-    cls = TYPES.get(kind)
+    return _decode_body(TYPES.get(kind), kind, data, request, hdr_nfds, nfds)
+
+
+def _decode_body(cls: type[Message] | None, kind: int, data: bytes, request: int,
+                 hdr_nfds: int, nfds: int) -> Message:
     if cls is None:
         raise ProtocolError(f"unknown message type {kind}")
     if hdr_nfds != nfds or nfds not in cls.NFDS:
         raise ProtocolError(f"{cls.__name__} with {nfds} descriptors (header says {hdr_nfds})")
-    body = memoryview(data)[HEADER.size:]
-    values, text = _split_body(cls, body)
+    values, text = _split_body(cls, memoryview(data)[HEADER.size:])
     msg = cls.from_body(values, text, request)
     msg.check()
     if isinstance(msg, Circuit) and (msg.trunk == 0) != (nfds == FDS_PER_CIRCUIT):

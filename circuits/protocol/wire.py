@@ -27,8 +27,11 @@ def receive(sock: socket.socket) -> tuple[Message, list[int]]:
     message, after closing any descriptors that came with it: a bad message
     never leaks descriptors into this process.
     """
-    data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE + 1, MAX_FDS,
-                                          socket.MSG_CMSG_CLOEXEC)
+    try:
+        data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE + 1, MAX_FDS,
+                                              socket.MSG_CMSG_CLOEXEC)
+    except ConnectionResetError:  # closed with our messages unread: gone all the same
+        raise EOFError("the other side closed the control socket") from None
     try:
         if flags & socket.MSG_CTRUNC:
             raise ProtocolError(f"more than {MAX_FDS} descriptors")
@@ -50,23 +53,28 @@ def close_all(fds: list[int]) -> None:
 class StreamDecoder:
     """Split a byte stream (a VM guest's control channel) into messages.
 
-    Feed it bytes as they come; it returns the whole messages they finish.
-    A length field out of range is a ProtocolError: the stream cannot be
-    resynchronised, so the channel must be dropped.
+    Feed it bytes as they come; it returns what the whole frames they finish
+    hold: a Message, or a ProtocolError for a frame that is bad inside (the
+    stream goes on after it).  A length field out of range raises
+    ProtocolError: the stream cannot be resynchronised; drop the channel.
     """
 
     def __init__(self) -> None:
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> list[Message]:
+    def feed(self, data: bytes) -> list[Message | ProtocolError]:
         self._buf += data
-        out = []
+        out: list[Message | ProtocolError] = []
         while len(self._buf) >= HEADER.size:
             length = int.from_bytes(self._buf[4:8], "little")
             if not HEADER.size <= length <= MAX_MESSAGE:
                 raise ProtocolError(f"stream frame of {length} bytes")
             if len(self._buf) < length:
                 break
-            out.append(decode(bytes(self._buf[:length])))
+            frame = bytes(self._buf[:length])
             del self._buf[:length]
+            try:
+                out.append(decode(frame))
+            except ProtocolError as e:
+                out.append(e)
         return out

@@ -1,0 +1,136 @@
+"""The client API: circuits for applications in a guest.
+
+The guest's control socket comes from an argument or from CIRCUITS_CONTROL
+(set by ``circuits run --guest NAME``).  ``connect`` and ``listen`` take the
+addresses applications already use; what they return are circuit endpoints
+with the methods of a socket.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import threading
+
+from circuits import protocol as p
+from circuits.ring import Circuit, CircuitSpec
+
+Address = tuple[str, int]
+
+
+class Connection(Circuit):
+    """A circuit endpoint that knows its addresses, as a connected socket does."""
+
+    local: p.Endpoint
+    remote: p.Endpoint
+
+    def getsockname(self) -> Address:
+        return (str(self.local.address), self.local.port)
+
+    def getpeername(self) -> Address:
+        return (str(self.remote.address), self.remote.port)
+
+
+def _connection(msg: p.Circuit, fds: list[int]) -> Connection:
+    kind = "stream" if msg.kind == p.STREAM else "dgram"
+    conn = Connection(*fds, CircuitSpec(kind, msg.side, (msg.size0, msg.size1)))
+    conn.local, conn.remote = msg.local, msg.remote
+    return conn
+
+
+class Control:
+    """One connection to the guest's control socket; requests are serialised."""
+
+    def __init__(self, path: str | None = None):
+        path = path or os.environ.get("CIRCUITS_CONTROL")
+        if not path:
+            raise OSError(2, "no control socket: pass control= or set CIRCUITS_CONTROL"
+                             " (circuits run --guest NAME does)")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.sock.connect(path)
+        except OSError as e:
+            self.sock.close()
+            raise OSError(e.errno, f"cannot reach the operator at {path}: {e.strerror}") from None
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        welcome, _ = self.request(p.Hello())
+        self.guest: str = welcome.guest
+
+    def request(self, msg: p.Message) -> tuple[p.Message, list[int]]:
+        """Send a request, wait for its reply; an ERROR reply raises OSError."""
+        with self._lock:
+            msg = type(msg)(**{**msg.__dict__, "request": next(self._ids)})
+            p.send(self.sock, msg)
+            reply, fds = p.receive(self.sock)
+        if isinstance(reply, p.Error):
+            p.close_all(fds)
+            raise OSError(reply.code, f"{os.strerror(reply.code)}: {reply.reason}")
+        if reply.request != msg.request:
+            p.close_all(fds)
+            raise p.ProtocolError(f"reply to request {reply.request}, expected {msg.request}")
+        return reply, fds
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+_shared: dict[str, Control] = {}
+_shared_lock = threading.Lock()
+
+
+def _control(path: str | None) -> Control:
+    """The process's shared control connection for connects (one per path)."""
+    key = path or os.environ.get("CIRCUITS_CONTROL", "")
+    with _shared_lock:
+        if key not in _shared or _shared[key].sock.fileno() < 0:
+            _shared[key] = Control(path)
+        return _shared[key]
+
+
+def _endpoint(address: Address, proto: int) -> p.Endpoint:
+    host, port = address
+    return p.Endpoint.parse(host or "::", port, proto)
+
+
+def connect(address: Address, *, kind: str = "stream", ring_size: int = 0,
+            control: str | None = None) -> Connection:
+    """A circuit to (host, port), as socket.create_connection; raises the
+    operator's errno (ConnectionRefusedError, PermissionError, ...)."""
+    proto = p.TCP if kind == "stream" else p.UDP
+    reply, fds = _control(control).request(p.Connect(_endpoint(address, proto), ring_size))
+    return _connection(reply, fds)
+
+
+class Listener:
+    """A listening endpoint: accept() returns (Connection, peer address)."""
+
+    def __init__(self, address: Address, backlog: int = 128, *, kind: str = "stream",
+                 ring_size: int = 0, control: str | None = None):
+        proto = p.TCP if kind == "stream" else p.UDP
+        self.local = _endpoint(address, proto)
+        self._control = Control(control)  # its own: an ACCEPT may wait long
+        self._control.request(p.Listen(self.local, backlog, ring_size))
+
+    def accept(self) -> tuple[Connection, Address]:
+        reply, fds = self._control.request(p.Accept(self.local))
+        conn = _connection(reply, fds)
+        return conn, conn.getpeername()
+
+    def getsockname(self) -> Address:
+        return (str(self.local.address), self.local.port)
+
+    def close(self) -> None:
+        """Stop listening (closing the control connection takes the listener with it)."""
+        self._control.close()
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def listen(address: Address, backlog: int = 128, **kw) -> Listener:
+    """Listen on (host, port); host "" or "::" means every address of the guest."""
+    return Listener(address, backlog, **kw)

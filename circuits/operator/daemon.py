@@ -1,0 +1,310 @@
+"""The switch operator daemon: control sockets, listen table, circuit setup.
+
+One control socket per guest (SOCK_SEQPACKET); the socket a request arrives
+on is the guest.  A CONNECT is judged by the policy, matched to a listener,
+and answered with one side of a new circuit; the other side waits in the
+listener's backlog for its ACCEPT.  Once both sides hold their descriptors
+the operator keeps none: it is out of the data path, and a circuit outlives
+it.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+from circuits import protocol as p
+from circuits.operator.config import Config, Guest
+from circuits.operator.policy import Policy
+from circuits.ring import CircuitSpec, endpoint_fds
+
+log = logging.getLogger("circuits.operator")
+EPHEMERAL = range(49152, 65536)
+
+
+class Refused(Exception):
+    """A request the operator answers with an errno."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+
+
+@dataclass
+class Pending:
+    """A circuit waiting in a backlog: the listening side's message and fds."""
+
+    msg: p.Circuit
+    fds: list[int]
+
+
+@dataclass
+class Listener:
+    guest: str
+    conn: GuestConn
+    local: p.Endpoint
+    backlog: int
+    ring_size: int
+    queue: deque[Pending] = field(default_factory=deque)
+    accepts: deque[int] = field(default_factory=deque)  # ACCEPT requests waiting
+
+    def drop(self) -> None:
+        """Close every circuit still waiting: its connector sees the hang-up."""
+        while self.queue:
+            p.close_all(self.queue.popleft().fds)
+
+
+class GuestConn:
+    """One control connection; every request on it is the guest's."""
+
+    def __init__(self, op: Operator, guest: Guest, sock: socket.socket):
+        self.op, self.guest, self.sock = op, guest, sock
+        self.listeners: set[tuple] = set()
+
+    def on_readable(self) -> None:
+        for _ in range(64):  # then let other guests be served
+            try:
+                msg, fds = p.receive(self.sock)
+            except BlockingIOError:
+                return
+            except (EOFError, ConnectionError):
+                self.op.drop(self)
+                return
+            except p.ProtocolError as e:
+                log.warning("guest %s: bad message: %s", self.guest.name, e)
+                self.reply(p.Error(e.errno, str(e), request=e.request))
+                continue
+            self.dispatch(msg, fds)
+
+    def dispatch(self, msg: p.Message, fds: list[int]) -> None:
+        handler = self.op.handlers.get(type(msg))
+        try:
+            if handler is None:
+                raise Refused(errno.EPROTO, f"{type(msg).__name__} is not a request")
+            handler(self, msg)
+        except Refused as e:
+            self.reply(p.Error(e.code, str(e), request=msg.request))
+        finally:
+            p.close_all(fds)
+
+    def reply(self, msg: p.Message, fds: list[int] = ()) -> None:
+        try:
+            p.send(self.sock, msg, fds)
+        except (BlockingIOError, OSError) as e:
+            # A guest that does not read its control socket loses it.
+            log.warning("guest %s: cannot reply (%s): dropping the connection", self.guest.name, e)
+            self.op.drop(self)
+
+
+class Operator:
+    """The daemon's state: guests, their connections, listeners, circuits."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.policy = Policy(config)
+        self.listeners: dict[tuple, Listener] = {}
+        self.conns: set[GuestConn] = set()
+        self.servers: list[socket.socket] = []
+        self.next_circuit = 1
+        self.next_port: dict[str, int] = {}
+        self.setups: dict[str, deque[float]] = {}
+        self.handlers = {p.Hello: self.hello, p.Listen: self.listen, p.Unlisten: self.unlisten,
+                         p.Connect: self.connect, p.Accept: self.accept, p.Close: self.close}
+
+    # -- sockets ------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Open every guest's control socket and serve it on `loop`."""
+        self.loop = loop
+        os.makedirs(self.config.control_dir, exist_ok=True)
+        for guest in self.config.guests.values():
+            path = guest.control
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if os.path.exists(path):
+                os.unlink(path)  # a leftover of an operator that died
+            srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            srv.bind(path)
+            os.chmod(path, 0o660)
+            srv.listen(128)
+            srv.setblocking(False)
+            loop.add_reader(srv, self.on_connection, srv, guest)
+            self.servers.append(srv)
+            log.info("guest %s: control socket %s", guest.name, path)
+
+    def stop(self) -> None:
+        for conn in list(self.conns):
+            self.drop(conn)
+        for srv in self.servers:
+            self.loop.remove_reader(srv)
+            path = srv.getsockname()
+            srv.close()
+            if path and os.path.exists(path):
+                os.unlink(path)
+        self.servers.clear()
+
+    def on_connection(self, srv: socket.socket, guest: Guest) -> None:
+        try:
+            sock, _ = srv.accept()
+        except BlockingIOError:
+            return
+        sock.setblocking(False)
+        conn = GuestConn(self, guest, sock)
+        self.conns.add(conn)
+        self.loop.add_reader(sock, conn.on_readable)
+
+    def drop(self, conn: GuestConn) -> None:
+        """A connection is gone: its listeners go, their backlogs close."""
+        if conn not in self.conns:
+            return
+        self.conns.discard(conn)
+        for key in conn.listeners:
+            self.listeners.pop(key).drop()
+        self.loop.remove_reader(conn.sock)
+        conn.sock.close()
+
+    # -- requests -----------------------------------------------------------
+
+    def hello(self, conn: GuestConn, msg: p.Hello) -> None:
+        if not msg.min_version <= p.VERSION <= msg.max_version:
+            raise Refused(errno.EPROTO, f"this operator speaks version {p.VERSION}")
+        conn.reply(p.Welcome(p.VERSION, conn.guest.name, request=msg.request))
+
+    def _key(self, guest: str, ep: p.Endpoint) -> tuple:
+        wildcard = ep.address.is_unspecified
+        return (guest, None if wildcard else ep.address, ep.port, ep.proto)
+
+    def listen(self, conn: GuestConn, msg: p.Listen) -> None:
+        guest, ep = conn.guest, msg.local
+        if not ep.address.is_unspecified and ep.address not in guest.addresses:
+            raise Refused(errno.EACCES, f"{ep.address} is not an address of guest {guest.name}")
+        if not 1 <= ep.port <= 65535:
+            raise Refused(errno.EINVAL, "listening needs a port")
+        key = self._key(guest.name, ep)
+        clash = [k for k in self.listeners if k[0] == guest.name and k[2:] == key[2:]
+                 and (k[1] is None or key[1] is None or k[1] == key[1])]
+        if clash:
+            raise Refused(errno.EADDRINUSE, f"{ep} is in use")
+        self.listeners[key] = Listener(guest.name, conn, ep, max(1, min(msg.backlog, 4096)),
+                                       msg.ring_size)
+        conn.listeners.add(key)
+        conn.reply(p.Ok(request=msg.request))
+
+    def unlisten(self, conn: GuestConn, msg: p.Unlisten) -> None:
+        key = self._key(conn.guest.name, msg.local)
+        if key not in conn.listeners:
+            raise Refused(errno.ENOENT, f"not listening on {msg.local}")
+        conn.listeners.discard(key)
+        self.listeners.pop(key).drop()
+        conn.reply(p.Ok(request=msg.request))
+
+    def accept(self, conn: GuestConn, msg: p.Accept) -> None:
+        key = self._key(conn.guest.name, msg.local)
+        listener = self.listeners.get(key)
+        if listener is None or listener.conn is not conn:
+            raise Refused(errno.ENOENT, f"not listening on {msg.local}")
+        listener.accepts.append(msg.request)
+        self._deliver(listener)
+
+    def _deliver(self, listener: Listener) -> None:
+        while listener.queue and listener.accepts:
+            pending = listener.queue.popleft()
+            request = listener.accepts.popleft()
+            listener.conn.reply(replace(pending.msg, request=request), pending.fds)
+            p.close_all(pending.fds)
+
+    def close(self, conn: GuestConn, msg: p.Close) -> None:
+        conn.reply(p.Ok(request=msg.request))
+
+    def connect(self, conn: GuestConn, msg: p.Connect) -> None:
+        source, remote = conn.guest, msg.remote
+        self._rate_limit(source)
+        verdict = self.policy.check(source.name, remote.address, remote.port,
+                                    "tcp" if remote.proto == p.TCP else "udp")
+        log.info("setup %s -> %s: %s", source.name, remote, verdict.describe())
+        if not verdict.allow:
+            raise Refused(errno.EACCES, f"{source.name} -> {remote}: {verdict.describe()}")
+        if verdict.dest_guest is None:
+            raise Refused(errno.ENETUNREACH, f"{remote.address} is outside (no proxy stack yet)")
+        listener = self._listener_for(verdict.dest_guest, remote)
+        if listener is None:
+            raise Refused(errno.ECONNREFUSED, f"nobody listens on {remote}")
+        if len(listener.queue) >= listener.backlog:
+            raise Refused(errno.ECONNREFUSED, f"the backlog of {remote} is full")
+        self._make_circuit(conn, msg, listener)
+
+    def _listener_for(self, guest: str, ep: p.Endpoint) -> Listener | None:
+        return (self.listeners.get((guest, ep.address, ep.port, ep.proto))
+                or self.listeners.get((guest, None, ep.port, ep.proto)))
+
+    def _rate_limit(self, guest: Guest) -> None:
+        now = time.monotonic()
+        window = self.setups.setdefault(guest.name, deque())
+        while window and window[0] <= now - 1:
+            window.popleft()
+        if len(window) >= guest.limits.setups_per_second:
+            raise Refused(errno.ENOBUFS, f"guest {guest.name}: over"
+                          f" {guest.limits.setups_per_second} setups per second")
+        window.append(now)
+
+    def _ring_size(self, asked: int, *guests: Guest) -> int:
+        size = asked or self.config.default_ring
+        cap = min(g.limits.ring_size for g in guests)
+        size = min(size, cap)
+        if size < 4096 or size & (size - 1):
+            raise Refused(errno.EINVAL, f"ring size {asked} is not a power of two from 4 KiB")
+        return size
+
+    def _source_endpoint(self, guest: Guest, remote: p.Endpoint) -> p.Endpoint:
+        family = [a for a in guest.addresses if a.version == remote.address.version]
+        address = family[0] if family else ipaddress.ip_address(
+            "0.0.0.0" if remote.address.version == 4 else "::")
+        port = self.next_port.get(guest.name, EPHEMERAL.start)
+        self.next_port[guest.name] = port + 1 if port + 1 < EPHEMERAL.stop else EPHEMERAL.start
+        return p.Endpoint(address, port, remote.proto)
+
+    def _make_circuit(self, conn: GuestConn, msg: p.Connect, listener: Listener) -> None:
+        dest = self.config.guests[listener.guest]
+        size = self._ring_size(msg.ring_size or listener.ring_size, conn.guest, dest)
+        kind = p.STREAM if msg.remote.proto == p.TCP else p.DGRAM
+        spec = CircuitSpec("stream" if kind == p.STREAM else "dgram", 0, (size, size))
+        fds0, fds1 = endpoint_fds(spec)
+        cid, self.next_circuit = self.next_circuit, self.next_circuit + 1
+        local = self._source_endpoint(conn.guest, msg.remote)
+        mine = p.Circuit(cid, kind, 0, size, size, local, msg.remote, request=msg.request)
+        theirs = p.Circuit(cid, kind, 1, size, size, msg.remote, local)
+        listener.queue.append(Pending(theirs, fds1))
+        try:
+            conn.reply(mine, fds0)
+        finally:
+            p.close_all(fds0)
+        self._deliver(listener)
+
+
+def run(config: Config) -> None:
+    """Serve until SIGTERM or SIGINT (SIGHUP reloads: with the admin issue)."""
+    import signal
+
+    try:
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        loop = asyncio.new_event_loop()
+    op = Operator(config)
+    op.start(loop)
+    stop = loop.create_future()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+    log.info("serving %d guests", len(config.guests))
+    try:
+        loop.run_until_complete(stop)
+    finally:
+        op.stop()
+        loop.close()
+        log.info("stopped")

@@ -1,0 +1,248 @@
+"""The switch operator, run as a real process, with real guests' control sockets."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import circuits
+from circuits import protocol as p
+
+CONFIG = """
+[operator]
+control_dir = "{dir}"
+default_ring = "256 KiB"
+
+[[guests]]
+name = "web"
+addresses = ["10.0.0.1", "fd00::1"]
+
+[[guests]]
+name = "db"
+addresses = ["10.0.0.2", "fd00::2"]
+
+[[guests]]
+name = "batch"
+addresses = ["10.0.0.3"]
+[guests.limits]
+setups_per_second = 20
+
+[[rules]]
+from = "web"
+to = "db"
+proto = "tcp"
+ports = [5432, "7000-7010"]
+action = "allow"
+
+[[rules]]
+from = "batch"
+to = "*"
+action = "allow"
+"""
+
+
+@pytest.fixture
+def operator(tmp_path):
+    """A running operator; yields a function giving a guest's control path."""
+    cfg = tmp_path / "policy.toml"
+    cfg.write_text(CONFIG.format(dir=tmp_path / "guests"))
+    proc = subprocess.Popen([sys.executable, "-m", "circuits", "operator", "--config", str(cfg)],
+                            stderr=subprocess.PIPE, text=True)
+    path = lambda g: str(tmp_path / "guests" / f"{g}.sock")  # noqa: E731
+    deadline = time.monotonic() + 20
+    while not all(os.path.exists(path(g)) for g in ("web", "db", "batch")):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the operator did not start"
+        time.sleep(0.05)
+    path.proc, path.config = proc, cfg
+    yield path
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+def serve_echo(listener, count=1):
+    def run():
+        for _ in range(count):
+            conn, _ = listener.accept()
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_allowed_connection_carries_data_and_knows_addresses(operator):
+    with circuits.listen(("10.0.0.2", 5432), control=operator("db")) as lst:
+        serve_echo(lst)
+        conn = circuits.connect(("10.0.0.2", 5432), control=operator("web"))
+        conn.sendall(b"hello db")
+        assert conn.recv(100) == b"hello db"
+        assert conn.getpeername() == ("10.0.0.2", 5432)
+        assert conn.getsockname()[0] == "10.0.0.1"
+        conn.close()
+
+
+def test_wildcard_listener_and_ipv6(operator):
+    with circuits.listen(("::", 7005), control=operator("db")) as lst:
+        serve_echo(lst)
+        conn = circuits.connect(("fd00::2", 7005), control=operator("web"))
+        conn.sendall(b"v6")
+        assert conn.recv(10) == b"v6"
+        assert conn.getsockname()[0] == "fd00::1"
+
+
+@pytest.mark.parametrize("dest,exc,code", [
+    (("10.0.0.2", 22), PermissionError, errno.EACCES),        # port not in the rule
+    (("10.0.0.3", 5432), PermissionError, errno.EACCES),      # web -> batch: default deny
+    (("10.0.0.2", 5433), PermissionError, errno.EACCES),
+])
+def test_denied_by_policy(operator, dest, exc, code):
+    with pytest.raises(exc) as e:
+        circuits.connect(dest, control=operator("web"))
+    assert e.value.errno == code
+
+
+def test_errors_an_application_expects(operator):
+    with pytest.raises(ConnectionRefusedError):  # allowed, but nobody listens
+        circuits.connect(("10.0.0.2", 5432), control=operator("web"))
+    with pytest.raises(OSError) as e:  # batch may go anywhere, but outside is not served yet
+        circuits.connect(("192.0.2.1", 80), control=operator("batch"))
+    assert e.value.errno == errno.ENETUNREACH
+    with pytest.raises(PermissionError):  # identity: not db's own address
+        circuits.listen(("10.0.0.1", 80), control=operator("db"))
+    with circuits.listen(("10.0.0.2", 5432), control=operator("db")):
+        with pytest.raises(OSError) as e:
+            circuits.listen(("0.0.0.0", 5432), control=operator("db"))
+        assert e.value.errno == errno.EADDRINUSE
+
+
+def test_full_backlog_refuses(operator):
+    with circuits.listen(("10.0.0.2", 5432), backlog=2, control=operator("db")):
+        kept = [circuits.connect(("10.0.0.2", 5432), control=operator("web")) for _ in range(2)]
+        with pytest.raises(ConnectionRefusedError):
+            circuits.connect(("10.0.0.2", 5432), control=operator("web"))
+    # the listener went away with two circuits never accepted: their connectors see a reset
+    for c in kept:
+        c.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            c.recv(10)
+
+
+def test_setup_flood_hits_the_guest_limit_only(operator):
+    with circuits.listen(("10.0.0.2", 7000), backlog=4096, control=operator("db")):
+        refused = 0
+        for _ in range(60):
+            try:
+                circuits.connect(("10.0.0.2", 7000), control=operator("batch")).close()
+            except OSError as e:
+                assert e.errno == errno.ENOBUFS
+                refused += 1
+        assert refused >= 30
+        circuits.connect(("10.0.0.2", 7000), control=operator("web")).close()  # others go on
+
+
+def test_many_clients_transfer_checked_by_hash(operator):
+    n, size = 20, 2 << 20
+    with circuits.listen(("10.0.0.2", 7001), backlog=64, control=operator("db")) as lst:
+        server = serve_echo(lst, n)
+        results = []
+
+        def client(i):
+            data = hashlib.sha256(str(i).encode()).digest() * (size // 32)
+            conn = circuits.connect(("10.0.0.2", 7001), control=operator("web"))
+            got = bytearray()
+            sender = threading.Thread(target=lambda: (conn.sendall(data), conn.shutdown(1)))
+            sender.start()
+            while chunk := conn.recv(65536):
+                got += chunk
+            sender.join()
+            results.append(hashlib.sha256(got).digest() == hashlib.sha256(data).digest())
+            conn.close()
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        server.join(60)
+    assert results == [True] * n
+
+
+def test_malformed_messages_get_eproto_and_others_are_served(operator):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(operator("web"))
+    bad = [b"", b"\x01" * 7, b"\x09\x00" + p.encode(p.Ok())[2:], os.urandom(64),
+           p.encode(p.Ok(request=5))]  # an OK is no request
+    for raw in bad[1:]:
+        s.send(raw)
+        reply, fds = p.receive(s)
+        assert isinstance(reply, p.Error) and reply.code == errno.EPROTO and not fds
+    r, w = os.pipe()
+    socket.send_fds(s, [p.encode(p.Hello(request=9))], [r])  # an fd where none belongs
+    reply, _ = p.receive(s)
+    assert isinstance(reply, p.Error) and reply.request == 9
+    os.close(r)
+    os.close(w)
+    p.send(s, p.Hello(request=10))  # the same socket still works
+    assert p.receive(s)[0] == p.Welcome(1, "web", request=10)
+    with circuits.listen(("10.0.0.2", 5432), control=operator("db")) as lst:
+        serve_echo(lst)
+        circuits.connect(("10.0.0.2", 5432), control=operator("web")).close()
+    s.close()
+
+
+def test_circuits_outlive_the_operator(operator):
+    with circuits.listen(("10.0.0.2", 5432), control=operator("db")) as lst:
+        serve_echo(lst)
+        conn = circuits.connect(("10.0.0.2", 5432), control=operator("web"))
+        conn.sendall(b"before")
+        assert conn.recv(10) == b"before"
+        operator.proc.kill()
+        operator.proc.wait(10)
+        payload = os.urandom(4 << 20)
+        got = bytearray()
+        t = threading.Thread(target=conn.sendall, args=(payload,))
+        t.start()
+        while len(got) < len(payload):
+            got += conn.recv(65536)
+        t.join(10)
+        assert bytes(got) == payload
+
+
+def test_run_puts_the_guest_control_socket_in_the_environment(operator):
+    out = subprocess.run([sys.executable, "-m", "circuits", "run", "--guest", "web", "--config",
+                          str(operator.config), "--", "sh", "-c", "echo $CIRCUITS_CONTROL"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == operator("web")
+
+
+def test_run_without_an_operator_fails_clearly(tmp_path):
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(CONFIG.format(dir=tmp_path / "nowhere"))
+    out = subprocess.run([sys.executable, "-m", "circuits", "run", "--guest", "web", "--config",
+                          str(cfg), "--", "true"], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert "the operator does not answer" in out.stderr
+
+
+def test_bad_config_is_refused_with_its_line(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[[guests]]\nname = 'web'\naddresses = ['10.0.0.999']\n")
+    out = subprocess.run([sys.executable, "-m", "circuits", "operator", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert f"{cfg}:3:" in out.stderr and "not an IP address" in out.stderr
