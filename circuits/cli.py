@@ -94,5 +94,31 @@ def bench_ring(rounds: int, quick: bool, sizes: tuple[int, ...], as_json: bool,
         console.print(f"chart written to {plot}")
 
 
+@bench.command("setup")
+@click.option("--rounds", default=5, show_default=True, help="Rounds; figures are medians.")
+@click.option("--count", default=2000, show_default=True, help="Setups per round.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def bench_setup(rounds: int, count: int, as_json: bool) -> None:
+    """Connection setups per second: through the operator vs TCP on loopback."""
+    from rich.table import Table
+
+    from circuits.bench import setup as setup_bench
+
+    figures = setup_bench.run(rounds=rounds, count=count)
+    out = setup_bench.as_json(figures)
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    table = Table(title="setup, 1-byte exchange, close (median of rounds)")
+    for col in ("transport", "setups/s", "p50", "p99"):
+        table.add_column(col, justify="left" if col == "transport" else "right")
+    for f in figures:
+        table.add_row(f.transport, f"{f.per_second:,.0f}", f"{f.p50_us:.0f} us", f"{f.p99_us:.0f} us")
+    console = Console()
+    console.print(table)
+    for name, value in out["ratios"].items():
+        console.print(f"{name}: [bold]{value:.2f}[/bold]")
+
+
 if __name__ == "__main__":
     main()

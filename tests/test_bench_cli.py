@@ -32,3 +32,12 @@ def test_example_two_processes_runs():
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("16 MiB in ")
+
+
+def test_bench_setup_json():
+    run = subprocess.run([sys.executable, "-m", "circuits.bench", "setup", "--rounds", "1",
+                          "--count", "50", "--json"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    assert {f["transport"] for f in out["figures"]} == {"circuit", "tcp"}
+    assert all(f["per_second"] > 0 and f["p99_us"] >= f["p50_us"] for f in out["figures"])
