@@ -11,11 +11,14 @@ import itertools
 import os
 import socket
 import threading
+import time
 
 from circuits import protocol as p
 from circuits.ring import Circuit, CircuitSpec
 
 Address = tuple[str, int]
+GONE = (EOFError, ConnectionError)  # the operator went away (killed, restarted)
+REREGISTER_FOR = 60.0  # seconds a listener waits for an operator to come back
 
 
 class Connection(Circuit):
@@ -43,6 +46,7 @@ class Control:
 
     def __init__(self, path: str | None = None):
         path = path or os.environ.get("CIRCUITS_CONTROL")
+        self.path = path
         if not path:
             raise OSError(2, "no control socket: pass control= or set CIRCUITS_CONTROL"
                              " (circuits run --guest NAME does)")
@@ -98,8 +102,20 @@ def connect(address: Address, *, kind: str = "stream", ring_size: int = 0,
     """A circuit to (host, port), as socket.create_connection; raises the
     operator's errno (ConnectionRefusedError, PermissionError, ...)."""
     proto = p.TCP if kind == "stream" else p.UDP
-    reply, fds = _control(control).request(p.Connect(_endpoint(address, proto), ring_size))
+    request = p.Connect(_endpoint(address, proto), ring_size)
+    try:
+        reply, fds = _control(control).request(request)
+    except GONE:  # a restarted operator: one more try on a new connection
+        _forget(control)
+        reply, fds = _control(control).request(request)
     return _connection(reply, fds)
+
+
+def _forget(path: str | None) -> None:
+    key = path or os.environ.get("CIRCUITS_CONTROL", "")
+    with _shared_lock:
+        if key in _shared:
+            _shared.pop(key).close()
 
 
 class Listener:
@@ -109,19 +125,43 @@ class Listener:
                  ring_size: int = 0, control: str | None = None):
         proto = p.TCP if kind == "stream" else p.UDP
         self.local = _endpoint(address, proto)
+        self._listen = p.Listen(self.local, backlog, ring_size)
+        self._closed = False
         self._control = Control(control)  # its own: an ACCEPT may wait long
-        self._control.request(p.Listen(self.local, backlog, ring_size))
+        self._control.request(self._listen)
 
     def accept(self) -> tuple[Connection, Address]:
-        reply, fds = self._control.request(p.Accept(self.local))
+        """The next circuit to this endpoint.  If the operator goes away, wait
+        for it to come back and listen again (circuits already set up go on)."""
+        while True:
+            try:
+                reply, fds = self._control.request(p.Accept(self.local))
+                break
+            except GONE:
+                self._listen_again()
         conn = _connection(reply, fds)
         return conn, conn.getpeername()
+
+    def _listen_again(self) -> None:
+        path, deadline = self._control.path, time.monotonic() + REREGISTER_FOR
+        self._control.close()
+        while not self._closed:
+            try:
+                self._control = Control(path)
+                self._control.request(self._listen)
+                return
+            except (OSError, *GONE):
+                if time.monotonic() > deadline:
+                    raise OSError(f"the operator at {path} did not come back") from None
+                time.sleep(0.05)
+        raise OSError(9, "the listener was closed")
 
     def getsockname(self) -> Address:
         return (str(self.local.address), self.local.port)
 
     def close(self) -> None:
         """Stop listening (closing the control connection takes the listener with it)."""
+        self._closed = True
         self._control.close()
 
     def __enter__(self) -> Listener:

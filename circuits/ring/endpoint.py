@@ -86,7 +86,7 @@ class Circuit:
         self._ptr = ffi.new("void **")
         self._rview: memoryview | None = None
         self._wview: memoryview | None = None
-        self._areas = [self._area(0), self._area(1)]
+        self._areas: list | None = None  # made at the first view: setups stay cheap
 
     def _area(self, direction: int) -> tuple[memoryview, int]:
         """A memoryview over a mirror-mapped data area, and its base address.
@@ -321,6 +321,8 @@ class Circuit:
             _raise(rc)
 
     def _slice(self, direction: int, n: int) -> memoryview:
+        if self._areas is None:
+            self._areas = [self._area(0), self._area(1)]
         mv, base = self._areas[direction]
         off = int(ffi.cast("uintptr_t", self._ptr[0])) - base
         return mv[off : off + n]
