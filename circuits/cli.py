@@ -21,7 +21,7 @@ def operator(config_path: str, verbose: bool) -> None:
     import logging
 
     from circuits.operator.config import ConfigError, load
-    from circuits.operator.daemon import run
+    from circuits.operator.main import run
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -60,6 +60,102 @@ def run(guest: str, config_path: str, command: tuple[str, ...]) -> None:
         os.execvpe(command[0], list(command), env)
     except OSError as e:
         raise click.ClickException(f"cannot run {command[0]}: {e.strerror}") from None
+
+
+@main.group()
+@click.option("--admin", "admin_path", default=None,
+              help="The operator's admin socket (default: from --config, or /run/circuits/admin.sock).")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="The operator's TOML file, to find its admin socket.")
+@click.pass_context
+def ctl(ctx: click.Context, admin_path: str | None, config_path: str | None) -> None:
+    """Ask the running operator (root only)."""
+    import tomllib
+
+    from circuits.operator.config import DEFAULT_ADMIN_SOCKET
+
+    if admin_path is None and config_path:
+        # Only the admin socket's path: a file being edited may be invalid, and
+        # `ctl reload` must still be able to say so.
+        try:
+            with open(config_path, "rb") as f:
+                admin_path = tomllib.load(f).get("operator", {}).get("admin_socket")
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise click.ClickException(f"{config_path}: {e}") from None
+    ctx.obj = admin_path or DEFAULT_ADMIN_SOCKET
+
+
+def _ask(ctx: click.Context, cmd: str, **args):
+    from circuits.operator.admin import request
+
+    try:
+        answer = request(ctx.obj, cmd, **args)
+    except OSError as e:
+        raise click.ClickException(f"cannot reach the operator at {ctx.obj}: {e.strerror or e}")
+    if not answer["ok"]:
+        raise click.ClickException(answer["error"])
+    return answer["result"]
+
+
+def _table(title: str, rows: list[dict]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for key in (rows[0] if rows else {}):
+        table.add_column(key.replace("_", " "))
+    for row in rows:
+        table.add_row(*[", ".join(map(str, v)) if isinstance(v, list) else str(v)
+                        for v in row.values()])
+    Console().print(table if rows else f"{title}: none")
+
+
+@ctl.command("status")
+@click.pass_context
+def ctl_status(ctx: click.Context) -> None:
+    """The operator's state in one line each."""
+    for key, value in _ask(ctx, "status").items():
+        click.echo(f"{key}: {value}")
+
+
+@ctl.command("guests")
+@click.pass_context
+def ctl_guests(ctx: click.Context) -> None:
+    """Guests, their addresses, connections, listeners and circuits."""
+    _table("guests", _ask(ctx, "guests"))
+
+
+@ctl.command("circuits")
+@click.pass_context
+def ctl_circuits(ctx: click.Context) -> None:
+    """Live circuits: endpoints, age, bytes each way (from the ring indices)."""
+    _table("circuits", _ask(ctx, "circuits"))
+
+
+@ctl.command("check")
+@click.argument("source")
+@click.argument("dest")
+@click.argument("port", type=int)
+@click.option("--proto", type=click.Choice(["tcp", "udp"]), default="tcp")
+@click.pass_context
+def ctl_check(ctx: click.Context, source: str, dest: str, port: int, proto: str) -> None:
+    """What the policy says of SOURCE (a guest) connecting to DEST (an address) PORT."""
+    answer = _ask(ctx, "check", **{"from": source, "to": dest, "port": port, "proto": proto})
+    click.echo(answer["verdict"])
+    ctx.exit(0 if answer["allow"] else 1)
+
+
+@ctl.command("reload")
+@click.pass_context
+def ctl_reload(ctx: click.Context) -> None:
+    """Read the configuration again (a bad file keeps the running policy)."""
+    click.echo(_ask(ctx, "reload"))
+
+
+@ctl.command("metrics")
+@click.pass_context
+def ctl_metrics(ctx: click.Context) -> None:
+    """Prometheus text metrics."""
+    click.echo(_ask(ctx, "metrics"), nl=False)
 
 
 @main.group()

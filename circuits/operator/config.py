@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_CONTROL_DIR = "/run/circuits/guests"
+DEFAULT_ADMIN_SOCKET = "/run/circuits/admin.sock"
 DEFAULT_RING = 1 << 20
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 SIZE = re.compile(r"^(\d+)\s*(B|KiB|MiB|GiB)?$")
@@ -65,6 +66,9 @@ class Config:
     default_allow: bool
     default_ring: int
     control_dir: str
+    admin_socket: str
+    audit_log: str  # "" for none
+    revoke: bool  # a reload tears down live circuits the new rules forbid
     guests: dict[str, Guest]
     groups: dict[str, frozenset[str]]
     rules: tuple[Rule, ...] = field(default=())
@@ -135,17 +139,23 @@ class _Checker:
     def config(self, data: dict) -> Config:
         self.only(data, {"operator", "groups", "guests", "rules"}, "")
         op = data.get("operator", {})
-        self.only(op, {"default", "default_ring", "control_dir"}, "operator")
+        self.only(op, {"default", "default_ring", "control_dir", "admin_socket", "audit_log",
+                       "revoke"}, "operator")
         default = op.get("default", "deny")
         if default not in ("allow", "deny"):
             self.fail(self.lines.of("operator", 0, "default"),
                       f"default must be \"allow\" or \"deny\", not {default!r}")
         ring = self.ring_size(op.get("default_ring", DEFAULT_RING), "operator", 0, "default_ring")
         control_dir = op.get("control_dir", DEFAULT_CONTROL_DIR)
+        revoke = op.get("revoke", False)
+        if not isinstance(revoke, bool):
+            self.fail(self.lines.of("operator", 0, "revoke"), "revoke must be true or false")
         guests = self.guests(data.get("guests", []), control_dir)
         groups = self.groups(data.get("groups", {}), guests)
         rules = tuple(self.rule(i, r, guests, groups) for i, r in enumerate(data.get("rules", [])))
-        return Config(self.path, default == "allow", ring, control_dir, guests, groups, rules)
+        return Config(self.path, default == "allow", ring, control_dir,
+                      op.get("admin_socket", DEFAULT_ADMIN_SOCKET), op.get("audit_log", ""),
+                      revoke, guests, groups, rules)
 
     def guests(self, items: list, control_dir: str) -> dict[str, Guest]:
         guests: dict[str, Guest] = {}

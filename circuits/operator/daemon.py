@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import json
 import logging
 import os
 import socket
@@ -20,8 +21,9 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 from circuits import protocol as p
-from circuits.operator.config import Config, Guest
+from circuits.operator.config import Config, ConfigError, Guest, load
 from circuits.operator.policy import Policy
+from circuits.operator.table import Record
 from circuits.ring import CircuitSpec, endpoint_fds
 
 log = logging.getLogger("circuits.operator")
@@ -114,6 +116,10 @@ class Operator:
         self.next_circuit = 1
         self.next_port: dict[str, int] = {}
         self.setups: dict[str, deque[float]] = {}
+        self.circuits: dict[int, Record] = {}
+        self.counters: dict[tuple[str, str], int] = {}  # (metric, guest) -> count
+        self.started = time.time()
+        self.audit = _open_audit(config.audit_log)
         self.handlers = {p.Hello: self.hello, p.Listen: self.listen, p.Unlisten: self.unlisten,
                          p.Connect: self.connect, p.Accept: self.accept, p.Close: self.close}
 
@@ -140,6 +146,14 @@ class Operator:
     def stop(self) -> None:
         for conn in list(self.conns):
             self.drop(conn)
+        for record in self.circuits.values():
+            for fd in record.rings:
+                if fd >= 0:
+                    self.loop.remove_reader(fd)
+            record.close()  # the circuits themselves go on: we only let go
+        self.circuits.clear()
+        if self.audit:
+            self.audit.close()
         for srv in self.servers:
             self.loop.remove_reader(srv)
             path = srv.getsockname()
@@ -167,6 +181,26 @@ class Operator:
             self.listeners.pop(key).drop()
         self.loop.remove_reader(conn.sock)
         conn.sock.close()
+
+    def reload(self) -> str:
+        """Read the configuration again; a bad file keeps the running policy."""
+        try:
+            config = load(self.config.path)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running policy: %s", e)
+            raise
+        self.config, self.policy = config, Policy(config)
+        revoked = 0
+        if config.revoke:
+            for record in list(self.circuits.values()):
+                remote = record.endpoints[1]
+                verdict = self.policy.check(record.guests[0], remote.address, remote.port,
+                                            "tcp" if remote.proto == p.TCP else "udp")
+                if not verdict.allow:
+                    record.revoke()
+                    revoked += 1
+        log.info("reloaded %s; %d circuits revoked", config.path, revoked)
+        return f"reloaded {config.path}; {revoked} circuits revoked"
 
     # -- requests -----------------------------------------------------------
 
@@ -227,7 +261,10 @@ class Operator:
         verdict = self.policy.check(source.name, remote.address, remote.port,
                                     "tcp" if remote.proto == p.TCP else "udp")
         log.info("setup %s -> %s: %s", source.name, remote, verdict.describe())
+        self._audit(source.name, remote, verdict)
+        self._count("setups", source.name)
         if not verdict.allow:
+            self._count("denials", source.name)
             raise Refused(errno.EACCES, f"{source.name} -> {remote}: {verdict.describe()}")
         if verdict.dest_guest is None:
             raise Refused(errno.ENETUNREACH, f"{remote.address} is outside (no proxy stack yet)")
@@ -237,6 +274,18 @@ class Operator:
         if len(listener.queue) >= listener.backlog:
             raise Refused(errno.ECONNREFUSED, f"the backlog of {remote} is full")
         self._make_circuit(conn, msg, listener)
+
+    def _audit(self, source: str, remote: p.Endpoint, verdict) -> None:
+        if self.audit:
+            self.audit.write(json.dumps({
+                "time": round(time.time(), 6), "from": source, "to": str(remote.address),
+                "to_guest": verdict.dest_guest, "port": remote.port,
+                "proto": "tcp" if remote.proto == p.TCP else "udp",
+                "verdict": "allow" if verdict.allow else "deny",
+                "rule": verdict.rule.index + 1 if verdict.rule else "default"}) + "\n")
+
+    def _count(self, metric: str, guest: str) -> None:
+        self.counters[(metric, guest)] = self.counters.get((metric, guest), 0) + 1
 
     def _listener_for(self, guest: str, ep: p.Endpoint) -> Listener | None:
         return (self.listeners.get((guest, ep.address, ep.port, ep.proto))
@@ -278,6 +327,7 @@ class Operator:
         local = self._source_endpoint(conn.guest, msg.remote)
         mine = p.Circuit(cid, kind, 0, size, size, local, msg.remote, request=msg.request)
         theirs = p.Circuit(cid, kind, 1, size, size, msg.remote, local)
+        self._track(cid, (conn.guest.name, dest.name), (local, msg.remote), fds0, fds1)
         listener.queue.append(Pending(theirs, fds1))
         try:
             conn.reply(mine, fds0)
@@ -285,26 +335,25 @@ class Operator:
             p.close_all(fds0)
         self._deliver(listener)
 
+    def _track(self, cid: int, guests: tuple[str, str], endpoints: tuple, fds0: list[int],
+               fds1: list[int]) -> None:
+        """Keep the memory and each side's ringing end (fds[2]) for accounting."""
+        record = Record(cid, guests, endpoints, os.dup(fds0[0]), [os.dup(fds0[2]), os.dup(fds1[2])])
+        self.circuits[cid] = record
+        for side, fd in enumerate(record.rings):
+            self.loop.add_reader(fd, self._side_gone, record, side)
 
-def run(config: Config) -> None:
-    """Serve until SIGTERM or SIGINT (SIGHUP reloads: with the admin issue)."""
-    import signal
+    def _side_gone(self, record: Record, side: int) -> None:
+        """A side's bell closed (the ringing end we hold hangs up)."""
+        self.loop.remove_reader(record.rings[side])
+        if record.side_gone(side):
+            self.circuits.pop(record.circuit_id, None)
+            record.close()
 
-    try:
-        import uvloop
 
-        loop = uvloop.new_event_loop()
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        loop = asyncio.new_event_loop()
-    op = Operator(config)
-    op.start(loop)
-    stop = loop.create_future()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
-    log.info("serving %d guests", len(config.guests))
-    try:
-        loop.run_until_complete(stop)
-    finally:
-        op.stop()
-        loop.close()
-        log.info("stopped")
+def _open_audit(path: str):
+    """The audit log, JSON lines, flushed per line; None when not configured."""
+    if not path:
+        return None
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return open(path, "a", buffering=1)

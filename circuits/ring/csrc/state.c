@@ -33,7 +33,13 @@ void circuit_set_my_state(struct circuit *c, uint32_t state)
     bool forward = state > c->my_state;
     if (forward) {
         c->my_state = state;
-        store_release(&c->hdr->side[c->side].state, state);
+        /* Never lower the stored value: the trusted party may have raised it
+         * to ABORTED to revoke the circuit (docs/circuit-format.md, 6). */
+        uint32_t *shared = &c->hdr->side[c->side].state;
+        uint32_t seen = load_acquire(shared);
+        while (seen < state && !__atomic_compare_exchange_n(shared, &seen, state, false,
+                                                            __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            ;
     }
     pthread_mutex_unlock(&c->state_lock);
     if (!forward)

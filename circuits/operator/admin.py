@@ -1,0 +1,136 @@
+"""The admin socket: status, guests, circuits, policy checks, reload, metrics.
+
+One JSON request per line over AF_UNIX SOCK_STREAM, one JSON answer per
+line (`circuits ctl` speaks it).  Only root may use it: the socket is mode
+0600 and every peer's credentials (SO_PEERCRED) are checked.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import socket
+import struct
+import time
+
+from circuits.operator.config import ConfigError
+from circuits.operator.daemon import Operator
+
+log = logging.getLogger("circuits.operator")
+
+
+class AdminServer:
+    def __init__(self, op: Operator):
+        self.op = op
+        self.path = op.config.admin_socket
+
+    def start(self, loop) -> None:
+        self.loop = loop
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(self.path)
+        os.chmod(self.path, 0o600)
+        self.sock.listen(16)
+        self.sock.setblocking(False)
+        loop.add_reader(self.sock, self._accept)
+
+    def stop(self) -> None:
+        self.loop.remove_reader(self.sock)
+        self.sock.close()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            pid, uid, gid = struct.unpack("3i", conn.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            conn.settimeout(2)
+            try:
+                if uid != 0:
+                    raise PermissionError("the admin socket is for root only")
+                line = conn.makefile("r").readline()
+                answer = {"ok": True, "result": self.handle(json.loads(line))}
+            except Exception as e:  # an answer for every request, whatever went wrong
+                answer = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            try:
+                conn.sendall(json.dumps(answer).encode() + b"\n")
+            except OSError:
+                pass
+
+    def handle(self, req: dict):
+        cmd = req.get("cmd")
+        op = self.op
+        if cmd == "status":
+            return {"config": op.config.path, "uptime_s": round(time.time() - op.started, 1),
+                    "guests": len(op.config.guests), "connections": len(op.conns),
+                    "listeners": len(op.listeners), "circuits": len(op.circuits)}
+        if cmd == "guests":
+            return [self._guest(g) for g in op.config.guests.values()]
+        if cmd == "circuits":
+            return [r.describe() for r in op.circuits.values()]
+        if cmd == "check":
+            v = op.policy.check(req["from"], ipaddress.ip_address(req["to"]), int(req["port"]),
+                                req.get("proto", "tcp"))
+            return {"allow": v.allow, "verdict": v.describe(), "to_guest": v.dest_guest}
+        if cmd == "reload":
+            try:
+                return op.reload()
+            except ConfigError as e:
+                raise ValueError(f"reload refused, the running policy stays: {e}") from None
+        if cmd == "metrics":
+            return self.metrics()
+        raise ValueError(f"unknown command {cmd!r}")
+
+    def _guest(self, g) -> dict:
+        op = self.op
+        return {"name": g.name, "addresses": [str(a) for a in g.addresses], "control": g.control,
+                "connections": sum(c.guest.name == g.name for c in op.conns),
+                "listeners": sum(k[0] == g.name for k in op.listeners),
+                "circuits": sum(g.name in r.guests for r in op.circuits.values())}
+
+    def metrics(self) -> str:
+        """Prometheus text format."""
+        op = self.op
+        out = []
+
+        def family(name: str, kind: str, help_: str, rows: list[tuple[dict, float]]) -> None:
+            out.append(f"# HELP circuits_{name} {help_}")
+            out.append(f"# TYPE circuits_{name} {kind}")
+            for labels, value in rows:
+                lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
+                out.append(f"circuits_{name}{{{lab}}} {value}")
+
+        guests = list(op.config.guests)
+        family("setups_total", "counter", "Connection setups asked for, by source guest.",
+               [({"guest": g}, op.counters.get(("setups", g), 0)) for g in guests])
+        family("denials_total", "counter", "Setups the policy refused, by source guest.",
+               [({"guest": g}, op.counters.get(("denials", g), 0)) for g in guests])
+        open_by = {g: 0 for g in guests}
+        sent_by = {g: 0 for g in guests}
+        for r in op.circuits.values():
+            snap = r.inspector.snapshot()
+            for side in (0, 1):
+                if r.guests[side] in open_by:
+                    open_by[r.guests[side]] += 1
+                    sent_by[r.guests[side]] += snap.sent[side]
+        family("open_circuits", "gauge", "Circuits open, by guest (either side).",
+               [({"guest": g}, n) for g, n in open_by.items()])
+        family("sent_bytes", "gauge", "Bytes sent through open circuits, by sending guest.",
+               [({"guest": g}, n) for g, n in sent_by.items()])
+        return "\n".join(out) + "\n"
+
+
+def request(path: str, cmd: str, **args) -> dict:
+    """Ask the operator one admin question (what `circuits ctl` does)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        return json.loads(s.makefile("r").readline())

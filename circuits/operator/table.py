@@ -1,0 +1,61 @@
+"""The operator's table of live circuits, for accounting and revocation.
+
+For each circuit the operator keeps the memory object (mapped read-only, to
+read states and byte counts) and a duplicate of each side's ringing end,
+whose hang-up tells when that side is gone.  It keeps neither side's bell:
+holding one would hide that side's death from its peer.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from circuits import protocol as p
+from circuits.ring.inspect import Inspector
+
+
+@dataclass
+class Record:
+    circuit_id: int
+    guests: tuple[str, str]  # side 0 (connector), side 1 (listener)
+    endpoints: tuple[p.Endpoint, p.Endpoint]
+    memfd: int
+    rings: list[int]  # side 0's and side 1's ringing ends; -1 once that side is gone
+    created: float = field(default_factory=time.time)
+    inspector: Inspector | None = None
+
+    def __post_init__(self) -> None:
+        self.inspector = Inspector(self.memfd)
+
+    def side_gone(self, side: int) -> bool:
+        """Forget side `side`; True when both sides are gone."""
+        if self.rings[side] >= 0:
+            os.close(self.rings[side])
+            self.rings[side] = -1
+        return all(r < 0 for r in self.rings)
+
+    def revoke(self) -> None:
+        """Abort the circuit for both sides and wake them."""
+        self.inspector.abort_both(self.memfd)
+        for fd in self.rings:
+            if fd >= 0:
+                try:
+                    os.write(fd, b"\x01")
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        for side in (0, 1):
+            self.side_gone(side)
+        self.inspector.close()
+        os.close(self.memfd)
+
+    def describe(self) -> dict:
+        snap = self.inspector.snapshot()
+        return {"id": self.circuit_id,
+                "from": f"{self.guests[0]} {self.endpoints[0]}",
+                "to": f"{self.guests[1]} {self.endpoints[1]}",
+                "age_s": round(time.time() - self.created, 3),
+                "bytes_from_to": snap.sent[0], "bytes_to_from": snap.sent[1],
+                "states": list(snap.states)}
