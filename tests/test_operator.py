@@ -40,6 +40,13 @@ addresses = ["10.0.0.3"]
 [guests.limits]
 setups_per_second = 20
 
+[[guests]]
+name = "tiny"
+addresses = ["10.0.0.4"]
+[guests.limits]
+circuits = 5
+memory = "4 MiB"
+
 [[rules]]
 from = "web"
 to = "db"
@@ -49,6 +56,11 @@ action = "allow"
 
 [[rules]]
 from = "batch"
+to = "*"
+action = "allow"
+
+[[rules]]
+from = "tiny"
 to = "*"
 action = "allow"
 """
@@ -63,7 +75,7 @@ def operator(tmp_path):
                             stderr=subprocess.PIPE, text=True)
     path = lambda g: str(tmp_path / "guests" / f"{g}.sock")  # noqa: E731
     deadline = time.monotonic() + 20
-    while not all(os.path.exists(path(g)) for g in ("web", "db", "batch")):
+    while not all(os.path.exists(path(g)) for g in ("web", "db", "batch", "tiny")):
         assert proc.poll() is None, proc.stderr.read()
         assert time.monotonic() < deadline, "the operator did not start"
         time.sleep(0.05)
@@ -290,7 +302,7 @@ def test_ctl_status_guests_check_and_the_audit_log(operator):
     with pytest.raises(PermissionError):
         circuits.connect(("10.0.0.3", 80), control=operator("web"))
     out = ctl(operator, "status")
-    assert out.returncode == 0 and "guests: 3" in out.stdout, out.stderr
+    assert out.returncode == 0 and "guests: 4" in out.stdout, out.stderr
     out = ctl(operator, "guests")
     assert "web" in out.stdout and "10.0.0.1" in out.stdout
     assert ctl(operator, "check", "web", "10.0.0.2", "5432").stdout.startswith("allow by rule 1")
@@ -348,3 +360,19 @@ def test_bad_reload_keeps_the_running_policy(operator):
     with circuits.listen(("10.0.0.2", 5432), control=operator("db")) as lst:
         serve_echo(lst)
         circuits.connect(("10.0.0.2", 5432), control=operator("web")).close()
+
+
+def test_open_circuit_and_memory_limits(operator):
+    with circuits.listen(("10.0.0.2", 7002), backlog=100, control=operator("db")):
+        held = [circuits.connect(("10.0.0.2", 7002), control=operator("tiny")) for _ in range(5)]
+        with pytest.raises(OSError) as e:
+            circuits.connect(("10.0.0.2", 7002), control=operator("tiny"))
+        assert e.value.errno == errno.EMFILE
+        for c in held:
+            c.close()
+        time.sleep(0.3)  # the listener never accepted: the other sides wait in the backlog
+    time.sleep(0.3)
+    with circuits.listen(("10.0.0.2", 7003), backlog=100, control=operator("db")):
+        with pytest.raises(OSError) as e:  # 2 x 4 MiB rings exceed tiny's 4 MiB of memory
+            circuits.connect(("10.0.0.2", 7003), ring_size=4 << 20, control=operator("tiny"))
+        assert e.value.errno == errno.ENOBUFS

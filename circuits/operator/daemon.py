@@ -317,9 +317,20 @@ class Operator:
         self.next_port[guest.name] = port + 1 if port + 1 < EPHEMERAL.stop else EPHEMERAL.start
         return p.Endpoint(address, port, remote.proto)
 
+    def _check_limits(self, size: int, *guests: Guest) -> None:
+        """Open circuits (EMFILE) and circuit memory (ENOBUFS), for each guest."""
+        cost = 2 * size + 8192
+        for g in guests:
+            mine = [r for r in self.circuits.values() if g.name in r.guests]
+            if len(mine) >= g.limits.circuits:
+                raise Refused(errno.EMFILE, f"guest {g.name}: {g.limits.circuits} circuits open")
+            if sum(r.memory for r in mine) + cost > g.limits.memory:
+                raise Refused(errno.ENOBUFS, f"guest {g.name}: circuit memory limit reached")
+
     def _make_circuit(self, conn: GuestConn, msg: p.Connect, listener: Listener) -> None:
         dest = self.config.guests[listener.guest]
         size = self._ring_size(msg.ring_size or listener.ring_size, conn.guest, dest)
+        self._check_limits(size, conn.guest, dest)
         kind = p.STREAM if msg.remote.proto == p.TCP else p.DGRAM
         spec = CircuitSpec("stream" if kind == p.STREAM else "dgram", 0, (size, size))
         fds0, fds1 = endpoint_fds(spec)
@@ -338,7 +349,8 @@ class Operator:
     def _track(self, cid: int, guests: tuple[str, str], endpoints: tuple, fds0: list[int],
                fds1: list[int]) -> None:
         """Keep the memory and each side's ringing end (fds[2]) for accounting."""
-        record = Record(cid, guests, endpoints, os.dup(fds0[0]), [os.dup(fds0[2]), os.dup(fds1[2])])
+        record = Record(cid, guests, endpoints, os.dup(fds0[0]), [os.dup(fds0[2]), os.dup(fds1[2])],
+                        memory=os.fstat(fds0[0]).st_size)
         self.circuits[cid] = record
         for side, fd in enumerate(record.rings):
             self.loop.add_reader(fd, self._side_gone, record, side)

@@ -22,6 +22,7 @@ class Record:
     endpoints: tuple[p.Endpoint, p.Endpoint]
     memfd: int
     rings: list[int]  # side 0's and side 1's ringing ends; -1 once that side is gone
+    memory: int = 0  # bytes of circuit memory, counted against both guests' limits
     created: float = field(default_factory=time.time)
     inspector: Inspector | None = None
 
