@@ -89,16 +89,28 @@ def operator(tmp_path):
         raise
 
 
-def serve_echo(listener, count=1):
+def echo(conn) -> None:
+    with conn:
+        try:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # a revoked or killed circuit ends the echo, as for TCP
+
+
+def serve_echo(listener, count=1, concurrent=False):
+    """Accept `count` circuits and echo them, one after the other or each in a thread."""
     def run():
+        workers = []
         for _ in range(count):
             conn, _ = listener.accept()
-            with conn:
-                try:
-                    while data := conn.recv(65536):
-                        conn.sendall(data)
-                except (ConnectionResetError, BrokenPipeError):
-                    pass  # a revoked or killed circuit ends the echo, as for TCP
+            if concurrent:
+                workers.append(threading.Thread(target=echo, args=(conn,), daemon=True))
+                workers[-1].start()
+            else:
+                echo(conn)
+        for w in workers:
+            w.join()
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
@@ -175,9 +187,9 @@ def test_setup_flood_hits_the_guest_limit_only(operator):
 
 
 def test_many_clients_transfer_checked_by_hash(operator):
-    n, size = 20, 2 << 20
-    with circuits.listen(("10.0.0.2", 7001), backlog=64, control=operator("db")) as lst:
-        server = serve_echo(lst, n)
+    n, size = 100, 10 << 20  # 100 clients x 10 MB each way, checked by hash
+    with circuits.listen(("10.0.0.2", 7001), backlog=128, control=operator("db")) as lst:
+        server = serve_echo(lst, n, concurrent=True)
         results = []
 
         def client(i):
@@ -196,7 +208,7 @@ def test_many_clients_transfer_checked_by_hash(operator):
         for t in threads:
             t.start()
         for t in threads:
-            t.join(120)
+            t.join(300)
         server.join(60)
     assert results == [True] * n
 
