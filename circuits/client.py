@@ -76,6 +76,10 @@ class Control:
         return reply, fds
 
     def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in a request
+        except OSError:
+            pass
         self.sock.close()
 
 

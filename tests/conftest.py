@@ -1,10 +1,14 @@
-"""Shared fixtures: real peer processes holding one end of a circuit."""
+"""Shared fixtures: real peer processes holding one end of a circuit, and a real
+operator process serving test guests."""
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +74,74 @@ def peers():
     """Peers started by a test; any still running at its end are killed."""
     with peer_group() as started:
         yield started
+
+
+OPERATOR_CONFIG = """
+[operator]
+control_dir = "{dir}"
+admin_socket = "{dir}/admin.sock"
+audit_log = "{dir}/audit.jsonl"
+revoke = true
+default_ring = "256 KiB"
+
+[[guests]]
+name = "web"
+addresses = ["10.0.0.1", "fd00::1"]
+
+[[guests]]
+name = "db"
+addresses = ["10.0.0.2", "fd00::2"]
+
+[[guests]]
+name = "batch"
+addresses = ["10.0.0.3"]
+[guests.limits]
+setups_per_second = 20
+
+[[guests]]
+name = "tiny"
+addresses = ["10.0.0.4"]
+[guests.limits]
+circuits = 5
+memory = "4 MiB"
+
+[[rules]]
+from = "web"
+to = "db"
+proto = "tcp"
+ports = [5432, "7000-7010"]
+action = "allow"
+
+[[rules]]
+from = "batch"
+to = "*"
+action = "allow"
+
+[[rules]]
+from = "tiny"
+to = "*"
+action = "allow"
+"""
+
+
+@pytest.fixture
+def operator(tmp_path):
+    """A running operator; yields a function giving a guest's control path."""
+    cfg = tmp_path / "policy.toml"
+    cfg.write_text(OPERATOR_CONFIG.format(dir=tmp_path / "guests"))
+    proc = subprocess.Popen([sys.executable, "-m", "circuits", "operator", "--config", str(cfg)],
+                            stderr=subprocess.PIPE, text=True)
+    path = lambda g: str(tmp_path / "guests" / f"{g}.sock")  # noqa: E731
+    deadline = time.monotonic() + 20
+    while not all(os.path.exists(path(g)) for g in ("web", "db", "batch", "tiny")):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the operator did not start"
+        time.sleep(0.05)
+    path.proc, path.config = proc, cfg
+    yield path
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
