@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml setup.py circuits/ring/_build.py $(wildcard circuits/ri
 
 demo: setup
 	$(VENV)/bin/circuits bench ring --quick --rounds 3 --size 65536 --size 1024
+	$(PY) examples/demo.py
 
 test: setup
 	$(PY) -m pytest -q

@@ -106,7 +106,10 @@ def _table(title: str, rows: list[dict]) -> None:
     for row in rows:
         table.add_row(*[", ".join(map(str, v)) if isinstance(v, list) else str(v)
                         for v in row.values()])
-    Console().print(table if rows else f"{title}: none")
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # piped or logged: whole lines, no wrapped cells
+    console.print(table if rows else f"{title}: none")
 
 
 @ctl.command("status")

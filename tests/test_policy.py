@@ -30,7 +30,7 @@ def test_example_loads(policy):
 @pytest.mark.parametrize("src,dst,port,proto,allow,rule", [
     ("web", "10.0.0.2", 5432, "tcp", True, 1),        # a guest, a port, a protocol
     ("web", "fd00::2", 5432, "tcp", True, 1),         # the same guest by IPv6
-    ("web", "10.0.0.2", 5433, "tcp", False, None),    # another port: the default
+    ("web", "10.0.0.2", 5434, "tcp", False, None),    # another port: the default
     ("web", "10.0.0.2", 5432, "udp", False, None),    # another protocol: the default
     ("batch", "10.0.0.2", 5432, "tcp", False, 2),     # an explicit deny
     ("db", "10.0.0.1", 8080, "tcp", True, 3),         # a group and a port range

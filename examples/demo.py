@@ -1,0 +1,99 @@
+"""The demo behind `make demo`: an operator, three guests, their policy.
+
+Starts the operator on examples/policy.toml (its sockets and audit log in a
+temporary directory), runs db's echo server and zero-copy reader as guests,
+then shows an allowed and a denied connection, a transfer, and the
+`circuits ctl circuits` table while a circuit is open.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+CIRCUITS = [sys.executable, "-m", "circuits"]
+
+
+def config_in(tmp: Path) -> Path:
+    """examples/policy.toml with its sockets and audit log under tmp."""
+    text = (HERE / "policy.toml").read_text().replace(
+        "[operator]\n",
+        f'[operator]\ncontrol_dir = "{tmp}/guests"\nadmin_socket = "{tmp}/admin.sock"\n'
+        f'audit_log = "{tmp}/audit.jsonl"\n', 1)
+    path = tmp / "policy.toml"
+    path.write_text(text)
+    return path
+
+
+def step(title: str) -> None:
+    print(f"\n== {title}", flush=True)
+
+
+def guest(cfg: Path, name: str, *cmd: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([*CIRCUITS, "run", "--guest", name, "--config", str(cfg), "--",
+                             sys.executable, *cmd], **kw)
+
+
+def wait_for(proc: subprocess.Popen, text: str) -> None:
+    line = proc.stdout.readline()
+    if text not in line:
+        raise SystemExit(f"expected {text!r}, got {line!r}")
+    print(line, end="", flush=True)
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="circuits-demo-") as tmp:
+        cfg = config_in(Path(tmp))
+        step("the operator, with examples/policy.toml (web, db, batch)")
+        operator = subprocess.Popen([*CIRCUITS, "operator", "--config", str(cfg), "-v"])
+        children = [operator]
+        try:
+            while not os.path.exists(f"{tmp}/guests/db.sock"):
+                time.sleep(0.05)
+            echo = guest(cfg, "db", str(HERE / "echo_server.py"), "10.0.0.2", "5432",
+                         stdout=subprocess.PIPE, text=True)
+            children.append(echo)
+            wait_for(echo, "echo server")
+            step("allowed: web -> db:5432 (rule 1)")
+            subprocess.run([*CIRCUITS, "run", "--guest", "web", "--config", str(cfg), "--",
+                            sys.executable, str(HERE / "echo_client.py"), "10.0.0.2", "5432",
+                            "hello", "db"], check=True)
+            step("denied: batch -> db:5432 (rule 2)")
+            subprocess.run([*CIRCUITS, "run", "--guest", "batch", "--config", str(cfg), "--",
+                            sys.executable, str(HERE / "echo_client.py"), "10.0.0.2", "5432",
+                            "hello"])
+            step("a transfer: web streams 1 GiB to db's zero-copy reader")
+            reader = guest(cfg, "db", str(HERE / "zero_copy_reader.py"), "10.0.0.2", "5433",
+                           stdout=subprocess.PIPE, text=True)
+            children.append(reader)
+            wait_for(reader, "zero-copy reader")
+            sender = guest(cfg, "web", "-c", SEND_GIB)
+            children.append(sender)
+            time.sleep(0.3)
+            step("circuits ctl circuits, while the transfer runs")
+            subprocess.run([*CIRCUITS, "ctl", "--config", str(cfg), "circuits"])
+            sender.wait(120)
+            print(reader.stdout.readline(), end="", flush=True)
+            reader.wait(30)
+        finally:
+            for child in reversed(children):
+                if child.poll() is None:
+                    child.terminate()
+                    child.wait(10)
+
+
+SEND_GIB = """
+import circuits
+conn = circuits.connect(("10.0.0.2", 5433))
+chunk = b"\\x42" * (1 << 20)
+for _ in range(1024):
+    conn.sendall(chunk)
+conn.close()
+"""
+
+if __name__ == "__main__":
+    main()
