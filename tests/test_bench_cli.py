@@ -41,3 +41,12 @@ def test_bench_setup_json():
     out = json.loads(run.stdout)
     assert {f["transport"] for f in out["figures"]} == {"circuit", "tcp"}
     assert all(f["per_second"] > 0 and f["p99_us"] >= f["p50_us"] for f in out["figures"])
+
+
+def test_operator_demo_runs():
+    run = subprocess.run([sys.executable, "examples/demo.py"], capture_output=True, text=True,
+                         timeout=180, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "hello" in run.stdout and "Permission denied" in run.stderr
+    assert "1073741824 bytes from 10.0.0.1" in run.stdout
+    assert "open, open" in run.stdout  # the ctl circuits table, mid-transfer

@@ -317,3 +317,37 @@ def test_open_circuit_and_memory_limits(operator):
         with pytest.raises(OSError) as e:  # 2 x 4 MiB rings exceed tiny's 4 MiB of memory
             circuits.connect(("10.0.0.2", 7003), ring_size=4 << 20, control=operator("tiny"))
         assert e.value.errno == errno.ENOBUFS
+
+
+def test_a_dead_guest_loses_its_listeners_and_its_peers_see_a_reset(operator, tmp_path):
+    """SIGKILL a listening guest holding a live circuit: the circuit resets at
+    once for its peer, and its listener is gone."""
+    script = tmp_path / "guest.py"
+    script.write_text(
+        "import sys, circuits\n"
+        "l = circuits.listen(('10.0.0.2', 5432))\n"
+        "print('listening', flush=True)\n"
+        "c, _ = l.accept()\n"
+        "print('accepted', flush=True)\n"
+        "sys.stdin.read()\n")
+    env = {**os.environ, "CIRCUITS_CONTROL": operator("db")}
+    guest = subprocess.Popen([sys.executable, str(script)], env=env, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    assert guest.stdout.readline().strip() == "listening"
+    conn = circuits.connect(("10.0.0.2", 5432), control=operator("web"))
+    assert guest.stdout.readline().strip() == "accepted"
+    guest.kill()
+    guest.wait(10)
+    conn.settimeout(5)
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionResetError):
+        conn.recv(10)
+    assert time.monotonic() - t0 < 0.1
+    deadline = time.monotonic() + 2
+    while True:
+        try:
+            circuits.connect(("10.0.0.2", 5432), control=operator("web"))
+        except ConnectionRefusedError:
+            break  # its listener went with it
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
