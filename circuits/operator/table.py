@@ -24,10 +24,14 @@ class Record:
     rings: list[int]  # side 0's and side 1's ringing ends; -1 once that side is gone
     memory: int = 0  # bytes of circuit memory, counted against both guests' limits
     created: float = field(default_factory=time.time)
-    inspector: Inspector | None = None
+    _inspector: Inspector | None = None
 
-    def __post_init__(self) -> None:
-        self.inspector = Inspector(self.memfd)
+    @property
+    def inspector(self) -> Inspector:
+        """Mapped at the first look, not at setup: most circuits are never looked at."""
+        if self._inspector is None:
+            self._inspector = Inspector(self.memfd)
+        return self._inspector
 
     def side_gone(self, side: int) -> bool:
         """Forget side `side`; True when both sides are gone."""
@@ -49,7 +53,8 @@ class Record:
     def close(self) -> None:
         for side in (0, 1):
             self.side_gone(side)
-        self.inspector.close()
+        if self._inspector is not None:
+            self._inspector.close()
         os.close(self.memfd)
 
     def describe(self) -> dict:
