@@ -10,6 +10,7 @@ itself is ``writer.get_extra_info("circuit")``, for ``read_view`` below.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 
 import circuits
@@ -33,6 +34,8 @@ class CircuitTransport(asyncio.Transport):
         self._paused_reading = self._closing = self._eof_pending = False
         self._writing_paused = False
         self._watching = False
+        self._lost = False  # connection_lost was called (or is scheduled)
+        self._retry = None  # a timer standing in for readiness (see _on_ready)
         self._watch(True)
         loop.call_soon(protocol.connection_made, self)
 
@@ -48,16 +51,31 @@ class CircuitTransport(asyncio.Transport):
     def _rewatch(self) -> None:
         """Watch the doorbell only while we would act on it: spare the loop a
         readable fd we ignore (reading paused and nothing to write)."""
-        self._watch(not self._closing and (not self._paused_reading or bool(self._buffer)))
+        if self._lost:
+            return
+        self._watch(bool(self._buffer) or (not self._closing and not self._paused_reading))
 
     def _on_ready(self) -> None:
+        self._retry = None
+        if self._lost:
+            return
         try:
+            before = len(self._buffer)
             if self._buffer:
                 self._flush()
             if not self._paused_reading:
                 self._read()
         except (ConnectionError, OSError) as e:
             self._fatal(e)
+            return
+        if self._lost:
+            return
+        stuck = self._buffer and len(self._buffer) == before
+        if stuck and (self._paused_reading or self._closing):
+            # The doorbell may be readable for data we do not read now; its
+            # level would spin the loop.  Look for room on a short timer instead.
+            self._watch(False)
+            self._retry = self._loop.call_later(0.002, self._on_ready)
         else:
             self._rewatch()
 
@@ -80,10 +98,10 @@ class CircuitTransport(asyncio.Transport):
     # -- writing -----------------------------------------------------------
 
     def write(self, data) -> None:
-        if self._closing or self._eof_pending:
-            raise RuntimeError("write after close or write_eof")
-        if not data:
-            return
+        if self._eof_pending:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        if self._lost or self._closing or not data:
+            return  # as asyncio's transports: data after a loss is dropped
         if not self._buffer:
             try:
                 sent = self._conn.send(data)
@@ -97,6 +115,8 @@ class CircuitTransport(asyncio.Transport):
             self._buffer += data
             self._rewatch()
             self._maybe_pause()
+            if self._retry is None:  # a partial send may have met no refusal: no ring will come
+                self._retry = self._loop.call_soon(self._on_ready)
 
     def _flush(self) -> None:
         while self._buffer:
@@ -140,8 +160,11 @@ class CircuitTransport(asyncio.Transport):
         return self._low, self._high
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._high = 64 * 1024 if high is None else high
-        self._low = self._high // 4 if low is None else low
+        high = 256 * 1024 if high is None else high
+        low = high // 4 if low is None else low
+        if not 0 <= low <= high:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high, self._low = high, low
         self._maybe_pause()
 
     # -- reading control -----------------------------------------------------
@@ -183,6 +206,11 @@ class CircuitTransport(asyncio.Transport):
         self._finish(exc)
 
     def _finish(self, exc: BaseException | None) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        if self._retry is not None:
+            self._retry.cancel()
         self._watch(False)
         self._buffer.clear()
         if not self._conn.closed:
@@ -261,8 +289,11 @@ async def start_server(client_connected_cb, host: str, port: int, *,
         while True:
             try:
                 conn, _ = listener.accept()
-            except OSError:
-                return  # closed
+            except OSError as e:
+                if not listener._closed:
+                    logging.getLogger("circuits.aio").error("accept on %s failed: %s",
+                                                             listener.local, e)
+                return
             loop.call_soon_threadsafe(serve, conn)
 
     thread = threading.Thread(target=accept_loop, name="circuits-accept", daemon=True)

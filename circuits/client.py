@@ -17,7 +17,9 @@ from circuits import protocol as p
 from circuits.ring import Circuit, CircuitSpec
 
 Address = tuple[str, int]
-GONE = (EOFError, ConnectionError)  # the operator went away (killed, restarted)
+# The operator went away (killed, restarted).  Not ConnectionRefusedError: that
+# is also the operator's answer to a CONNECT nobody listens for.
+GONE = (EOFError, BrokenPipeError, ConnectionResetError)
 REREGISTER_FOR = 60.0  # seconds a listener waits for an operator to come back
 
 
@@ -62,11 +64,21 @@ class Control:
         self.guest: str = welcome.guest
 
     def request(self, msg: p.Message) -> tuple[p.Message, list[int]]:
-        """Send a request, wait for its reply; an ERROR reply raises OSError."""
+        """Send a request, wait for its reply; an ERROR reply raises OSError.
+
+        A request cut short (a signal handler raising, say) leaves its reply
+        unread: the connection is then closed, and the next request raises
+        EOFError, which callers treat as the operator gone (they reconnect)."""
         with self._lock:
+            if self.sock.fileno() < 0:
+                raise EOFError("the control connection was closed")
             msg = type(msg)(**{**msg.__dict__, "request": next(self._ids)})
-            p.send(self.sock, msg)
-            reply, fds = p.receive(self.sock)
+            try:
+                p.send(self.sock, msg)
+                reply, fds = p.receive(self.sock)
+            except BaseException:
+                self.close()
+                raise
         if isinstance(reply, p.Error):
             p.close_all(fds)
             raise OSError(reply.code, f"{os.strerror(reply.code)}: {reply.reason}")

@@ -99,3 +99,26 @@ def test_zero_copy_read_view_awaited(operator, loop_name):
         assert await aio.read_view(server) is None
         lst.close()
     run(loop_name, main())
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+@pytest.mark.parametrize("close", [False, True])
+def test_a_partial_write_is_finished_and_close_flushes(loop_name, close):
+    """A write far bigger than the ring: the rest goes out without any help,
+    and close() sends what is buffered before it closes."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        a, b = circuits.ring.pair("stream", 4096)
+        a.__class__ = circuits.Connection
+        reader, writer = aio._streams(loop, a)
+        await asyncio.sleep(0)
+        got = loop.run_in_executor(None, lambda: sum(iter(lambda: len(b.recv(65536)), 0)))
+        writer.write(b"x" * 100_000)
+        if close:
+            writer.close()
+            await writer.wait_closed()
+        else:
+            await writer.drain()
+            writer.close()
+        assert await asyncio.wait_for(got, 10) == 100_000
+    run(loop_name, main())

@@ -351,3 +351,25 @@ def test_a_dead_guest_loses_its_listeners_and_its_peers_see_a_reset(operator, tm
             break  # its listener went with it
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+def test_bytes_in_its_own_bell_do_not_hide_a_live_circuit(operator):
+    """A guest writing into its own doorbell must not make the operator forget
+    the circuit (and with it the guest's limits and revocation)."""
+    with circuits.listen(("10.0.0.2", 7005), backlog=16, control=operator("db")) as lst:
+        conns = []
+        for _ in range(3):
+            c = circuits.connect(("10.0.0.2", 7005), control=operator("tiny"))
+            os.write(c.fds()[1], b"x" * 100)  # into its own bell
+            conns.append(c)
+        time.sleep(0.3)
+        out = ctl(operator, "status")
+        assert "circuits: 3" in out.stdout, out.stdout
+        del lst
+
+
+def test_a_refused_connect_is_asked_once(operator):
+    with pytest.raises(ConnectionRefusedError):
+        circuits.connect(("10.0.0.2", 5432), control=operator("web"))
+    audit = (Path(operator("web")).parent / "audit.jsonl").read_text().splitlines()
+    assert len([a for a in audit if json.loads(a)["port"] == 5432]) == 1

@@ -28,6 +28,8 @@ from circuits.ring import CircuitSpec, endpoint_fds
 
 log = logging.getLogger("circuits.operator")
 EPHEMERAL = range(49152, 65536)
+MAX_CONNECTIONS = 256  # control connections per guest
+MAX_ACCEPTS = 64  # ACCEPT requests waiting per listener
 
 
 class Refused(Exception):
@@ -71,6 +73,8 @@ class GuestConn:
 
     def on_readable(self) -> None:
         for _ in range(64):  # then let other guests be served
+            if self.sock.fileno() < 0:
+                return  # dropped while serving this batch
             try:
                 msg, fds = p.receive(self.sock)
             except BlockingIOError:
@@ -92,6 +96,9 @@ class GuestConn:
             handler(self, msg)
         except Refused as e:
             self.reply(p.Error(e.code, str(e), request=msg.request))
+        except OSError as e:  # out of fds or memory: say so, never leave a request hanging
+            log.error("guest %s: %s failed: %s", self.guest.name, type(msg).__name__, e)
+            self.reply(p.Error(e.errno or errno.EIO, str(e), request=msg.request))
         finally:
             p.close_all(fds)
 
@@ -167,6 +174,15 @@ class Operator:
             sock, _ = srv.accept()
         except BlockingIOError:
             return
+        except OSError as e:  # out of fds: stop accepting a moment instead of spinning
+            log.error("guest %s: cannot accept a control connection: %s", guest.name, e)
+            self.loop.remove_reader(srv)
+            self.loop.call_later(0.1, self.loop.add_reader, srv, self.on_connection, srv, guest)
+            return
+        if sum(c.guest is guest for c in self.conns) >= MAX_CONNECTIONS:
+            log.warning("guest %s: over %d control connections", guest.name, MAX_CONNECTIONS)
+            sock.close()
+            return
         sock.setblocking(False)
         conn = GuestConn(self, guest, sock)
         self.conns.add(conn)
@@ -234,7 +250,10 @@ class Operator:
         if key not in conn.listeners:
             raise Refused(errno.ENOENT, f"not listening on {msg.local}")
         conn.listeners.discard(key)
-        self.listeners.pop(key).drop()
+        listener = self.listeners.pop(key)
+        listener.drop()
+        for request in listener.accepts:  # accepts waiting there get their answer
+            conn.reply(p.Error(errno.ENOENT, f"stopped listening on {msg.local}", request=request))
         conn.reply(p.Ok(request=msg.request))
 
     def accept(self, conn: GuestConn, msg: p.Accept) -> None:
@@ -242,6 +261,8 @@ class Operator:
         listener = self.listeners.get(key)
         if listener is None or listener.conn is not conn:
             raise Refused(errno.ENOENT, f"not listening on {msg.local}")
+        if len(listener.accepts) >= MAX_ACCEPTS:
+            raise Refused(errno.ENOBUFS, f"{MAX_ACCEPTS} accepts already wait on {msg.local}")
         listener.accepts.append(msg.request)
         self._deliver(listener)
 
@@ -357,6 +378,8 @@ class Operator:
 
     def _side_gone(self, record: Record, side: int) -> None:
         """A side's bell closed (the ringing end we hold hangs up)."""
+        if record.side_alive(side):
+            return
         self.loop.remove_reader(record.rings[side])
         if record.side_gone(side):
             self.circuits.pop(record.circuit_id, None)

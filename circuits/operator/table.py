@@ -8,6 +8,7 @@ holding one would hide that side's death from its peer.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -33,6 +34,17 @@ class Record:
             self._inspector = Inspector(self.memfd)
         return self._inspector
 
+    def side_alive(self, side: int) -> bool:
+        """Called when side's ringing end is readable: hung up, or bytes a
+        guest wrote into its own bell (drained here, never taken for death)."""
+        try:
+            with socket.socket(fileno=os.dup(self.rings[side])) as s:
+                return s.recv(4096, socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
     def side_gone(self, side: int) -> bool:
         """Forget side `side`; True when both sides are gone."""
         if self.rings[side] >= 0:
@@ -45,8 +57,11 @@ class Record:
         self.inspector.abort_both(self.memfd)
         for fd in self.rings:
             if fd >= 0:
+                # MSG_DONTWAIT: the guest shares this description and may have
+                # made it blocking; a full doorbell is rung already.
                 try:
-                    os.write(fd, b"\x01")
+                    with socket.socket(fileno=os.dup(fd)) as s:
+                        s.send(b"\x01", socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
                 except OSError:
                     pass
 

@@ -38,11 +38,21 @@ def _doorbell() -> tuple[int, int]:
 def endpoint_fds(spec: CircuitSpec) -> tuple[list[int], list[int]]:
     """Everything two sides need: [memfd, bell, self_bell, peer_bell] for
     side 0 and for side 1.  Every descriptor is new and close-on-exec."""
-    memfd = create(spec)
-    bell0, ring0 = _doorbell()
-    bell1, ring1 = _doorbell()
-    side0 = [memfd, bell0, ring0, os.dup(ring1)]
-    side1 = [os.dup(memfd), bell1, ring1, os.dup(ring0)]
+    made: list[int] = []
+    try:
+        made.append(create(spec))
+        made.extend(_doorbell())
+        made.extend(_doorbell())
+        memfd, bell0, ring0, bell1, ring1 = made
+        made.append(os.dup(ring1))
+        made.append(os.dup(memfd))
+        made.append(os.dup(ring0))
+    except OSError:  # out of descriptors half-way: give back what was made
+        for fd in made:
+            os.close(fd)
+        raise
+    side0 = [memfd, bell0, ring0, made[5]]
+    side1 = [made[6], bell1, ring1, made[7]]
     return side0, side1
 
 
