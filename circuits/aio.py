@@ -19,6 +19,11 @@ from circuits.client import Connection
 READ_SIZE = 256 * 1024
 READS_PER_WAKE = 16  # then let other callbacks run
 
+# Open transports, held strongly: one that is not watching its fd (reading
+# paused, nothing to write) is otherwise reachable only from a task the loop
+# holds weakly, and garbage collection would close its circuit under it.
+_open: set[CircuitTransport] = set()
+
 
 class CircuitTransport(asyncio.Transport):
     """An asyncio transport over one circuit endpoint."""
@@ -37,6 +42,7 @@ class CircuitTransport(asyncio.Transport):
         self._lost = False  # connection_lost was called (or is scheduled)
         self._retry = None  # a timer standing in for readiness (see _on_ready)
         self._watch(True)
+        _open.add(self)
         loop.call_soon(protocol.connection_made, self)
 
     # -- readiness ---------------------------------------------------------
@@ -209,6 +215,7 @@ class CircuitTransport(asyncio.Transport):
         if self._lost:
             return
         self._lost = True
+        _open.discard(self)
         if self._retry is not None:
             self._retry.cancel()
         self._watch(False)
@@ -279,11 +286,15 @@ async def start_server(client_connected_cb, host: str, port: int, *,
     listener = await loop.run_in_executor(
         None, lambda: circuits.listen((host, port), backlog, control=control))
 
+    tasks: set[asyncio.Task] = set()  # the loop holds tasks weakly: we must not
+
     def serve(conn: Connection) -> None:
         reader, writer = _streams(loop, conn, limit)
         result = client_connected_cb(reader, writer)
         if asyncio.iscoroutine(result):
-            loop.create_task(result)
+            task = loop.create_task(result)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
     def accept_loop() -> None:
         while True:
