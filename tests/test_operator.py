@@ -373,3 +373,14 @@ def test_a_refused_connect_is_asked_once(operator):
         circuits.connect(("10.0.0.2", 5432), control=operator("web"))
     audit = (Path(operator("web")).parent / "audit.jsonl").read_text().splitlines()
     assert len([a for a in audit if json.loads(a)["port"] == 5432]) == 1
+
+
+def test_hello_without_a_shared_version_ends_the_connection(operator):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(operator("web"))
+    p.send(s, p.Hello(2, 3, request=1))
+    reply, _ = p.receive(s)
+    assert isinstance(reply, p.Error) and reply.code == errno.EPROTO
+    with pytest.raises(EOFError):
+        p.receive(s)
+    s.close()

@@ -222,7 +222,10 @@ class Operator:
 
     def hello(self, conn: GuestConn, msg: p.Hello) -> None:
         if not msg.min_version <= p.VERSION <= msg.max_version:
-            raise Refused(errno.EPROTO, f"this operator speaks version {p.VERSION}")
+            conn.reply(p.Error(errno.EPROTO, f"this operator speaks version {p.VERSION}",
+                               request=msg.request))
+            self.drop(conn)  # nothing more can be said on it
+            return
         conn.reply(p.Welcome(p.VERSION, conn.guest.name, request=msg.request))
 
     def _key(self, guest: str, ep: p.Endpoint) -> tuple:
