@@ -152,10 +152,9 @@ class Listen(Message):
 
 
 @dataclass(frozen=True)
-class Unlisten(Message):
-    """Client -> operator: stop accepting circuits to this endpoint."""
+class _LocalEndpoint(Message):
+    """A request that names one of the client's listening endpoints."""
 
-    TYPE = 4
     BODY = struct.Struct(f"<{ENDPOINT.size}s")
     local: Endpoint
 
@@ -165,6 +164,13 @@ class Unlisten(Message):
     @classmethod
     def from_body(cls, v, text, request):
         return cls(Endpoint.unpack(v[0]), request=request)
+
+
+@dataclass(frozen=True)
+class Unlisten(_LocalEndpoint):
+    """Client -> operator: stop accepting circuits to this endpoint."""
+
+    TYPE = 4
 
 
 @dataclass(frozen=True)
@@ -281,22 +287,13 @@ class Error(Message):
 
 
 @dataclass(frozen=True)
-class Accept(Message):
+class Accept(_LocalEndpoint):
     """Client -> operator: hand me the next circuit to this listening endpoint.
 
     Answered by a Circuit (same request) as soon as a connection is waiting
     in the listener's backlog, possibly much later."""
 
     TYPE = 10
-    BODY = struct.Struct(f"<{ENDPOINT.size}s")
-    local: Endpoint
-
-    def body_fields(self):
-        return (self.local.pack(),)
-
-    @classmethod
-    def from_body(cls, v, text, request):
-        return cls(Endpoint.unpack(v[0]), request=request)
 
 
 TYPES: dict[int, type[Message]] = {m.TYPE: m for m in (
