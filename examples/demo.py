@@ -7,12 +7,13 @@ then shows an allowed and a denied connection, a transfer, and the
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from circuits.operator import child as operator_child
 
 HERE = Path(__file__).parent
 CIRCUITS = [sys.executable, "-m", "circuits"]
@@ -49,11 +50,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="circuits-demo-") as tmp:
         cfg = config_in(Path(tmp))
         step("the operator, with examples/policy.toml (web, db, batch)")
-        operator = subprocess.Popen([*CIRCUITS, "operator", "--config", str(cfg), "-v"])
-        children = [operator]
+        children = [operator_child.start(str(cfg), "-v")]
         try:
-            while not os.path.exists(f"{tmp}/guests/db.sock"):
-                time.sleep(0.05)
             echo = guest(cfg, "db", str(HERE / "echo_server.py"), "10.0.0.2", "5432",
                          stdout=subprocess.PIPE, text=True)
             children.append(echo)

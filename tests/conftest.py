@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from circuits.operator import child
 from circuits.ring import Circuit
 
 PEER = Path(__file__).with_name("peer.py")
@@ -129,19 +127,7 @@ def operator(tmp_path):
     """A running operator; yields a function giving a guest's control path."""
     cfg = tmp_path / "policy.toml"
     cfg.write_text(OPERATOR_CONFIG.format(dir=tmp_path / "guests"))
-    proc = subprocess.Popen([sys.executable, "-m", "circuits", "operator", "--config", str(cfg)],
-                            stderr=subprocess.PIPE, text=True)
     path = lambda g: str(tmp_path / "guests" / f"{g}.sock")  # noqa: E731
-    deadline = time.monotonic() + 20
-    while not all(os.path.exists(path(g)) for g in ("web", "db", "batch", "tiny")):
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline, "the operator did not start"
-        time.sleep(0.05)
-    path.proc, path.config = proc, cfg
+    path.proc, path.config = child.start(str(cfg)), cfg
     yield path
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
+    child.stop(path.proc)

@@ -8,17 +8,15 @@ operator runs as its own process with a throw-away configuration.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import circuits
+from circuits.operator import child
 
 CONFIG = """
 [operator]
@@ -56,20 +54,13 @@ class OperatorProcess:
         self.dir = tempfile.TemporaryDirectory(prefix="circuits-bench-")
         cfg = Path(self.dir.name) / "policy.toml"
         cfg.write_text(CONFIG.format(dir=Path(self.dir.name) / "guests"))
-        self.proc = subprocess.Popen([sys.executable, "-m", "circuits", "operator",
-                                      "--config", str(cfg)])
-        deadline = time.monotonic() + 20
-        while not all(os.path.exists(self.control(g)) for g in ("client", "server")):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the operator did not start")
-            time.sleep(0.05)
+        self.proc = child.start(str(cfg))
 
     def control(self, guest: str) -> str:
         return str(Path(self.dir.name) / "guests" / f"{guest}.sock")
 
     def close(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(10)
+        child.stop(self.proc)
         self.dir.cleanup()
 
 

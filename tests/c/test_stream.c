@@ -329,29 +329,22 @@ static void test_peer_death(void)
         pair_close(&pr);
     }
 
-    /* A sender blocked on a full ring learns of the death. */
-    pair_open(&pr, CIRCUIT_STREAM, RING, RING);
-    circuit_set_spin(pr.c[0], 0);
-    CHECK_EQ(circuit_send(pr.c[0], buf, RING, 0, CIRCUIT_FOREVER), RING);
-    struct sender s = {pr.c[0], buf, 1, 0, 0};
-    pthread_t t;
-    CHECK(pthread_create(&t, NULL, send_thread, &s) == 0);
-    sleep_ms(30);
-    pair_vanish(&pr, 1);
-    CHECK(pthread_join(t, NULL) == 0);
-    CHECK_EQ(s.rc, -ECONNRESET);
-    pair_close(&pr);
-
-    /* A receiver blocked on an empty ring learns of it. */
-    pair_open(&pr, CIRCUIT_STREAM, RING, RING);
-    circuit_set_spin(pr.c[0], 0);
-    s = (struct sender){pr.c[0], buf, sizeof(buf), 0, 0};
-    CHECK(pthread_create(&t, NULL, recv_thread, &s) == 0);
-    sleep_ms(30);
-    pair_vanish(&pr, 1);
-    CHECK(pthread_join(t, NULL) == 0);
-    CHECK_EQ(s.rc, -ECONNRESET);
-    pair_close(&pr);
+    /* A sender blocked on a full ring, and a receiver blocked on an empty
+     * one, learn of the death. */
+    for (int sending = 1; sending >= 0; sending--) {
+        pair_open(&pr, CIRCUIT_STREAM, RING, RING);
+        circuit_set_spin(pr.c[0], 0);
+        if (sending)
+            CHECK_EQ(circuit_send(pr.c[0], buf, RING, 0, CIRCUIT_FOREVER), RING);
+        struct sender s = {pr.c[0], buf, sending ? 1 : sizeof(buf), 0, 0};
+        pthread_t t;
+        CHECK(pthread_create(&t, NULL, sending ? send_thread : recv_thread, &s) == 0);
+        sleep_ms(30);
+        pair_vanish(&pr, 1);
+        CHECK(pthread_join(t, NULL) == 0);
+        CHECK_EQ(s.rc, -ECONNRESET);
+        pair_close(&pr);
+    }
 
     /* Detach, seen from inside: fds gone, state untouched; only once. */
     pair_open(&pr, CIRCUIT_STREAM, RING, RING);
