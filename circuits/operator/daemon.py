@@ -18,13 +18,13 @@ import os
 import socket
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from circuits import protocol as p
 from circuits.operator.config import Config, ConfigError, Guest, load
 from circuits.operator.policy import Policy
 from circuits.operator.table import Record
-from circuits.ring import CircuitSpec, endpoint_fds
+from circuits.ring import DATA_OFFSET, CircuitSpec, endpoint_fds
 
 log = logging.getLogger("circuits.operator")
 EPHEMERAL = range(49152, 65536)
@@ -42,9 +42,10 @@ class Refused(Exception):
 
 @dataclass
 class Pending:
-    """A circuit waiting in a backlog: the listening side's message and fds."""
+    """A circuit waiting in a backlog: the listening side's Circuit message
+    (its fields, less the request it will answer) and fds."""
 
-    msg: p.Circuit
+    fields: tuple
     fds: list[int]
 
 
@@ -273,7 +274,7 @@ class Operator:
         while listener.queue and listener.accepts:
             pending = listener.queue.popleft()
             request = listener.accepts.popleft()
-            listener.conn.reply(replace(pending.msg, request=request), pending.fds)
+            listener.conn.reply(p.Circuit(*pending.fields, request=request), pending.fds)
             p.close_all(pending.fds)
 
     def close(self, conn: GuestConn, msg: p.Close) -> None:
@@ -343,7 +344,7 @@ class Operator:
 
     def _check_limits(self, size: int, *guests: Guest) -> None:
         """Open circuits (EMFILE) and circuit memory (ENOBUFS), for each guest."""
-        cost = 2 * size + 8192
+        cost = 2 * size + DATA_OFFSET
         for g in guests:
             mine = [r for r in self.circuits.values() if g.name in r.guests]
             if len(mine) >= g.limits.circuits:
@@ -361,20 +362,22 @@ class Operator:
         cid, self.next_circuit = self.next_circuit, self.next_circuit + 1
         local = self._source_endpoint(conn.guest, msg.remote)
         mine = p.Circuit(cid, kind, 0, size, size, local, msg.remote, request=msg.request)
-        theirs = p.Circuit(cid, kind, 1, size, size, msg.remote, local)
-        self._track(cid, (conn.guest.name, dest.name), (local, msg.remote), fds0, fds1)
-        listener.queue.append(Pending(theirs, fds1))
+        self._track(cid, (conn.guest.name, dest.name), (local, msg.remote), fds0, fds1,
+                    memory=2 * size + DATA_OFFSET)
+        listener.queue.append(Pending((cid, kind, 1, size, size, msg.remote, local), fds1))
+        # The listening side first: it has more to do (wake, attach, read)
+        # before the connector's first bytes get an answer.
+        self._deliver(listener)
         try:
             conn.reply(mine, fds0)
         finally:
             p.close_all(fds0)
-        self._deliver(listener)
 
     def _track(self, cid: int, guests: tuple[str, str], endpoints: tuple, fds0: list[int],
-               fds1: list[int]) -> None:
+               fds1: list[int], memory: int) -> None:
         """Keep the memory and each side's ringing end (fds[2]) for accounting."""
         record = Record(cid, guests, endpoints, os.dup(fds0[0]), [os.dup(fds0[2]), os.dup(fds1[2])],
-                        memory=os.fstat(fds0[0]).st_size)
+                        memory=memory)
         self.circuits[cid] = record
         for side, fd in enumerate(record.rings):
             self.loop.add_reader(fd, self._side_gone, record, side)

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from circuits import protocol as p
+from circuits.ring import ring_end_alive
 from circuits.ring.inspect import Inspector
 
 
@@ -37,13 +38,7 @@ class Record:
     def side_alive(self, side: int) -> bool:
         """Called when side's ringing end is readable: hung up, or bytes a
         guest wrote into its own bell (drained here, never taken for death)."""
-        try:
-            with socket.socket(fileno=os.dup(self.rings[side])) as s:
-                return s.recv(4096, socket.MSG_DONTWAIT) != b""
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
+        return ring_end_alive(self.rings[side])
 
     def side_gone(self, side: int) -> bool:
         """Forget side `side`; True when both sides are gone."""

@@ -7,16 +7,16 @@ way with ``create()`` and hands each side its descriptors.
 from __future__ import annotations
 
 import os
-import socket
 
-from circuits.ring._ring import lib
+from circuits.ring._ring import ffi, lib
 from circuits.ring.endpoint import Circuit, CircuitSpec, Kind, ViewError
 
-__all__ = ["Circuit", "CircuitSpec", "Kind", "ViewError", "create", "pair",
-           "MIN_RING", "MAX_RING"]
+__all__ = ["Circuit", "CircuitSpec", "Kind", "ViewError", "create", "endpoint_fds", "pair", "ring_end_alive",
+           "MIN_RING", "MAX_RING", "DATA_OFFSET"]
 
 MIN_RING: int = lib.CIRCUIT_MIN_RING
 MAX_RING: int = lib.CIRCUIT_MAX_RING
+DATA_OFFSET: int = lib.CIRCUIT_DATA_OFFSET  # header and control pages, then the data areas
 DEFAULT_RING = 1 << 20
 
 
@@ -29,31 +29,20 @@ def create(spec: CircuitSpec) -> int:
     return fd
 
 
-def _doorbell() -> tuple[int, int]:
-    """A doorbell: (the end its side sleeps on, the end that rings it)."""
-    sleep_end, ring_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    return sleep_end.detach(), ring_end.detach()
-
-
 def endpoint_fds(spec: CircuitSpec) -> tuple[list[int], list[int]]:
     """Everything two sides need: [memfd, bell, self_bell, peer_bell] for
     side 0 and for side 1.  Every descriptor is new and close-on-exec."""
-    made: list[int] = []
-    try:
-        made.append(create(spec))
-        made.extend(_doorbell())
-        made.extend(_doorbell())
-        memfd, bell0, ring0, bell1, ring1 = made
-        made.append(os.dup(ring1))
-        made.append(os.dup(memfd))
-        made.append(os.dup(ring0))
-    except OSError:  # out of descriptors half-way: give back what was made
-        for fd in made:
-            os.close(fd)
-        raise
-    side0 = [memfd, bell0, ring0, made[5]]
-    side1 = [made[6], bell1, ring1, made[7]]
-    return side0, side1
+    side0, side1 = ffi.new("int[4]"), ffi.new("int[4]")
+    rc = lib.circuit_create_endpoints(spec.params(), side0, side1)
+    if rc < 0:
+        raise OSError(-rc, f"cannot create circuit {spec}: {os.strerror(-rc)}")
+    return list(side0), list(side1)
+
+
+def ring_end_alive(fd: int) -> bool:
+    """For a creator holding a duplicate of a side's self_bell: False once
+    that side is gone.  Never blocks; drains what the side rang itself with."""
+    return bool(lib.circuit_ring_end_alive(fd))
 
 
 def pair(kind: Kind = "stream", size: int = DEFAULT_RING,

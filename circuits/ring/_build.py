@@ -8,7 +8,7 @@ from pathlib import Path
 from cffi import FFI
 
 CSRC = Path("circuits/ring/csrc")
-SOURCES = ["map.c", "state.c", "bell.c", "ring.c", "wait.c", "stream.c", "dgram.c", "io.c"]
+SOURCES = ["map.c", "endpoints.c", "state.c", "bell.c", "ring.c", "wait.c", "stream.c", "dgram.c", "io.c"]
 
 CDEF = """
 #define CIRCUIT_STREAM ...
@@ -33,6 +33,8 @@ struct circuit_fds { int bell; int self_bell; int peer_bell; };
 
 uint64_t circuit_object_size(const struct circuit_params *p);
 int circuit_create(const struct circuit_params *p);
+int circuit_create_endpoints(const struct circuit_params *p, int side0[4], int side1[4]);
+int circuit_ring_end_alive(int fd);
 int circuit_attach(int memfd, const struct circuit_fds *fds,
                    const struct circuit_params *p, int side, struct circuit **out);
 void circuit_set_spin(struct circuit *c, uint32_t spin_ns);

@@ -61,6 +61,20 @@ uint64_t circuit_object_size(const struct circuit_params *p);
 /* Create a sealed memfd holding an initialised circuit.  Returns fd or -errno. */
 int circuit_create(const struct circuit_params *p);
 
+/*
+ * Create a circuit and both sides' descriptors (endpoints.c): side0 and
+ * side1 each get [memfd, bell, self_bell, peer_bell], all new and
+ * close-on-exec.  Returns 0 or -errno (nothing is left open on failure).
+ */
+int circuit_create_endpoints(const struct circuit_params *p, int side0[4], int side1[4]);
+
+/*
+ * For a creator holding a duplicate of a side's self_bell: 0 once that side
+ * is gone (its bell closed), 1 while it lives.  Drains what is queued, and
+ * never blocks.
+ */
+int circuit_ring_end_alive(int fd);
+
 /* The descriptors of one endpoint besides the memory. */
 struct circuit_fds {
     int bell;      /* our doorbell's end we sleep on; only we hold it */

@@ -45,7 +45,8 @@ struct circuit {
     int side;
     uint32_t kind;
     int bell, self_bell, peer_bell; /* doorbells (bell.c); -1 once released */
-    void *map;             /* header and control pages */
+    void *map;             /* the whole object, data areas mirrored (map.c) */
+    uint64_t map_size;     /* bytes of address space map spans */
     struct circuit_header *hdr;
     struct circuit_ctrl *ctrl;
     struct circuit_ring tx, rx;

@@ -9,6 +9,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <stddef.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +21,19 @@
 
 #define DEFAULT_SPIN_NS 50000u
 #define REQUIRED_SEALS (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)
+
+/* Spinning only pays with another CPU to run the peer.  Asked once: the
+ * answer costs an open and a read of /sys, a good part of a setup. */
+static uint32_t default_spin_ns(void)
+{
+    static int cpus; /* 0: not asked yet */
+    int n = __atomic_load_n(&cpus, __ATOMIC_RELAXED);
+    if (!n) {
+        n = (int)sysconf(_SC_NPROCESSORS_ONLN);
+        __atomic_store_n(&cpus, n > 0 ? n : 1, __ATOMIC_RELAXED);
+    }
+    return n > 1 ? DEFAULT_SPIN_NS : 0;
+}
 
 static bool valid_ring_size(uint64_t n)
 {
@@ -51,6 +65,25 @@ static void expected_header(const struct circuit_params *p, struct circuit_heade
     h->area[1].size = p->size[1];
 }
 
+/* Write the initial header and control lines with pwrite: cheaper than
+ * mapping pages a creator (the operator) never touches again. */
+static int init_object(int fd, const struct circuit_params *p)
+{
+    struct circuit_header h;
+    expected_header(p, &h);
+    if (pwrite(fd, &h, sizeof(h), 0) != (ssize_t)sizeof(h))
+        return -EIO;
+    /* Both consumers start armed: the first data rings even a poller that
+     * never called in (docs/circuit-format.md, "Doorbells"). */
+    static const uint32_t armed = 1;
+    for (int d = 0; d < 2; d++) {
+        off_t at = CIRCUIT_CTRL_OFFSET + (off_t)offsetof(struct circuit_ctrl, dir[d].cons_wait);
+        if (pwrite(fd, &armed, sizeof(armed), at) != (ssize_t)sizeof(armed))
+            return -EIO;
+    }
+    return 0;
+}
+
 int circuit_create(const struct circuit_params *p)
 {
     uint64_t total = circuit_object_size(p);
@@ -60,36 +93,15 @@ int circuit_create(const struct circuit_params *p)
     if (fd < 0)
         return -errno;
     int err = 0;
-    if (ftruncate(fd, (off_t)total) < 0) {
+    if (ftruncate(fd, (off_t)total) < 0 || fcntl(fd, F_ADD_SEALS, REQUIRED_SEALS) < 0)
         err = -errno;
-        goto fail;
-    }
-    void *hdr = mmap(NULL, CIRCUIT_PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (hdr == MAP_FAILED) {
-        err = -errno;
-        goto fail;
-    }
-    expected_header(p, hdr);
-    munmap(hdr, CIRCUIT_PAGE);
-    /* Both consumers start armed: the first data rings even a poller that
-     * never called in (docs/circuit-format.md, "Doorbells"). */
-    void *ctl = mmap(NULL, CIRCUIT_PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
-                     CIRCUIT_CTRL_OFFSET);
-    if (ctl == MAP_FAILED) {
-        err = -errno;
-        goto fail;
-    }
-    for (int d = 0; d < 2; d++)
-        ((struct circuit_ctrl *)ctl)->dir[d].cons_wait = 1;
-    munmap(ctl, CIRCUIT_PAGE);
-    if (fcntl(fd, F_ADD_SEALS, REQUIRED_SEALS) < 0) {
-        err = -errno;
-        goto fail;
+    else
+        err = init_object(fd, p);
+    if (err) {
+        close(fd);
+        return err;
     }
     return fd;
-fail:
-    close(fd);
-    return err;
 }
 
 /* The object must be sealed against resizing (seals first: only then can its
@@ -117,18 +129,36 @@ static int check_header(const struct circuit_header *shared,
     return memcmp(&got, &want, 64) == 0 ? 0 : -EPROTO;
 }
 
-/* Map `size` bytes of memfd at `offset` twice, back to back. */
-static uint8_t *map_mirror(int memfd, uint64_t offset, uint64_t size)
+/*
+ * Map the whole object with each data area twice, back to back, in one
+ * reserved span and three file mappings (fewer mappings: cheaper setup and
+ * teardown).  File layout: [hdr+ctrl | area0 | area1].  Span layout:
+ *
+ *   [hdr+ctrl | area0 | area0' | area1 | area1']
+ *    `-- map 1 -------'
+ *                     `- map 2 -------'
+ *                                      `- map 3'
+ *
+ * map 1 is file [0, D + s0), map 2 is file [D, D + s0 + s1) (the mirror of
+ * area0 followed by area1) and map 3 is file [D + s0, D + s0 + s1).
+ */
+static uint8_t *map_object(int memfd, uint64_t s0, uint64_t s1, uint64_t *span)
 {
-    uint8_t *base = mmap(NULL, 2 * size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    const uint64_t d = CIRCUIT_DATA_OFFSET;
+    *span = d + 2 * s0 + 2 * s1;
+    uint8_t *base = mmap(NULL, *span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (base == MAP_FAILED)
         return NULL;
-    for (int half = 0; half < 2; half++) {
-        void *want = base + half * size;
-        void *got = mmap(want, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
-                         memfd, (off_t)offset);
-        if (got != want) {
-            munmap(base, 2 * size);
+    const struct { uint64_t at, len, off; } maps[3] = {
+        {0, d + s0, 0},
+        {d + s0, s0 + s1, d},
+        {d + 2 * s0 + s1, s1, d + s0},
+    };
+    for (int i = 0; i < 3; i++) {
+        void *want = base + maps[i].at;
+        if (mmap(want, maps[i].len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, memfd,
+                 (off_t)maps[i].off) != want) {
+            munmap(base, *span);
             return NULL;
         }
     }
@@ -149,11 +179,7 @@ static void init_ring(struct circuit_ring *r, struct circuit_dir_ctrl *ctrl,
 static void unmap_all(struct circuit *c)
 {
     if (c->map)
-        munmap(c->map, CIRCUIT_DATA_OFFSET);
-    if (c->tx.data)
-        munmap(c->tx.data, 2 * c->tx.size);
-    if (c->rx.data)
-        munmap(c->rx.data, 2 * c->rx.size);
+        munmap(c->map, c->map_size);
 }
 
 int circuit_attach(int memfd, const struct circuit_fds *fds,
@@ -176,11 +202,10 @@ int circuit_attach(int memfd, const struct circuit_fds *fds,
     c->peer_bell = fds->peer_bell;
     pthread_mutex_init(&c->bell_lock, NULL);
     pthread_mutex_init(&c->state_lock, NULL);
-    c->spin_ns = sysconf(_SC_NPROCESSORS_ONLN) > 1 ? DEFAULT_SPIN_NS : 0;
-    c->map = mmap(NULL, CIRCUIT_DATA_OFFSET, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
-    if (c->map == MAP_FAILED) {
-        c->map = NULL;
-        err = -errno;
+    c->spin_ns = default_spin_ns();
+    c->map = map_object(memfd, p->size[0], p->size[1], &c->map_size);
+    if (!c->map) {
+        err = -ENOMEM;
         goto fail;
     }
     c->hdr = c->map;
@@ -189,17 +214,10 @@ int circuit_attach(int memfd, const struct circuit_fds *fds,
     if (err)
         goto fail;
     int tx = side, rx = 1 - side;
-    uint64_t off[2] = {CIRCUIT_DATA_OFFSET, CIRCUIT_DATA_OFFSET + p->size[0]};
-    uint8_t *txd = map_mirror(memfd, off[tx], p->size[tx]);
-    uint8_t *rxd = txd ? map_mirror(memfd, off[rx], p->size[rx]) : NULL;
-    if (!txd || !rxd) {
-        if (txd)
-            munmap(txd, 2 * p->size[tx]);
-        err = -ENOMEM;
-        goto fail;
-    }
-    init_ring(&c->tx, &c->ctrl->dir[tx], txd, p->size[tx]);
-    init_ring(&c->rx, &c->ctrl->dir[rx], rxd, p->size[rx]);
+    uint8_t *area[2] = {(uint8_t *)c->map + CIRCUIT_DATA_OFFSET,
+                        (uint8_t *)c->map + CIRCUIT_DATA_OFFSET + 2 * p->size[0]};
+    init_ring(&c->tx, &c->ctrl->dir[tx], area[tx], p->size[tx]);
+    init_ring(&c->rx, &c->ctrl->dir[rx], area[rx], p->size[rx]);
     /* Our own indices start where the shared ones are now: an endpoint may be
      * attached after the other side began (hand-off between processes). */
     c->tx.local = load_acquire(&c->tx.ctrl->prod);
