@@ -139,11 +139,15 @@ def test_circuit_with_its_four_descriptors(seqpacket):
     msg = Circuit(3, DGRAM, 1, 8192, 4096, Endpoint.parse("10.0.0.1", 9),
                   Endpoint.parse("10.0.0.2", 10), request=42)
     r, w = os.pipe()
+    os.set_inheritable(r, True)
+    os.set_inheritable(w, True)
     send(a, msg, [r, w, r, w])
     got, fds = receive(b)
     assert got == msg and len(fds) == 4
     os.write(fds[1], b"!")
     assert os.read(fds[0], 1) == b"!"
+    # Received descriptors never leak into programs the guest executes.
+    assert all(not os.get_inheritable(fd) for fd in fds)
     for fd in fds + [r, w]:
         os.close(fd)
 

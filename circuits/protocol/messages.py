@@ -22,6 +22,7 @@ FDS_PER_CIRCUIT = 4  # memfd, bell, self_bell, peer_bell (docs/circuit-format.md
 HEADER = struct.Struct("<HHIIBBH")  # version, type, length, request, nfds, flags, reserved
 ENDPOINT = struct.Struct("<16sHBB")  # address (IPv6 form), port, proto, reserved
 TEXT_LEN = struct.Struct("<H")
+V4_MAPPED = b"\0" * 10 + b"\xff\xff"  # ::ffff:a.b.c.d carries an IPv4 address
 
 
 class ProtocolError(Exception):
@@ -44,17 +45,17 @@ class Endpoint:
 
     def pack(self) -> bytes:
         addr = self.address
-        if addr.version == 4:
-            addr = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + addr.packed)
-        return ENDPOINT.pack(addr.packed, self.port, self.proto, 0)
+        packed = V4_MAPPED + addr.packed if addr.version == 4 else addr.packed
+        return ENDPOINT.pack(packed, self.port, self.proto, 0)
 
     @classmethod
     def unpack(cls, raw: bytes) -> Endpoint:
         packed, port, proto, reserved = ENDPOINT.unpack(raw)
         if proto not in (TCP, UDP) or reserved:
             raise ProtocolError(f"bad endpoint: proto {proto}, reserved {reserved}")
-        addr = ipaddress.IPv6Address(packed)
-        return cls(addr.ipv4_mapped or addr, port, proto)
+        if packed[:12] == V4_MAPPED:  # the IPv4 form: most endpoints, decoded cheaply
+            return cls(ipaddress.IPv4Address(packed[12:]), port, proto)
+        return cls(ipaddress.IPv6Address(packed), port, proto)
 
     @classmethod
     def parse(cls, address: str, port: int, proto: int = TCP) -> Endpoint:

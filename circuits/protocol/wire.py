@@ -2,12 +2,17 @@
 length-framed byte streams for VM guests (docs/protocol.md, "Transports")."""
 from __future__ import annotations
 
+import array
 import os
 import socket
 
 from circuits.protocol.messages import HEADER, MAX_MESSAGE, Message, ProtocolError, decode, encode
 
 MAX_FDS = 4  # the most any message carries; more is a protocol error
+# Plain ints: testing an int against socket's IntFlag members goes through enum code.
+_TRUNC, _CTRUNC = int(socket.MSG_TRUNC), int(socket.MSG_CTRUNC)
+_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
+_FDS_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
 
 def send(sock: socket.socket, msg: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
@@ -28,14 +33,13 @@ def receive(sock: socket.socket) -> tuple[Message, list[int]]:
     never leaks descriptors into this process.
     """
     try:
-        data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE + 1, MAX_FDS,
-                                              socket.MSG_CMSG_CLOEXEC)
+        data, fds, flags = _recv_fds(sock)
     except ConnectionResetError:  # closed with our messages unread: gone all the same
         raise EOFError("the other side closed the control socket") from None
     try:
-        if flags & socket.MSG_CTRUNC:
+        if flags & _CTRUNC:
             raise ProtocolError(f"more than {MAX_FDS} descriptors")
-        if flags & socket.MSG_TRUNC or len(data) > MAX_MESSAGE:
+        if flags & _TRUNC or len(data) > MAX_MESSAGE:
             raise ProtocolError(f"message longer than {MAX_MESSAGE} bytes")
         if not data and not fds:
             raise EOFError("the other side closed the control socket")
@@ -43,6 +47,17 @@ def receive(sock: socket.socket) -> tuple[Message, list[int]]:
     except BaseException:
         close_all(fds)
         raise
+
+
+def _recv_fds(sock: socket.socket) -> tuple[bytes, list[int], int]:
+    """recvmsg with close-on-exec descriptors (socket.recv_fds of Python 3.11
+    drops its flags argument, so it cannot give MSG_CMSG_CLOEXEC)."""
+    data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE + 1, _FDS_SPACE, _CLOEXEC)
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, fds.tolist(), flags
 
 
 def close_all(fds: list[int]) -> None:
