@@ -19,6 +19,8 @@ from circuits.ring._ring import ffi, lib
 Kind = Literal["stream", "dgram"]
 _KIND_CODE = {"stream": lib.CIRCUIT_STREAM, "dgram": lib.CIRCUIT_DGRAM}
 _FOREVER = -1
+# The per-call path, looked up once (an attribute of lib costs a lookup per call).
+_send, _recv, _ALL = lib.circuit_send, lib.circuit_recv, lib.CIRCUIT_ALL
 
 
 @dataclass(frozen=True)
@@ -192,10 +194,9 @@ class Circuit:
             self._drop_wview()
         deadline = -1 if not self._timeout else self._deadline()
         if type(data) is bytes:  # passed to C as is: no buffer export
-            rc = lib.circuit_send(self._c, data, len(data), self._flags, deadline)
+            rc = _send(self._c, data, len(data), self._flags, deadline)
         else:
-            rc = lib.circuit_send(self._c, ffi.from_buffer(data), _nbytes(data),
-                                  self._flags, deadline)
+            rc = _send(self._c, ffi.from_buffer(data), _nbytes(data), self._flags, deadline)
         if rc < 0:
             return self._send_failed(rc, data, flags)
         return rc
@@ -210,11 +211,11 @@ class Circuit:
         if self._wview is not None:
             self._drop_wview()
         deadline = -1 if not self._timeout else self._deadline()
-        flags_all = self._flags | lib.CIRCUIT_ALL
+        flags_all = self._flags | _ALL
         n = _nbytes(data)
         # One call carries the whole buffer unless a signal or a timeout stops it.
-        rc = lib.circuit_send(self._c, data if type(data) is bytes else ffi.from_buffer(data),
-                              n, flags_all, deadline)
+        rc = _send(self._c, data if type(data) is bytes else ffi.from_buffer(data),
+                   n, flags_all, deadline)
         if rc == n:
             return
         view = memoryview(data).cast("B")
@@ -237,8 +238,10 @@ class Circuit:
             raise ValueError("buffer too small for requested bytes")
         if self._read_shut:
             return 0
-        rc = lib.circuit_recv(self._c, ffi.from_buffer(buffer, require_writable=True), n,
-                              self._flags, -1 if not self._timeout else self._deadline())
+        # A bytearray is always writable: asking cffi to check costs as much again.
+        ptr = (ffi.from_buffer(buffer) if type(buffer) is bytearray
+               else ffi.from_buffer(buffer, require_writable=True))
+        rc = _recv(self._c, ptr, n, self._flags, -1 if not self._timeout else self._deadline())
         if rc < 0:
             return self._recv_failed(rc, buffer, nbytes, flags)
         if rc > n and not flags & socket.MSG_TRUNC:
