@@ -16,6 +16,7 @@ import pytest
 
 import circuits
 from circuits import protocol as p
+from circuits.operator.admin import request
 from conftest import OPERATOR_CONFIG as CONFIG
 
 def echo(conn) -> None:
@@ -253,6 +254,27 @@ def test_ctl_status_guests_check_and_the_audit_log(operator):
     entry = json.loads(audit[-1])
     assert entry["from"] == "web" and entry["to"] == "10.0.0.3" and entry["port"] == 80
     assert entry["verdict"] == "deny" and entry["rule"] == "default"
+
+
+def test_a_silent_admin_client_stalls_nobody(operator):
+    admin = str(Path(operator("web")).parent / "admin.sock")
+    silent = []
+    for _ in range(3):  # connected, never asking
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(admin)
+        silent.append(s)
+    t0 = time.monotonic()
+    with circuits.listen(("10.0.0.2", 5432), control=operator("db")) as lst:
+        serve_echo(lst)
+        with circuits.connect(("10.0.0.2", 5432), control=operator("web")) as conn:
+            conn.sendall(b"ping")
+            assert conn.recv(4) == b"ping"
+    assert request(admin, "status")["ok"]
+    assert time.monotonic() - t0 < 1.5  # the silent ones wait out their 2 s alone
+    for s in silent:  # each is answered with an error once its time is up
+        s.settimeout(10)
+        assert b"TimeoutError" in s.recv(4096)
+        s.close()
 
 
 def test_ctl_circuits_shows_bytes_from_the_ring_and_metrics(operator):

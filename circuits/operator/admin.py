@@ -6,6 +6,7 @@ line (`circuits ctl` speaks it).  Only root may use it: the socket is mode
 """
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -18,12 +19,16 @@ from circuits.operator.config import ConfigError
 from circuits.operator.daemon import Operator
 
 log = logging.getLogger("circuits.operator")
+MAX_CLIENTS = 16  # admin connections served at once
+MAX_REQUEST = 64 * 1024
+CLIENT_TIMEOUT = 2.0  # seconds for a client to ask, and to take its answer
 
 
 class AdminServer:
     def __init__(self, op: Operator):
         self.op = op
         self.path = op.config.admin_socket
+        self.tasks: set[asyncio.Task] = set()
 
     def start(self, loop) -> None:
         self.loop = loop
@@ -38,6 +43,8 @@ class AdminServer:
         loop.add_reader(self.sock, self._accept)
 
     def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
         self.loop.remove_reader(self.sock)
         self.sock.close()
         if os.path.exists(self.path):
@@ -48,21 +55,42 @@ class AdminServer:
             conn, _ = self.sock.accept()
         except BlockingIOError:
             return
+        if len(self.tasks) >= MAX_CLIENTS:  # a flood of idle clients cannot pile up
+            conn.close()
+            return
+        conn.setblocking(False)
+        task = self.loop.create_task(self._serve(conn))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        """One request, one answer; a slow or silent client never stalls the loop."""
         with conn:
-            pid, uid, gid = struct.unpack("3i", conn.getsockopt(
-                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-            conn.settimeout(2)
             try:
+                uid = struct.unpack("3i", conn.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
                 if uid != 0:
                     raise PermissionError("the admin socket is for root only")
-                line = conn.makefile("r").readline()
+                line = await asyncio.wait_for(self._read_line(conn), CLIENT_TIMEOUT)
                 answer = {"ok": True, "result": self.handle(json.loads(line))}
             except Exception as e:  # an answer for every request, whatever went wrong
                 answer = {"ok": False, "error": f"{type(e).__name__}: {e}"}
             try:
-                conn.sendall(json.dumps(answer).encode() + b"\n")
-            except OSError:
+                await asyncio.wait_for(self.loop.sock_sendall(
+                    conn, json.dumps(answer).encode() + b"\n"), CLIENT_TIMEOUT)
+            except (OSError, asyncio.TimeoutError):
                 pass
+
+    async def _read_line(self, conn: socket.socket) -> bytes:
+        data = b""
+        while b"\n" not in data:
+            chunk = await self.loop.sock_recv(conn, 4096)
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > MAX_REQUEST:
+                raise ValueError(f"request longer than {MAX_REQUEST} bytes")
+        return data.split(b"\n", 1)[0]
 
     def handle(self, req: dict):
         cmd = req.get("cmd")
