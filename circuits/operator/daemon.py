@@ -125,6 +125,7 @@ class Operator:
         self.next_port: dict[str, int] = {}
         self.setups: dict[str, deque[float]] = {}
         self.circuits: dict[int, Record] = {}
+        self.usage: dict[str, list[int]] = {}  # guest -> [open circuits, circuit memory]
         self.counters: dict[tuple[str, str], int] = {}  # (metric, guest) -> count
         self.started = time.time()
         self.audit = _open_audit(config.audit_log)
@@ -160,6 +161,7 @@ class Operator:
                     self.loop.remove_reader(fd)
             record.close()  # the circuits themselves go on: we only let go
         self.circuits.clear()
+        self.usage.clear()
         if self.audit:
             self.audit.close()
         for srv in self.servers:
@@ -346,10 +348,10 @@ class Operator:
         """Open circuits (EMFILE) and circuit memory (ENOBUFS), for each guest."""
         cost = 2 * size + DATA_OFFSET
         for g in guests:
-            mine = [r for r in self.circuits.values() if g.name in r.guests]
-            if len(mine) >= g.limits.circuits:
+            count, memory = self.usage.get(g.name, (0, 0))
+            if count >= g.limits.circuits:
                 raise Refused(errno.EMFILE, f"guest {g.name}: {g.limits.circuits} circuits open")
-            if sum(r.memory for r in mine) + cost > g.limits.memory:
+            if memory + cost > g.limits.memory:
                 raise Refused(errno.ENOBUFS, f"guest {g.name}: circuit memory limit reached")
 
     def _make_circuit(self, conn: GuestConn, msg: p.Connect, listener: Listener) -> None:
@@ -379,8 +381,16 @@ class Operator:
         record = Record(cid, guests, endpoints, os.dup(fds0[0]), [os.dup(fds0[2]), os.dup(fds1[2])],
                         memory=memory)
         self.circuits[cid] = record
+        self._use(record, +1)
         for side, fd in enumerate(record.rings):
             self.loop.add_reader(fd, self._side_gone, record, side)
+
+    def _use(self, record: Record, sign: int) -> None:
+        """Count a circuit in (or out of) its guests' usage, once per guest."""
+        for guest in set(record.guests):
+            use = self.usage.setdefault(guest, [0, 0])
+            use[0] += sign
+            use[1] += sign * record.memory
 
     def _side_gone(self, record: Record, side: int) -> None:
         """A side's bell closed (the ringing end we hold hangs up)."""
@@ -388,7 +398,8 @@ class Operator:
             return
         self.loop.remove_reader(record.rings[side])
         if record.side_gone(side):
-            self.circuits.pop(record.circuit_id, None)
+            if self.circuits.pop(record.circuit_id, None) is not None:
+                self._use(record, -1)
             record.close()
 
 
