@@ -28,6 +28,7 @@ class Connection(Circuit):
 
     local: p.Endpoint
     remote: p.Endpoint
+    circuit_id: int  # the operator's name for it (`circuits ctl circuits` shows it)
 
     def getsockname(self) -> Address:
         return (str(self.local.address), self.local.port)
@@ -39,7 +40,7 @@ class Connection(Circuit):
 def _connection(msg: p.Circuit, fds: list[int]) -> Connection:
     kind = "stream" if msg.kind == p.STREAM else "dgram"
     conn = Connection(*fds, CircuitSpec(kind, msg.side, (msg.size0, msg.size1)))
-    conn.local, conn.remote = msg.local, msg.remote
+    conn.local, conn.remote, conn.circuit_id = msg.local, msg.remote, msg.circuit_id
     return conn
 
 

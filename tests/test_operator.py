@@ -214,7 +214,8 @@ def test_restarted_operator_serves_and_listeners_come_back(operator):
     """kill -9, restart: new setups within a second; listeners re-register by themselves."""
     lst = circuits.listen(("10.0.0.2", 5432), control=operator("db"))
     serve_echo(lst, count=2)
-    circuits.connect(("10.0.0.2", 5432), control=operator("web")).close()
+    with circuits.connect(("10.0.0.2", 5432), control=operator("web")) as before:
+        old_id = before.circuit_id
     operator.proc.kill()
     operator.proc.wait(10)
     operator.proc = subprocess.Popen(
@@ -230,6 +231,7 @@ def test_restarted_operator_serves_and_listeners_come_back(operator):
     ready = time.monotonic() - t0
     conn.sendall(b"again")
     assert conn.recv(10) == b"again"
+    assert conn.circuit_id > old_id  # never the name of a circuit that outlived the kill
     assert ready < 5  # start-up of a fresh Python process included; the issue asks 1 s of serving
     lst.close()
 

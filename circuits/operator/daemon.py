@@ -121,7 +121,10 @@ class Operator:
         self.listeners: dict[tuple, Listener] = {}
         self.conns: set[GuestConn] = set()
         self.servers: list[socket.socket] = []
-        self.next_circuit = 1
+        # Ids stay unique across restarts (circuits outlive an operator): they
+        # start from the clock in microseconds, and no operator sets up a
+        # circuit per microsecond, so a successor starts above every old id.
+        self.next_circuit = time.time_ns() // 1000
         self.next_port: dict[str, int] = {}
         self.setups: dict[str, deque[float]] = {}
         self.circuits: dict[int, Record] = {}
