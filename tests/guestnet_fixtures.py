@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from circuits.operator import child
+from circuits.operator.admin import request
 
 
 def _why_not() -> str:
@@ -127,7 +128,20 @@ class NetOperator:
         return f"circuits-{guest}"
 
     def start(self) -> None:
+        """Start the operator and wait until it answers on its admin socket
+        (after a kill -9 the old control sockets are still there: child.start
+        alone may return before the new operator has set anything up)."""
         self.proc = child.start(str(self.config))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if request(str(self.dir / "admin.sock"), "status")["ok"]:
+                    return
+            except OSError:
+                pass
+            assert self.proc.poll() is None, "the operator exited"
+            assert time.monotonic() < deadline, "the operator did not answer"
+            time.sleep(0.05)
 
     def stop(self) -> None:
         if self.proc is not None:
