@@ -219,7 +219,8 @@ class _Checker:
         for other in guests.values():
             if other.mark == mark:
                 how = "" if "mark" in g else " (its default, from its name; set mark = ... to choose)"
-                self.fail(line, f"guest {name!r}: mark {mark:#x} is guest {other.name!r}'s too{how}")
+                self.fail(line, f"guest {name!r}: mark {mark:#x} is already the mark of guest"
+                          f" {other.name!r}{how}")
         return mark
 
     def limits(self, table: dict, i: int) -> Limits:
