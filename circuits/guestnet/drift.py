@@ -14,8 +14,10 @@ from circuits.guestnet.namespace import ns_name
 def guest_problems(guest: str, marker: str | None) -> list[str]:
     """[] when the guest's namespace is as it was set up."""
     name = ns_name(guest)
-    if marker is None or not namespace.exists(name):
+    if not namespace.exists(name):
         return [f"guest {guest}: its network namespace {name} is gone"]
+    if marker is None:
+        return [f"guest {guest}: the network namespace {name} was not made by circuits"]
     if namespace.marker(name) != marker:
         return [f"guest {guest}: its network namespace {name} was replaced by one that is not"
                 f" the operator's"]

@@ -79,8 +79,10 @@ def remove_netns(state: dict, name: str) -> str:
     """Remove a recorded namespace if it is still ours; forget it either way.
     Returns what was done, in words."""
     entry = state["namespaces"].pop(name, None)
-    if entry is None or not namespace.exists(name):
+    if not namespace.exists(name):
         return f"network namespace {name}: already gone"
+    if entry is None:
+        return f"network namespace {name}: not made by circuits, left alone"
     if not is_ours(name, entry["marker"]):
         log.warning("network namespace %s is not ours any more (its marker differs): kept", name)
         return f"network namespace {name}: not ours any more, kept"

@@ -11,6 +11,7 @@ prints it.
 from __future__ import annotations
 
 from circuits.guestnet import nft
+from circuits.guestnet.errors import GuestNetError
 
 TABLE = "circuits"
 # family -> hook -> accept loopback first?
@@ -60,7 +61,7 @@ def install(netns: str, marker: str) -> None:
             for f in CHAINS if (f, TABLE) in present]
     nft.run(drop + commands(marker), netns)
     if wrong := problems(netns, marker):
-        raise nft.GuestNetError(f"the ruleset in {netns} did not read back as installed: {wrong}")
+        raise GuestNetError(f"the ruleset in {netns} did not read back as installed: {wrong}")
 
 
 def problems(netns: str, marker: str) -> list[str]:
