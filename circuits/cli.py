@@ -124,7 +124,9 @@ def guest_up(name: str, config_path: str) -> None:
     from circuits.guestnet.ownership import Owned
 
     config = _load(config_path)
-    _guest(config, name)
+    if not _guest(config, name).netns:
+        raise click.ClickException(f"guest {name!r} has no namespace: set netns = true for it"
+                                   f" in {config_path}")
     click.echo(_guestnet_call(network.up, Owned(config.guestnet_state), name))
 
 

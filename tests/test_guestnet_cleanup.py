@@ -70,6 +70,8 @@ def test_guest_up_list_and_down_without_an_operator(netop_stopped):
     assert name not in netns_list()
     assert state(op)["namespaces"] == {}
     assert "MISSING" in next(line for line in op.guest("list").stdout.splitlines() if op.a in line)
+    plain = op.guest("up", op.c)
+    assert plain.returncode != 0 and "set netns = true" in plain.stderr
 
 
 def test_down_keeps_a_namespace_that_someone_else_made_again(netop_stopped):

@@ -45,10 +45,9 @@ def commands(marker: str) -> list[dict]:
 
 def expected(marker: str) -> dict[str, list[dict]]:
     """Each table's canonical shape, by family, as it must stay."""
-    items = [next(iter(c["add"].values())) for c in commands(marker)]
-    kinds = [next(iter(c["add"])) for c in commands(marker)]
     by_family: dict[str, list[dict]] = {}
-    for kind, body in zip(kinds, items):
+    for command in commands(marker):
+        (kind, body), = command["add"].items()
         by_family.setdefault(body["family"], []).append({kind: dict(body)})
     return {f: nft.canonical(v) for f, v in by_family.items()}
 

@@ -28,12 +28,15 @@ def netns_path(name: str) -> str:
 
 
 def setns(path: str) -> None:
-    """Move the calling thread into the network namespace bound at `path`."""
+    """Move the calling thread into the network namespace bound at `path`,
+    and check that it is there (a wrong namespace would be a silent disaster)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if _libc.setns(fd, CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"setns({path}): {os.strerror(err)}")
+        if os.stat("/proc/thread-self/ns/net").st_ino != os.fstat(fd).st_ino:
+            raise GuestNetError(f"setns({path}) did not move this thread into it")
     finally:
         os.close(fd)
 
@@ -60,7 +63,3 @@ def within(netns: str | None, fn: Callable[..., T], *args) -> T:
         raise result["error"]  # type: ignore[misc]
     return result["value"]  # type: ignore[return-value]
 
-
-def current_netns_inode() -> int:
-    """The inode of the calling thread's network namespace (to check where we are)."""
-    return os.stat("/proc/thread-self/ns/net").st_ino
