@@ -9,8 +9,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 from circuits.guestnet import enter, ruleset
 from guestnet_fixtures import netop, requires_netns, scratch_ns, sh  # noqa: F401
 
