@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# What a fresh Debian machine lacks to build the C core and the venv.
-APT_PACKAGES := build-essential python3-dev python3-venv libffi-dev
+# What a fresh Debian machine lacks to build the C core and the venv, and what
+# guests in network namespaces need (libnftables1 is what pip-nftables wraps;
+# the nft command is for tests that play an admin, and for people).
+APT_PACKAGES := build-essential python3-dev python3-venv libffi-dev nftables libnftables1
 STAMP := $(VENV)/.installed
 
 .PHONY: setup deps demo test ctest bench clean

@@ -20,16 +20,32 @@ def operator(config_path: str, verbose: bool) -> None:
     """Run the switch operator in the foreground (logs to stderr; SIGTERM stops it)."""
     import logging
 
-    from circuits.operator.config import ConfigError, load
+    from circuits.guestnet import GuestNetError
     from circuits.operator.main import run
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = _load(config_path)
     try:
-        config = load(config_path)
+        run(config)
+    except GuestNetError as e:
+        raise click.ClickException(f"the operator cannot start: {e}") from None
+
+
+def _load(config_path: str):
+    """The configuration, or a clean error naming its line."""
+    from circuits.operator.config import ConfigError, load
+
+    try:
+        return load(config_path)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    run(config)
+
+
+def _guest(config, name: str):
+    if name not in config.guests:
+        raise click.ClickException(f"no guest {name!r} in {config.path}")
+    return config.guests[name]
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -38,28 +54,118 @@ def operator(config_path: str, verbose: bool) -> None:
               help="The operator's TOML file, to find the guest's control socket.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(guest: str, config_path: str, command: tuple[str, ...]) -> None:
-    """Run COMMAND as a guest: its control socket in CIRCUITS_CONTROL."""
+    """Run COMMAND as a guest: its control socket in CIRCUITS_CONTROL.
+
+    A guest with `netns = true` runs inside its network namespace, without
+    CAP_NET_RAW, CAP_NET_ADMIN and CAP_SYS_ADMIN (docs/guests.md)."""
     import os
 
     from circuits.client import Control
-    from circuits.operator.config import ConfigError, load
 
-    try:
-        config = load(config_path)
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
-    if guest not in config.guests:
-        raise click.ClickException(f"no guest {guest!r} in {config_path}")
-    path = config.guests[guest].control
+    config = _load(config_path)
+    path = _guest(config, guest).control
     try:
         Control(path).close()  # is the operator there? never fall back to the kernel's network
     except OSError as e:
         raise click.ClickException(f"the operator does not answer for guest {guest!r}: {e}")
     env = {**os.environ, "CIRCUITS_CONTROL": path, "CIRCUITS_GUEST": guest}
+    if config.guests[guest].netns:
+        _confine(config, guest)
     try:
         os.execvpe(command[0], list(command), env)
     except OSError as e:
         raise click.ClickException(f"cannot run {command[0]}: {e.strerror}") from None
+
+
+def _confine(config, guest: str) -> None:
+    """Move this process into the guest's namespace, once it is there as set
+    up, and drop the capabilities: never run a namespaced guest with the
+    host's network."""
+    from circuits.guestnet import GuestNetError, drift, enter
+    from circuits.guestnet.errors import require_root
+    from circuits.guestnet.namespace import ns_name
+    from circuits.guestnet.ownership import Owned
+
+    try:
+        require_root(f"running in guest {guest}'s namespace")
+        name = ns_name(guest)
+        if problems := drift.guest_problems(guest, Owned(config.guestnet_state).netns_marker(name)):
+            raise click.ClickException("the guest's namespace is not as set up, not running: "
+                                       + "; ".join(problems))
+        enter.confine(name)
+    except GuestNetError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot enter guest {guest}'s namespace: {e}") from None
+
+
+@main.group()
+def guest() -> None:
+    """Guests' network namespaces (for guests with `netns = true`; root only)."""
+
+
+def _guestnet_call(fn, *args):
+    from circuits.guestnet import GuestNetError
+
+    try:
+        return fn(*args)
+    except GuestNetError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@guest.command("up")
+@click.argument("name")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="The operator's TOML file.")
+def guest_up(name: str, config_path: str) -> None:
+    """Make guest NAME's namespace with loopback only and its ruleset (or
+    install the ruleset again in the one made before)."""
+    from circuits.guestnet import network
+    from circuits.guestnet.ownership import Owned
+
+    config = _load(config_path)
+    if not _guest(config, name).netns:
+        raise click.ClickException(f"guest {name!r} has no namespace: set netns = true for it"
+                                   f" in {config_path}")
+    click.echo(_guestnet_call(network.up, Owned(config.guestnet_state), name))
+
+
+@guest.command("down")
+@click.argument("name")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="The operator's TOML file.")
+def guest_down(name: str, config_path: str) -> None:
+    """Remove guest NAME's namespace and ruleset, if circuits made them."""
+    from circuits.guestnet import network
+    from circuits.guestnet.ownership import Owned
+
+    config = _load(config_path)
+    _guest(config, name)
+    click.echo(_guestnet_call(network.down, Owned(config.guestnet_state), name))
+
+
+@guest.command("list")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="The operator's TOML file.")
+def guest_list(config_path: str) -> None:
+    """Every guest: its namespace, ruleset, interfaces and dropped packets."""
+    from circuits.guestnet import network
+    from circuits.guestnet.errors import require_root
+    from circuits.guestnet.ownership import Owned
+
+    config = _load(config_path)
+    _guestnet_call(require_root, "circuits guest list")
+    owned = Owned(config.guestnet_state)
+    rows = []
+    for g in config.guests.values():
+        st = _guestnet_call(network.status, owned, g.name)
+        up = st.netns or g.netns
+        rows.append({"name": g.name, "netns": ("yes" if st.netns else "MISSING") if up else "-",
+                     "ruleset": ("ok" if st.ruleset_ok else "BROKEN") if up else "-",
+                     "interfaces": st.interfaces if st.netns else "-",
+                     "dropped": st.dropped if st.netns else "-", "mark": f"{g.mark:#x}",
+                     "problems": st.problems if up else []})
+    _table("guests", rows)
 
 
 @main.group()
@@ -115,9 +221,15 @@ def _table(title: str, rows: list[dict]) -> None:
 @ctl.command("status")
 @click.pass_context
 def ctl_status(ctx: click.Context) -> None:
-    """The operator's state in one line each."""
-    for key, value in _ask(ctx, "status").items():
+    """The operator's state in one line each; drift as errors (exit 1)."""
+    status = _ask(ctx, "status")
+    errors = status.pop("errors", [])
+    for key, value in status.items():
         click.echo(f"{key}: {value}")
+    click.echo(f"errors: {len(errors)}")
+    for error in errors:
+        click.echo(f"error: {error}")
+    ctx.exit(1 if errors else 0)
 
 
 @ctl.command("guests")

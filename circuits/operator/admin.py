@@ -15,6 +15,7 @@ import socket
 import struct
 import time
 
+from circuits.operator import guests as guestnet
 from circuits.operator.config import ConfigError
 from circuits.operator.daemon import Operator
 
@@ -98,7 +99,8 @@ class AdminServer:
         if cmd == "status":
             return {"config": op.config.path, "uptime_s": round(time.time() - op.started, 1),
                     "guests": len(op.config.guests), "connections": len(op.conns),
-                    "listeners": len(op.listeners), "circuits": len(op.circuits)}
+                    "listeners": len(op.listeners), "circuits": len(op.circuits),
+                    "errors": guestnet.problems(op.guestnet)}
         if cmd == "guests":
             return [self._guest(g) for g in op.config.guests.values()]
         if cmd == "circuits":
@@ -152,6 +154,8 @@ class AdminServer:
                [({"guest": g}, n) for g, n in open_by.items()])
         family("sent_bytes", "gauge", "Bytes sent through open circuits, by sending guest.",
                [({"guest": g}, n) for g, n in sent_by.items()])
+        for name, kind, help_, rows in guestnet.metric_families(op.guestnet):
+            family(name, kind, help_, rows)
         return "\n".join(out) + "\n"
 
 

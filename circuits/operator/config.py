@@ -6,8 +6,10 @@ and what is wrong.  The format is documented in docs/policy.md.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import tomllib
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +19,9 @@ DEFAULT_RING = 1 << 20
 NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 SIZE = re.compile(r"^(\d+)\s*(B|KiB|MiB|GiB)?$")
 UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+# A guest's default SO_MARK: "CR" in the high half, 16 bits of its name's CRC
+# below, so it stays the same whatever the order of the file (docs/policy.md).
+MARK_BASE = 0x43520000
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -37,6 +42,7 @@ class Limits:
     ring_size: int = 4 << 20
     setups_per_second: int = 1000
     memory: int = 1 << 30
+    egress_rate: int = 0  # bytes per second through the proxy stack; 0: no limit
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,13 @@ class Guest:
     addresses: tuple[IPAddress, ...]
     control: str
     limits: Limits
+    netns: bool = False  # in its own network namespace, with no network but circuits
+    mark: int = 0  # the SO_MARK of the proxy stack's sockets for this guest
+
+
+def default_mark(name: str) -> int:
+    """A guest's SO_MARK when the file sets none."""
+    return MARK_BASE | (zlib.crc32(name.encode()) & 0xFFFF)
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,12 @@ class Config:
     guests: dict[str, Guest]
     groups: dict[str, frozenset[str]]
     rules: tuple[Rule, ...] = field(default=())
+    host_netns: str = ""  # where the host table goes; "": the operator's own namespace
+
+    @property
+    def guestnet_state(self) -> str:
+        """The file listing the namespaces and tables made for this operator."""
+        return os.path.join(os.path.dirname(self.admin_socket) or ".", "guestnet.json")
 
 
 class _Lines:
@@ -140,7 +159,7 @@ class _Checker:
         self.only(data, {"operator", "groups", "guests", "rules"}, "")
         op = data.get("operator", {})
         self.only(op, {"default", "default_ring", "control_dir", "admin_socket", "audit_log",
-                       "revoke"}, "operator")
+                       "revoke", "host_netns"}, "operator")
         default = op.get("default", "deny")
         if default not in ("allow", "deny"):
             self.fail(self.lines.of("operator", 0, "default"),
@@ -153,16 +172,20 @@ class _Checker:
         guests = self.guests(data.get("guests", []), control_dir)
         groups = self.groups(data.get("groups", {}), guests)
         rules = tuple(self.rule(i, r, guests, groups) for i, r in enumerate(data.get("rules", [])))
+        host_netns = op.get("host_netns", "")
+        if not isinstance(host_netns, str) or "/" in host_netns or host_netns in (".", ".."):
+            self.fail(self.lines.of("operator", 0, "host_netns"),
+                      f"host_netns must be a network namespace's name, not {host_netns!r}")
         return Config(self.path, default == "allow", ring, control_dir,
                       op.get("admin_socket", DEFAULT_ADMIN_SOCKET), op.get("audit_log", ""),
-                      revoke, guests, groups, rules)
+                      revoke, guests, groups, rules, host_netns)
 
     def guests(self, items: list, control_dir: str) -> dict[str, Guest]:
         guests: dict[str, Guest] = {}
         owner: dict[IPAddress, str] = {}
         for i, g in enumerate(items):
             at = lambda key=None, i=i: self.lines.of("guests", i, key)  # noqa: E731
-            self.only(g, {"name", "addresses", "control", "limits"}, "guests", i)
+            self.only(g, {"name", "addresses", "control", "limits", "netns", "mark"}, "guests", i)
             name = g.get("name")
             if not isinstance(name, str) or not NAME.match(name):
                 self.fail(at("name"), f"guest name {name!r}: lower-case letters, digits and -,"
@@ -180,11 +203,29 @@ class _Checker:
                 owner[addr] = name
                 addresses.append(addr)
             control = g.get("control", f"{control_dir}/{name}.sock")
-            guests[name] = Guest(name, tuple(addresses), control, self.limits(g.get("limits", {}), i))
+            netns = g.get("netns", False)
+            if not isinstance(netns, bool):
+                self.fail(at("netns"), f"guest {name!r}: netns must be true or false")
+            guests[name] = Guest(name, tuple(addresses), control, self.limits(g.get("limits", {}), i),
+                                 netns, self.mark(g, name, guests, at("mark")))
         return guests
 
+    def mark(self, g: dict, name: str, guests: dict[str, Guest], line: int) -> int:
+        """The guest's SO_MARK: given, or its default; one guest's only."""
+        mark = g.get("mark", default_mark(name))
+        if not isinstance(mark, int) or isinstance(mark, bool) or not 0 < mark <= 0xFFFFFFFF:
+            self.fail(line, f"guest {name!r}: mark must be a number from 1 to 0xffffffff,"
+                      f" not {mark!r}")
+        for other in guests.values():
+            if other.mark == mark:
+                how = "" if "mark" in g else " (its default, from its name; set mark = ... to choose)"
+                self.fail(line, f"guest {name!r}: mark {mark:#x} is already the mark of guest"
+                          f" {other.name!r}{how}")
+        return mark
+
     def limits(self, table: dict, i: int) -> Limits:
-        self.only(table, {"circuits", "ring_size", "setups_per_second", "memory"}, "guests.limits", i)
+        self.only(table, {"circuits", "ring_size", "setups_per_second", "memory", "egress_rate"},
+                  "guests.limits", i)
         at = lambda key: self.lines.of("guests.limits", i, key)  # noqa: E731
         values = {}
         for key in ("circuits", "setups_per_second"):
@@ -197,6 +238,11 @@ class _Checker:
             values["ring_size"] = self.ring_size(table["ring_size"], "guests.limits", i, "ring_size")
         if "memory" in table:
             values["memory"] = self.size(table["memory"], at("memory"), "memory")
+        if "egress_rate" in table:  # bytes per second: "10 MiB" or "10 MiB/s"
+            rate = table["egress_rate"]
+            if isinstance(rate, str) and rate.endswith("/s"):
+                rate = rate[:-2].rstrip()
+            values["egress_rate"] = self.size(rate, at("egress_rate"), "egress_rate")
         return Limits(**values)
 
     def size(self, value, line: int, what: str) -> int:

@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from circuits import protocol as p
+from circuits.operator import guests as guestnet
 from circuits.operator.config import Config, ConfigError, Guest, load
 from circuits.operator.policy import Policy
 from circuits.operator.table import Record
@@ -132,6 +133,7 @@ class Operator:
         self.counters: dict[tuple[str, str], int] = {}  # (metric, guest) -> count
         self.started = time.time()
         self.audit = _open_audit(config.audit_log)
+        self.guestnet = None  # namespaced guests and the host table, once started
         self.handlers = {p.Hello: self.hello, p.Listen: self.listen, p.Unlisten: self.unlisten,
                          p.Connect: self.connect, p.Accept: self.accept, p.Close: self.close}
 
@@ -140,6 +142,8 @@ class Operator:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Open every guest's control socket and serve it on `loop`."""
         self.loop = loop
+        # Namespaces first: `circuits run` waits for the control sockets, then enters them.
+        self.guestnet = guestnet.start(self.config)
         os.makedirs(self.config.control_dir, exist_ok=True)
         for guest in self.config.guests.values():
             path = guest.control
@@ -174,6 +178,7 @@ class Operator:
             if path and os.path.exists(path):
                 os.unlink(path)
         self.servers.clear()
+        guestnet.stop(self.guestnet)
 
     def on_connection(self, srv: socket.socket, guest: Guest) -> None:
         try:

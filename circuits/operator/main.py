@@ -21,7 +21,12 @@ def run(config: Config) -> None:
     except ImportError:  # pragma: no cover - uvloop is a dependency
         loop = asyncio.new_event_loop()
     op = Operator(config)
-    op.start(loop)
+    try:
+        op.start(loop)
+    except BaseException:  # e.g. namespaces that cannot be made: undo what was
+        op.stop()
+        loop.close()
+        raise
     stop = loop.create_future()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
