@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # What a fresh Debian machine lacks to build the C core and the venv.
-APT_PACKAGES := build-essential python3-dev python3-venv libffi-dev
+APT_PACKAGES := build-essential python3-dev python3-venv libffi-dev curl
 STAMP := $(VENV)/.installed
 
 .PHONY: setup deps demo test ctest bench clean
@@ -18,7 +18,8 @@ deps:
 	  $$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing; \
 	fi
 
-$(STAMP): pyproject.toml setup.py circuits/ring/_build.py $(wildcard circuits/ring/csrc/*)
+$(STAMP): pyproject.toml setup.py circuits/ring/_build.py $(wildcard circuits/ring/csrc/*) \
+          $(wildcard circuits/preload/*.c circuits/preload/*.h)
 	$(MAKE) deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -40,4 +41,5 @@ bench: setup
 	$(VENV)/bin/circuits bench ring
 
 clean:
-	rm -rf $(VENV) build *.egg-info circuits/ring/_ring*.so circuits/ring/_ring.c tests/c/build
+	rm -rf $(VENV) build *.egg-info circuits/ring/_ring*.so circuits/ring/_ring.c \
+	      circuits/preload/*.so tests/c/build

@@ -36,13 +36,17 @@ def operator(config_path: str, verbose: bool) -> None:
 @click.option("--guest", required=True, help="The guest to run as.")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="The operator's TOML file, to find the guest's control socket.")
+@click.option("--no-preload", is_flag=True,
+              help="Do not preload the library (for programs that use the circuits API).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(guest: str, config_path: str, command: tuple[str, ...]) -> None:
-    """Run COMMAND as a guest: its control socket in CIRCUITS_CONTROL."""
+def run(guest: str, config_path: str, no_preload: bool, command: tuple[str, ...]) -> None:
+    """Run COMMAND as a guest: its control socket in CIRCUITS_CONTROL, and the
+    preload library in LD_PRELOAD, which makes its TCP sockets circuits."""
     import os
 
     from circuits.client import Control
     from circuits.operator.config import ConfigError, load
+    from circuits.preload import preload_env
 
     try:
         config = load(config_path)
@@ -56,6 +60,11 @@ def run(guest: str, config_path: str, command: tuple[str, ...]) -> None:
     except OSError as e:
         raise click.ClickException(f"the operator does not answer for guest {guest!r}: {e}")
     env = {**os.environ, "CIRCUITS_CONTROL": path, "CIRCUITS_GUEST": guest}
+    if not no_preload:
+        try:
+            env = preload_env(env)
+        except FileNotFoundError as e:
+            raise click.ClickException(str(e)) from None
     try:
         os.execvpe(command[0], list(command), env)
     except OSError as e:
