@@ -1,0 +1,158 @@
+"""A plain-socket program for the preload tests: it knows nothing of circuits.
+
+    preload_app.py echo-server HOST PORT [COUNT]   echo COUNT connections, each in a thread
+    preload_app.py echo-client HOST PORT MODE SIZE [CONNS]
+        MODE: blocking | select (non-blocking) | timeout (socket timeouts: poll)
+        sends SIZE random bytes on each of CONNS connections (one thread
+        each), checks the echo by sha256, prints "ok", then waits for a line
+        on stdin before closing (so a test can look at the live circuits)
+    preload_app.py connect HOST PORT [nonblock]    print the errno name connect gives
+    preload_app.py recv-interrupted HOST PORT       block in recv until SIGALRM's handler raises
+    preload_app.py unix                             AF_UNIX socketpair and listener round trips
+"""
+import errno
+import hashlib
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+
+
+def echo(conn):
+    with conn:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+
+def echo_server(host, port, count=1):
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as srv:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind((host, int(port)))
+        srv.listen(16)
+        print("listening", srv.getsockname()[1], flush=True)
+        workers = []
+        for _ in range(int(count)):
+            conn, _ = srv.accept()
+            workers.append(threading.Thread(target=echo, args=(conn,)))
+            workers[-1].start()
+        for w in workers:
+            w.join()
+
+
+def pump_blocking(sock, data):
+    got = bytearray()
+    sender = threading.Thread(target=sock.sendall, args=(data,))
+    sender.start()
+    while len(got) < len(data):
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        got += chunk
+    sender.join()
+    return bytes(got)
+
+
+def pump_select(sock, data):
+    sock.setblocking(False)
+    view, sent, got = memoryview(data), 0, bytearray()
+    while len(got) < len(data):
+        want_w = [sock] if sent < len(data) else []
+        r, w, _ = select.select([sock], want_w, [], 10)
+        if not r and not w:
+            raise TimeoutError("select: nothing ready in 10 s")
+        if w:
+            try:
+                sent += sock.send(view[sent:sent + 262144])
+            except BlockingIOError:
+                pass
+        if r:
+            try:
+                chunk = sock.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            got += chunk
+    return bytes(got)
+
+
+def one_client(host, port, mode, size, results):
+    data = os.urandom(size)
+    sock = socket.create_connection((host, int(port)))
+    if mode == "timeout":
+        sock.settimeout(10)
+    got = (pump_select if mode == "select" else pump_blocking)(sock, data)
+    results.append((sock, hashlib.sha256(got).digest() == hashlib.sha256(data).digest()))
+
+
+def echo_client(host, port, mode, size, conns=1):
+    results = []
+    threads = [threading.Thread(target=one_client, args=(host, port, mode, int(size), results))
+               for _ in range(int(conns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    good = len(results) == int(conns) and all(ok for _, ok in results)
+    print("ok" if good else f"bad: {len(results)} results", flush=True)
+    sys.stdin.readline()
+    for sock, _ in results:
+        sock.close()
+
+
+def connect(host, port, mode=""):
+    sock = socket.socket()
+    try:
+        if mode == "nonblock":
+            sock.setblocking(False)
+            try:
+                sock.connect((host, int(port)))
+            except BlockingIOError:
+                select.select([], [sock], [], 5)
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                print("EINPROGRESS", errno.errorcode.get(code, code) if code else "connected")
+                return
+        else:
+            sock.connect((host, int(port)))
+        print("connected")
+    except OSError as e:
+        print(errno.errorcode.get(e.errno, e.errno))
+
+
+def recv_interrupted(host, port):
+    def on_alarm(signum, frame):
+        raise InterruptedError("alarm")
+    signal.signal(signal.SIGALRM, on_alarm)
+    sock = socket.create_connection((host, int(port)))
+    signal.alarm(1)
+    try:
+        sock.recv(10)
+        print("recv returned")
+    except InterruptedError:
+        print("interrupted")
+
+
+def unix():
+    a, b = socket.socketpair()
+    a.sendall(b"ping")
+    assert b.recv(4) == b"ping"
+    path = f"/tmp/preload-app-{os.getpid()}.sock"
+    with socket.socket(socket.AF_UNIX) as srv:
+        srv.bind(path)
+        srv.listen(1)
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(path)
+        s, _ = srv.accept()
+        c.sendall(b"pong")
+        assert s.recv(4) == b"pong"
+        assert select.select([s], [], [], 0)[0] == []
+    os.unlink(path)
+    print("unix ok", a.family.name, srv.family.name)
+
+
+if __name__ == "__main__":
+    cmd, args = sys.argv[1], sys.argv[2:]
+    {"echo-server": echo_server, "echo-client": echo_client, "connect": connect,
+     "recv-interrupted": recv_interrupted, "unix": unix}[cmd](*args)
