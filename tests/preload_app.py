@@ -9,7 +9,11 @@
     preload_app.py connect HOST PORT [nonblock]    print the errno name connect gives
     preload_app.py recv-interrupted HOST PORT       block in recv until SIGALRM's handler raises
     preload_app.py unix                             AF_UNIX socketpair and listener round trips
+    preload_app.py aio-server HOST PORT COUNT LOOP       asyncio echo server for COUNT clients
+    preload_app.py aio-client HOST PORT SIZE CONNS LOOP  asyncio echo clients, checked by sha256
+        LOOP: asyncio (epoll through the selectors module) | uvloop (libuv's epoll)
 """
+import asyncio
 import errno
 import hashlib
 import os
@@ -152,7 +156,60 @@ def unix():
     print("unix ok", a.family.name, srv.family.name)
 
 
+def run_loop(main, loop):
+    if loop == "uvloop":
+        import uvloop
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+def aio_server(host, port, count, loop):
+    async def main():
+        done = asyncio.Event()
+        left = [int(count)]
+
+        async def handle(reader, writer):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+            left[0] -= 1
+            if not left[0]:
+                done.set()
+
+        server = await asyncio.start_server(handle, host, int(port))
+        print("listening", flush=True)
+        await done.wait()
+        server.close()
+    run_loop(main, loop)
+
+
+def aio_client(host, port, size, conns, loop):
+    async def one():
+        data = os.urandom(int(size))
+        reader, writer = await asyncio.open_connection(host, int(port))
+
+        async def send():
+            writer.write(data)
+            await writer.drain()
+            writer.write_eof()
+        sender = asyncio.create_task(send())
+        got = bytearray()
+        while chunk := await reader.read(1 << 20):
+            got += chunk
+        await sender
+        writer.close()
+        return hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+
+    async def main():
+        results = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(int(conns)))), 60)
+        print("ok" if all(results) else f"bad: {results}", flush=True)
+    run_loop(main, loop)
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     {"echo-server": echo_server, "echo-client": echo_client, "connect": connect,
-     "recv-interrupted": recv_interrupted, "unix": unix}[cmd](*args)
+     "recv-interrupted": recv_interrupted, "unix": unix, "aio-server": aio_server,
+     "aio-client": aio_client}[cmd](*args)

@@ -226,3 +226,17 @@ def test_signal_interrupts_a_blocked_recv(operator, guests):
     out, err = guests("web", app("recv-interrupted", "10.0.0.2", "7005")).communicate(timeout=30)
     assert out.strip() == "interrupted", err
     assert time.monotonic() - t0 < 15
+
+
+@pytest.mark.parametrize("conns", [1, 3])
+def test_asyncio_on_both_ends(operator, guests, conns):
+    """asyncio's default loop waits in epoll: the library's epoll_* wrappers."""
+    server = guests("db", app("aio-server", "10.0.0.2", "7006", str(conns), "asyncio"))
+    wait_listening(operator, "db", server)
+    client = guests("web", app("aio-client", "10.0.0.2", "7006", str(2 << 20), str(conns),
+                               "asyncio"))
+    out, err = client.communicate(timeout=60)
+    assert out.strip() == "ok", err
+    server.communicate(timeout=30)
+    assert server.returncode == 0
+    assert f'circuits_setups_total{{guest="web"}} {conns}' in admin(operator, "metrics")

@@ -57,7 +57,11 @@ ssize_t cp_recv(struct cp_sock *s, void *buf, size_t len, int flags)
                                  : circuit_recv(s->c, buf, len, cflags, CIRCUIT_FOREVER);
     if (n == -ESHUTDOWN)
         return 0; /* end of data */
-    return n == -ETIMEDOUT ? -EAGAIN : n;
+    if (n == -EAGAIN || n == -ETIMEDOUT) {
+        __atomic_add_fetch(&s->rx_again, 1, __ATOMIC_RELEASE);
+        return -EAGAIN;
+    }
+    return n;
 }
 
 ssize_t cp_send(struct cp_sock *s, const void *buf, size_t len, int flags)
@@ -72,7 +76,11 @@ ssize_t cp_send(struct cp_sock *s, const void *buf, size_t len, int flags)
     }
     if (n == -EPIPE && !(flags & MSG_NOSIGNAL))
         raise(SIGPIPE);
-    return n == -ETIMEDOUT ? -EAGAIN : n;
+    if (n == -EAGAIN || n == -ETIMEDOUT) {
+        __atomic_add_fetch(&s->tx_again, 1, __ATOMIC_RELEASE);
+        return -EAGAIN;
+    }
+    return n;
 }
 
 /* ---- vectors: one buffer at a time; only the first may wait ------------ */

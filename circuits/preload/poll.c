@@ -29,14 +29,13 @@
 #define ON_STACK 64
 #define EMPTY_WAKES_BEFORE_NAP 3
 
-/* A connected (or failed) circuit socket: readiness is ours to compute. */
-static bool computed(struct cp_sock *s)
+bool cp_computed(struct cp_sock *s)
 {
     int st = s ? __atomic_load_n(&s->state, __ATOMIC_ACQUIRE) : -1;
     return st == CP_CONNECTED || st == CP_FAILED;
 }
 
-static short circuit_revents(struct cp_sock *s, short events)
+short cp_revents(struct cp_sock *s, short events)
 {
     short r = 0;
     if (__atomic_load_n(&s->state, __ATOMIC_ACQUIRE) == CP_FAILED)
@@ -53,8 +52,7 @@ static short circuit_revents(struct cp_sock *s, short events)
     return (short)(r & (events | POLLHUP | POLLERR));
 }
 
-/* Make the doorbell ring for what the caller waits for. */
-static void arm(struct cp_sock *s, short events)
+void cp_arm(struct cp_sock *s, short events)
 {
     if (__atomic_load_n(&s->state, __ATOMIC_ACQUIRE) != CP_CONNECTED)
         return;
@@ -69,12 +67,12 @@ static int compute_all(struct pollfd *fds, struct cp_sock **socks, nfds_t n)
 {
     int ready = 0;
     for (nfds_t i = 0; i < n; i++)
-        if (computed(socks[i]) && (fds[i].revents = circuit_revents(socks[i], fds[i].events)))
+        if (cp_computed(socks[i]) && (fds[i].revents = cp_revents(socks[i], fds[i].events)))
             ready++;
     return ready;
 }
 
-static int64_t now_ns(void)
+int64_t cp_now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -83,7 +81,7 @@ static int64_t now_ns(void)
 
 static struct timespec left(int64_t deadline)
 {
-    int64_t ns = deadline - now_ns();
+    int64_t ns = deadline - cp_now_ns();
     if (ns < 0)
         ns = 0;
     return (struct timespec){.tv_sec = ns / 1000000000LL, .tv_nsec = ns % 1000000000LL};
@@ -100,7 +98,7 @@ static nfds_t kernel_set(struct pollfd *k, const struct pollfd *fds, struct cp_s
     for (nfds_t i = 0; i < n; i++) {
         k[i] = fds[i];
         k[i].revents = 0;
-        if (!computed(socks[i]))
+        if (!cp_computed(socks[i]))
             continue;
         bool connected = __atomic_load_n(&socks[i]->state, __ATOMIC_ACQUIRE) == CP_CONNECTED;
         k[i].fd = wait && connected ? fds[i].fd : -1;
@@ -126,20 +124,20 @@ static int poll_loop(struct pollfd *fds, struct cp_sock **socks, struct pollfd *
         bool wait = deadline != 0 && compute_all(fds, socks, n) == 0;
         if (wait) {
             for (nfds_t i = 0; i < n; i++)
-                if (computed(socks[i]))
-                    arm(socks[i], fds[i].events);
+                if (cp_computed(socks[i]))
+                    cp_arm(socks[i], fds[i].events);
             wait = compute_all(fds, socks, n) == 0;
         }
-        bool expired = deadline >= 0 && now_ns() >= deadline;
+        bool expired = deadline >= 0 && cp_now_ns() >= deadline;
         nfds_t total = kernel_set(k, fds, socks, n, wait && !expired);
         int rc = kernel_poll(k, total, wait && !expired ? deadline : 0, mask);
         if (rc < 0)
             return rc;
         int ready = compute_all(fds, socks, n);
         for (nfds_t i = 0; i < n; i++)
-            if (!computed(socks[i]) && (fds[i].revents = k[i].revents))
+            if (!cp_computed(socks[i]) && (fds[i].revents = k[i].revents))
                 ready++;
-        if (ready || !wait || expired || (deadline >= 0 && now_ns() >= deadline))
+        if (ready || !wait || expired || (deadline >= 0 && cp_now_ns() >= deadline))
             return ready;
         /* A doorbell that another of our threads sleeps on stays rung (the
          * core does not drain it under a sleeper): do not spin on it. */
@@ -181,14 +179,14 @@ static int poll_common(struct pollfd *fds, nfds_t n, int64_t deadline, const sig
 
 static int64_t deadline_ms(int timeout)
 {
-    return timeout < 0 ? -1 : now_ns() + (int64_t)timeout * 1000000LL;
+    return timeout < 0 ? -1 : cp_now_ns() + (int64_t)timeout * 1000000LL;
 }
 
 static int64_t deadline_ts(const struct timespec *ts)
 {
     if (!ts)
         return -1;
-    return now_ns() + (int64_t)ts->tv_sec * 1000000000LL + ts->tv_nsec;
+    return cp_now_ns() + (int64_t)ts->tv_sec * 1000000000LL + ts->tv_nsec;
 }
 
 CP_EXPORT int poll(struct pollfd *fds, nfds_t n, int timeout)
@@ -284,7 +282,7 @@ CP_EXPORT int select(int nfds, fd_set *r, fd_set *w, fd_set *e, struct timeval *
     cp_init();
     if (nfds < 0 || nfds > FD_SETSIZE || !select_has_circuit(nfds, r, w, e))
         return real.select(nfds, r, w, e, tv);
-    int64_t deadline = tv ? now_ns() + (int64_t)tv->tv_sec * 1000000000LL + tv->tv_usec * 1000LL : -1;
+    int64_t deadline = tv ? cp_now_ns() + (int64_t)tv->tv_sec * 1000000000LL + tv->tv_usec * 1000LL : -1;
     int rc = select_common(nfds, r, w, e, deadline, NULL);
     if (tv)
         time_left(tv, deadline);

@@ -13,6 +13,7 @@
  *   socket.c   socket, bind, listen, accept, connect, close, dup, options...
  *   io.c       read, write, send, recv and their vector and _chk variants
  *   poll.c     poll, ppoll, select, pselect: readiness from ring state
+ *   epoll.c    epoll_create, epoll_ctl, epoll_wait: the same, for epoll
  *
  * Every circuit socket is backed by a real kernel descriptor on the number
  * the program sees: a placeholder socket of its family until it connects or
@@ -72,6 +73,11 @@ struct cp_real {
     int (*ppoll)(struct pollfd *, nfds_t, const struct timespec *, const sigset_t *);
     int (*select)(int, fd_set *, fd_set *, fd_set *, struct timeval *);
     int (*pselect)(int, fd_set *, fd_set *, fd_set *, const struct timespec *, const sigset_t *);
+    int (*epoll_create)(int);
+    int (*epoll_create1)(int);
+    int (*epoll_ctl)(int, int, int, struct epoll_event *);
+    int (*epoll_wait)(int, struct epoll_event *, int, int);
+    int (*epoll_pwait)(int, struct epoll_event *, int, int, const sigset_t *);
 };
 
 extern struct cp_real real;
@@ -170,6 +176,7 @@ struct cp_sock {
     uint64_t circuit_id;
     int ctl;           /* CP_LISTENING: our own control connection */
     struct { int rcvbuf, sndbuf, reuseaddr, reuseport, keepalive, nodelay; } opt;
+    uint32_t rx_again, tx_again; /* EAGAINs of reads and writes: epoll's edges (atomic) */
     pthread_mutex_t lock; /* connect, listen and accept on this socket */
 };
 
@@ -199,5 +206,20 @@ static inline long cp_ret(long rc)
 
 ssize_t cp_recv(struct cp_sock *s, void *buf, size_t len, int flags);
 ssize_t cp_send(struct cp_sock *s, const void *buf, size_t len, int flags);
+
+/* ---- poll.c, shared with epoll.c ------------------------------------- */
+
+/* A connected (or failed) circuit socket: its readiness is ours to compute. */
+bool cp_computed(struct cp_sock *s);
+/* Its readiness now, as poll bits (the same values as epoll's), within events. */
+short cp_revents(struct cp_sock *s, short events);
+/* Make its doorbell ring when what events asks for may have come. */
+void cp_arm(struct cp_sock *s, short events);
+int64_t cp_now_ns(void);
+
+/* ---- epoll.c ----------------------------------------------------------- */
+
+/* close() of fd: forget it as an epoll instance and as a registered socket. */
+void cp_epoll_closed(int fd, bool was_circuit);
 
 #endif

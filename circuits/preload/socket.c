@@ -339,6 +339,7 @@ CP_EXPORT int close(int fd)
 {
     cp_init();
     struct cp_sock *s = cp_fd_remove(fd);
+    cp_epoll_closed(fd, s != NULL);
     int rc = real.close(fd);
     if (s) {
         cp_log("fd %d: close", fd);
