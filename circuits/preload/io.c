@@ -83,9 +83,15 @@ ssize_t cp_send(struct cp_sock *s, const void *buf, size_t len, int flags)
     return n;
 }
 
-/* ---- vectors: one buffer at a time; only the first may wait ------------ */
+/* ---- vectors: one buffer at a time -------------------------------------- */
 
-static ssize_t recv_iov(struct cp_sock *s, const struct iovec *iov, int cnt, int flags)
+/*
+ * Receive into, or send from, each buffer in turn, stopping at a short one.
+ * Once some bytes moved, an error is not reported (the count is), a receive
+ * no longer waits, and a send no longer raises SIGPIPE.
+ */
+static ssize_t each_buffer(struct cp_sock *s, const struct iovec *iov, int cnt, int flags,
+                           bool sending)
 {
     ssize_t done = 0;
     if (cnt < 0 || cnt > IOV_MAX)
@@ -93,7 +99,9 @@ static ssize_t recv_iov(struct cp_sock *s, const struct iovec *iov, int cnt, int
     for (int i = 0; i < cnt; i++) {
         if (!iov[i].iov_len)
             continue;
-        ssize_t n = cp_recv(s, iov[i].iov_base, iov[i].iov_len, done ? flags | MSG_DONTWAIT : flags);
+        int f = done ? flags | (sending ? MSG_NOSIGNAL : MSG_DONTWAIT) : flags;
+        ssize_t n = sending ? cp_send(s, iov[i].iov_base, iov[i].iov_len, f)
+                            : cp_recv(s, iov[i].iov_base, iov[i].iov_len, f);
         if (n < 0)
             return done ? done : n;
         done += n;
@@ -101,39 +109,19 @@ static ssize_t recv_iov(struct cp_sock *s, const struct iovec *iov, int cnt, int
             break;
     }
     return done;
+}
+
+static ssize_t recv_iov(struct cp_sock *s, const struct iovec *iov, int cnt, int flags)
+{
+    return each_buffer(s, iov, cnt, flags, false);
 }
 
 static ssize_t send_iov(struct cp_sock *s, const struct iovec *iov, int cnt, int flags)
 {
-    ssize_t done = 0;
-    if (cnt < 0 || cnt > IOV_MAX)
-        return -EINVAL;
-    for (int i = 0; i < cnt; i++) {
-        if (!iov[i].iov_len)
-            continue;
-        ssize_t n = cp_send(s, iov[i].iov_base, iov[i].iov_len, done ? flags | MSG_NOSIGNAL : flags);
-        if (n < 0)
-            return done ? done : n;
-        done += n;
-        if ((size_t)n < iov[i].iov_len)
-            break;
-    }
-    return done;
+    return each_buffer(s, iov, cnt, flags, true);
 }
 
 /* ---- the wrappers --------------------------------------------------------- */
-
-/* Run `call` on the circuit socket of fd, or `pass` if fd is not one. */
-#define ON_SOCKET(fd, call, pass)                   \
-    do {                                            \
-        cp_init();                                  \
-        struct cp_sock *s = cp_fd_get(fd);          \
-        if (!s)                                     \
-            return pass;                            \
-        ssize_t rc_ = (call);                       \
-        cp_sock_put(s);                             \
-        return cp_ret(rc_);                         \
-    } while (0)
 
 CP_EXPORT ssize_t read(int fd, void *buf, size_t len)
 {

@@ -204,6 +204,18 @@ static inline long cp_ret(long rc)
     return rc;
 }
 
+/* Run `call` on the circuit socket of fd, or `pass` if fd is not one. */
+#define ON_SOCKET(fd, call, pass)                   \
+    do {                                            \
+        cp_init();                                  \
+        struct cp_sock *s = cp_fd_get(fd);          \
+        if (!s)                                     \
+            return pass;                            \
+        ssize_t rc_ = (call);                       \
+        cp_sock_put(s);                             \
+        return cp_ret(rc_);                         \
+    } while (0)
+
 ssize_t cp_recv(struct cp_sock *s, void *buf, size_t len, int flags);
 ssize_t cp_send(struct cp_sock *s, const void *buf, size_t len, int flags);
 

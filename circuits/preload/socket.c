@@ -466,32 +466,29 @@ CP_EXPORT int ioctl(int fd, unsigned long request, ...)
 
 /* ---- names ------------------------------------------------------------- */
 
+/* getsockname (peer false) and getpeername of a circuit socket; -errno. */
+static int name_of(struct cp_sock *s, struct sockaddr *addr, socklen_t *len, bool peer)
+{
+    static const struct cp_endpoint any = {.proto = CP_TCP};
+    const struct cp_endpoint *ep = peer ? &s->remote : &s->local;
+    if (peer && state_of(s) != CP_CONNECTED)
+        return -ENOTCONN;
+    if (!peer && state_of(s) == CP_FRESH && !s->bound)
+        ep = &any;
+    if (!len)
+        return -EFAULT;
+    cp_endpoint_to(ep, s->family, addr, len);
+    return 0;
+}
+
 CP_EXPORT int getsockname(int fd, struct sockaddr *addr, socklen_t *len)
 {
-    cp_init();
-    struct cp_sock *s = cp_fd_get(fd);
-    if (!s)
-        return real.getsockname(fd, addr, len);
-    struct cp_endpoint any = {.proto = CP_TCP};
-    const struct cp_endpoint *ep = state_of(s) == CP_FRESH && !s->bound ? &any : &s->local;
-    int rc = len ? 0 : -EFAULT;
-    if (!rc)
-        cp_endpoint_to(ep, s->family, addr, len);
-    cp_sock_put(s);
-    return (int)cp_ret(rc);
+    ON_SOCKET(fd, name_of(s, addr, len, false), real.getsockname(fd, addr, len));
 }
 
 CP_EXPORT int getpeername(int fd, struct sockaddr *addr, socklen_t *len)
 {
-    cp_init();
-    struct cp_sock *s = cp_fd_get(fd);
-    if (!s)
-        return real.getpeername(fd, addr, len);
-    int rc = state_of(s) != CP_CONNECTED ? -ENOTCONN : len ? 0 : -EFAULT;
-    if (!rc)
-        cp_endpoint_to(&s->remote, s->family, addr, len);
-    cp_sock_put(s);
-    return (int)cp_ret(rc);
+    ON_SOCKET(fd, name_of(s, addr, len, true), real.getpeername(fd, addr, len));
 }
 
 /* ---- options ----------------------------------------------------------- */
