@@ -232,3 +232,20 @@ def test_asyncio_on_both_ends(operator, guests, conns):
     server.communicate(timeout=30)
     assert server.returncode == 0
     assert f'circuits_setups_total{{guest="web"}} {conns}' in admin(operator, "metrics")
+
+
+def test_without_circuits_control_the_library_does_nothing():
+    import socket
+
+    with socket.socket() as srv:  # a kernel listener, on loopback only
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        port = srv.getsockname()[1]
+        threading.Thread(target=lambda: __import__("preload_app").echo(srv.accept()[0]),
+                         daemon=True).start()
+        env = {k: v for k, v in os.environ.items() if k != "CIRCUITS_CONTROL"}
+        env.update(LD_PRELOAD=library_path(), CIRCUITS_LOG="debug")
+        proc = subprocess.run(app("echo-client", "127.0.0.1", str(port), "select", "65536"),
+                              env=env, input="\n", capture_output=True, text=True, timeout=30)
+    assert proc.stdout.strip() == "ok"
+    assert "circuits[" not in proc.stderr  # not one socket was touched
