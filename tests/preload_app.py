@@ -6,6 +6,10 @@
         sends SIZE random bytes on each of CONNS connections (one thread
         each), checks the echo by sha256, prints "ok", then waits for a line
         on stdin before closing (so a test can look at the live circuits)
+        after that line: shuts down writing on each, prints "eof" if each then reads end of data
+    preload_app.py fork-server HOST PORT COUNT      accept, fork a child per connection that runs
+        /bin/true by fork+exec, then echoes; the parent closes its copy at once
+    preload_app.py prefork-server HOST PORT WORKERS listen, then fork workers that each accept one
     preload_app.py connect HOST PORT [nonblock]    print the errno name connect gives
     preload_app.py recv-interrupted HOST PORT       block in recv until SIGALRM's handler raises
     preload_app.py unix                             AF_UNIX socketpair and listener round trips
@@ -43,6 +47,51 @@ def echo_server(host, port, count=1):
             workers[-1].start()
         for w in workers:
             w.join()
+
+
+def listener(host, port):
+    srv = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((host, int(port)))
+    srv.listen(16)
+    return srv
+
+
+def fork_server(host, port, count):
+    srv = listener(host, port)
+    children = []
+    for _ in range(int(count)):
+        conn, _ = srv.accept()
+        pid = os.fork()
+        if pid == 0:  # the child: fork+exec a helper, then serve
+            srv.close()
+            helper = os.fork()
+            if helper == 0:
+                os.execv("/bin/true", ["true"])
+            os.waitpid(helper, 0)
+            echo(conn)
+            os._exit(0)
+        conn.close()  # the parent's copy: the child's goes on
+        children.append(pid)
+    for pid in children:
+        _, status = os.waitpid(pid, 0)
+        assert status == 0, status
+
+
+def prefork_server(host, port, workers):
+    srv = listener(host, port)
+    pids = []
+    for _ in range(int(workers)):
+        pid = os.fork()
+        if pid == 0:
+            conn, _ = srv.accept()
+            echo(conn)
+            os._exit(0)
+        pids.append(pid)
+    srv.close()
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        assert status == 0, status
 
 
 def pump_blocking(sock, data):
@@ -102,8 +151,16 @@ def echo_client(host, port, mode, size, conns=1):
     good = len(results) == int(conns) and all(ok for _, ok in results)
     print("ok" if good else f"bad: {len(results)} results", flush=True)
     sys.stdin.readline()
+    ends = []
     for sock, _ in results:
+        sock.settimeout(10)
+        sock.shutdown(socket.SHUT_WR)
+        try:
+            ends.append(sock.recv(1))
+        except OSError as e:
+            ends.append(repr(e))
         sock.close()
+    print("eof" if all(e == b"" for e in ends) else f"not eof: {ends}", flush=True)
 
 
 def connect(host, port, mode=""):
@@ -212,4 +269,5 @@ if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     {"echo-server": echo_server, "echo-client": echo_client, "connect": connect,
      "recv-interrupted": recv_interrupted, "unix": unix, "aio-server": aio_server,
+     "fork-server": fork_server, "prefork-server": prefork_server,
      "aio-client": aio_client}[cmd](*args)

@@ -203,7 +203,7 @@ def test_debug_log_tells_the_life_of_each_socket(operator, guests):
     assert client.stdout.readline().strip() == "ok"
     _, cerr = client.communicate("\n", timeout=30)
     _, serr = server.communicate(timeout=30)
-    for line in ("socket inet stream", "connected to 10.0.0.2:7004: circuit", ": close",
+    for line in ("socket inet stream", "connect to 10.0.0.2:7004: connected, circuit", ": close",
                  "1000 bytes sent, 1000 received"):
         assert line in cerr, cerr
     for line in ("bound to 10.0.0.2:7004", "listen on 10.0.0.2:7004: ok",
@@ -247,5 +247,22 @@ def test_without_circuits_control_the_library_does_nothing():
         env.update(LD_PRELOAD=library_path(), CIRCUITS_LOG="debug")
         proc = subprocess.run(app("echo-client", "127.0.0.1", str(port), "select", "65536"),
                               env=env, input="\n", capture_output=True, text=True, timeout=30)
-    assert proc.stdout.strip() == "ok"
+    assert proc.stdout.split() == ["ok", "eof"]
     assert "circuits[" not in proc.stderr  # not one socket was touched
+
+
+@pytest.mark.parametrize("server", ["fork-server", "prefork-server"])
+def test_forking_servers(operator, guests, server):
+    """fork-server: a child per connection (which also fork+execs a helper) while
+    the parent closes its copy; prefork-server: workers forked after listen()
+    each accept.  Each client gets its echo, then a clean end of data."""
+    conns = 3
+    srv = guests("db", app(server, "10.0.0.2", "7007", str(conns)))
+    wait_listening(operator, "db", srv)
+    client = guests("web", app("echo-client", "10.0.0.2", "7007", "blocking", str(1 << 20),
+                               str(conns)))
+    assert client.stdout.readline().strip() == "ok", client.communicate()
+    out, err = client.communicate("\n", timeout=30)
+    assert out.strip() == "eof", err
+    _, err = srv.communicate(timeout=30)
+    assert srv.returncode == 0, err

@@ -122,7 +122,9 @@ void cp_sock_put(struct cp_sock *s)
                (unsigned long long)s->circuit_id, cp_endpoint_str(&s->local, a),
                cp_endpoint_str(&s->remote, b), (unsigned long long)circuit_bytes_sent(s->c),
                (unsigned long long)circuit_bytes_received(s->c));
-        circuit_free(s->c); /* closes our side: the peer reads end of data */
+        if (!cp_procs_leave(s))
+            circuit_detach(s->c); /* another process holds it still (fork.c) */
+        circuit_free(s->c); /* unless detached, closes our side: the peer reads end of data */
     }
     if (s->ctl >= 0)
         real.close(s->ctl); /* the operator drops the listener with it */
@@ -130,14 +132,23 @@ void cp_sock_put(struct cp_sock *s)
     free(s);
 }
 
-/* A child forked while another thread held a stripe must not inherit it held. */
-static void after_fork(void)
+void cp_fd_each(void (*fn)(int fd, struct cp_sock *s, void *arg), void *arg)
 {
-    for (int i = 0; i < STRIPES; i++)
-        pthread_rwlock_init(&stripes[i], NULL);
+    for (int c = 0; c < CHUNKS; c++) {
+        if (!__atomic_load_n(&chunks[c], __ATOMIC_ACQUIRE))
+            continue;
+        for (int fd = c * CHUNK_SIZE; fd < (c + 1) * CHUNK_SIZE; fd++) {
+            struct cp_sock *s = cp_fd_get(fd);
+            if (s)
+                fn(fd, s, arg);
+            cp_sock_put(s);
+        }
+    }
 }
 
-__attribute__((constructor)) static void table_init(void)
+void cp_fd_after_fork(void)
 {
-    pthread_atfork(NULL, NULL, after_fork);
+    /* A child forked while another thread held a stripe must not inherit it held. */
+    for (int i = 0; i < STRIPES; i++)
+        pthread_rwlock_init(&stripes[i], NULL);
 }

@@ -14,6 +14,7 @@
  *   io.c       read, write, send, recv and their vector and _chk variants
  *   poll.c     poll, ppoll, select, pselect: readiness from ring state
  *   epoll.c    epoll_create, epoll_ctl, epoll_wait: the same, for epoll
+ *   fork.c     fork, exec, exit: which processes hold a circuit
  *
  * Every circuit socket is backed by a real kernel descriptor on the number
  * the program sees: a placeholder socket of its family until it connects or
@@ -177,10 +178,16 @@ struct cp_sock {
     int ctl;           /* CP_LISTENING: our own control connection */
     struct { int rcvbuf, sndbuf, reuseaddr, reuseport, keepalive, nodelay; } opt;
     uint32_t rx_again, tx_again; /* EAGAINs of reads and writes: epoll's edges (atomic) */
+    int *procs;          /* processes holding the circuit, in shared memory (fork.c) */
+    uint32_t fork_seen;  /* fork.c's walk that last counted this socket */
     pthread_mutex_t lock; /* connect, listen and accept on this socket */
 };
 
 struct cp_sock *cp_sock_new(int family);
+/* Call fn on every circuit socket's descriptor (holding a reference). */
+void cp_fd_each(void (*fn)(int fd, struct cp_sock *s, void *arg), void *arg);
+/* In a forked child, first: the table's locks as if no thread held them. */
+void cp_fd_after_fork(void);
 /* Put s on descriptor fd; the table takes a reference of its own. */
 int cp_fd_install(int fd, struct cp_sock *s);
 /* Lock-free: may fd be a circuit socket?  false: pass the call through. */
@@ -228,6 +235,13 @@ short cp_revents(struct cp_sock *s, short events);
 /* Make its doorbell ring when what events asks for may have come. */
 void cp_arm(struct cp_sock *s, short events);
 int64_t cp_now_ns(void);
+
+/* ---- fork.c ---------------------------------------------------------- */
+
+/* A process count of 1 for a new circuit, in shared memory (NULL: none). */
+int *cp_procs_new(void);
+/* Count this process out of s's circuit: true if it was the last holder. */
+bool cp_procs_leave(struct cp_sock *s);
 
 /* ---- epoll.c ----------------------------------------------------------- */
 

@@ -169,7 +169,7 @@ static int take_circuit(struct cp_sock *s, struct cp_circuit_msg *m, int fds[4])
         cp_warn("the operator closed the listener's control connection");
         return -EINVAL; /* what the kernel says of accept on a socket that no longer listens */
     }
-    if (err != -ENOENT && err != -EPROTO)
+    if (err != -ENOENT) /* that reply used up our ACCEPT (even a malformed one): ask again */
         cp_ctl_send_accept(s->ctl, &s->local);
     return err;
 }
@@ -202,7 +202,7 @@ static int do_accept(struct cp_sock *s, struct sockaddr *addr, socklen_t *len, i
     ns->nonblock = flags & SOCK_NONBLOCK;
     if (ns->nonblock)
         set_nonblock(nfd, true);
-    ns->c = c, ns->peer_bell = fds[3], ns->circuit_id = m.id;
+    ns->c = c, ns->peer_bell = fds[3], ns->circuit_id = m.id, ns->procs = cp_procs_new();
     ns->local = m.local, ns->remote = m.remote;
     __atomic_store_n(&ns->state, CP_CONNECTED, __ATOMIC_RELEASE);
     if (addr && len)
@@ -265,7 +265,7 @@ static int do_connect(int fd, struct cp_sock *s, const struct cp_endpoint *ep)
         return err;
     }
     set_nonblock(fd, s->nonblock);
-    s->c = c, s->peer_bell = fds[3], s->circuit_id = m.id;
+    s->c = c, s->peer_bell = fds[3], s->circuit_id = m.id, s->procs = cp_procs_new();
     s->local = m.local, s->remote = m.remote;
     __atomic_store_n(&s->state, CP_CONNECTED, __ATOMIC_RELEASE);
     return 0;
@@ -283,17 +283,18 @@ CP_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
     char a[CP_EP_STR];
     pthread_mutex_lock(&s->lock);
     int state = state_of(s);
-    if (!rc && !bypass)
-        rc = state == CP_CONNECTED ? -EISCONN : state == CP_LISTENING ? -EINVAL
-                                                                     : do_connect(fd, s, &ep);
-    if (!rc && !bypass)
-        cp_log("fd %d: connected to %s: circuit %llu", fd, cp_endpoint_str(&ep, a),
-               (unsigned long long)s->circuit_id);
-    else if (!bypass)
-        cp_log("fd %d: connect to %s: %s", fd, cp_endpoint_str(&ep, a), strerror(-rc));
-    bool nonblock = __atomic_load_n(&s->nonblock, __ATOMIC_RELAXED);
-    if (nonblock && rc && rc != -EISCONN && rc != -EINVAL && state != CP_CONNECTED) {
-        s->so_error = -rc; /* told by SO_ERROR, as for a kernel socket */
+    bool asked = !rc && !bypass && state != CP_CONNECTED && state != CP_LISTENING;
+    if (asked)
+        rc = do_connect(fd, s, &ep);
+    else if (!rc && !bypass)
+        rc = state == CP_CONNECTED ? -EISCONN : -EINVAL;
+    if (asked)
+        cp_log("fd %d: connect to %s: %s, circuit %llu", fd, cp_endpoint_str(&ep, a),
+               rc ? strerror(-rc) : "connected", (unsigned long long)s->circuit_id);
+    /* Non-blocking: the kernel says EINPROGRESS for TCP, and SO_ERROR the outcome. */
+    bool nonblock = asked && __atomic_load_n(&s->nonblock, __ATOMIC_RELAXED);
+    if (nonblock && rc) {
+        s->so_error = -rc;
         __atomic_store_n(&s->state, CP_FAILED, __ATOMIC_RELEASE);
     }
     pthread_mutex_unlock(&s->lock);
@@ -302,10 +303,7 @@ CP_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
         hand_back(fd, "connect to a CIRCUITS_BYPASS address");
         return real.connect(fd, addr, len);
     }
-    /* Non-blocking: the kernel says EINPROGRESS for TCP; programs expect it. */
-    if (nonblock && state != CP_CONNECTED && rc != -EISCONN)
-        rc = -EINPROGRESS;
-    return (int)cp_ret(rc);
+    return (int)cp_ret(nonblock ? -EINPROGRESS : rc);
 }
 
 CP_EXPORT int shutdown(int fd, int how)
