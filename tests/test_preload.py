@@ -8,16 +8,19 @@ the operator; the tests also read the live circuits from the admin API.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import preload_app
 import pytest
 
 from circuits.operator.admin import request
@@ -178,15 +181,18 @@ def test_unix_sockets_pass_through(operator, guests):
     assert out.strip() == "unix ok AF_UNIX AF_UNIX", err
 
 
-def test_bypass_leaves_a_destination_to_the_kernel(operator, guests):
-    import socket
-
-    with socket.socket() as srv:  # a kernel listener, on loopback only
+@contextlib.contextmanager
+def kernel_echo():
+    """A kernel TCP echo server for one connection, on loopback only; yields its port."""
+    with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
         srv.listen(1)
-        port = srv.getsockname()[1]
-        threading.Thread(target=lambda: __import__("preload_app").echo(srv.accept()[0]),
-                         daemon=True).start()
+        threading.Thread(target=lambda: preload_app.echo(srv.accept()[0]), daemon=True).start()
+        yield srv.getsockname()[1]
+
+
+def test_bypass_leaves_a_destination_to_the_kernel(operator, guests):
+    with kernel_echo() as port:
         client = guests("web", app("echo-client", "127.0.0.1", str(port), "blocking", "65536"),
                         env={"CIRCUITS_BYPASS": "127.0.0.0/8", "CIRCUITS_LOG": "debug"})
         assert client.stdout.readline().strip() == "ok"
@@ -235,14 +241,7 @@ def test_asyncio_on_both_ends(operator, guests, conns):
 
 
 def test_without_circuits_control_the_library_does_nothing():
-    import socket
-
-    with socket.socket() as srv:  # a kernel listener, on loopback only
-        srv.bind(("127.0.0.1", 0))
-        srv.listen(1)
-        port = srv.getsockname()[1]
-        threading.Thread(target=lambda: __import__("preload_app").echo(srv.accept()[0]),
-                         daemon=True).start()
+    with kernel_echo() as port:
         env = {k: v for k, v in os.environ.items() if k != "CIRCUITS_CONTROL"}
         env.update(LD_PRELOAD=library_path(), CIRCUITS_LOG="debug")
         proc = subprocess.run(app("echo-client", "127.0.0.1", str(port), "select", "65536"),
