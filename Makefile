@@ -2,10 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# What a fresh Debian machine lacks to build the C core and the venv, and what
+# What a fresh Debian machine lacks to build the C core and the venv; what
 # guests in network namespaces need (libnftables1 is what pip-nftables wraps;
-# the nft command is for tests that play an admin, and for people).
-APT_PACKAGES := build-essential python3-dev python3-venv libffi-dev nftables libnftables1
+# the nft command is for tests that play an admin, and for people); and the
+# unmodified programs the preload library's tests run.
+APT_PACKAGES := build-essential python3-dev python3-venv libffi-dev nftables libnftables1 curl
 STAMP := $(VENV)/.installed
 
 .PHONY: setup deps demo test ctest bench clean
@@ -20,7 +21,8 @@ deps:
 	  $$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing; \
 	fi
 
-$(STAMP): pyproject.toml setup.py circuits/ring/_build.py $(wildcard circuits/ring/csrc/*)
+$(STAMP): pyproject.toml setup.py circuits/ring/_build.py $(wildcard circuits/ring/csrc/*) \
+          $(wildcard circuits/preload/*.c circuits/preload/*.h)
 	$(MAKE) deps
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -42,4 +44,5 @@ bench: setup
 	$(VENV)/bin/circuits bench ring
 
 clean:
-	rm -rf $(VENV) build *.egg-info circuits/ring/_ring*.so circuits/ring/_ring.c tests/c/build
+	rm -rf $(VENV) build *.egg-info circuits/ring/_ring*.so circuits/ring/_ring.c \
+	      circuits/preload/*.so tests/c/build

@@ -52,15 +52,19 @@ def _guest(config, name: str):
 @click.option("--guest", required=True, help="The guest to run as.")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="The operator's TOML file, to find the guest's control socket.")
+@click.option("--no-preload", is_flag=True,
+              help="Do not preload the library (for programs that use the circuits API).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(guest: str, config_path: str, command: tuple[str, ...]) -> None:
-    """Run COMMAND as a guest: its control socket in CIRCUITS_CONTROL.
+def run(guest: str, config_path: str, no_preload: bool, command: tuple[str, ...]) -> None:
+    """Run COMMAND as a guest: its control socket in CIRCUITS_CONTROL, and the
+    preload library in LD_PRELOAD, which makes its TCP sockets circuits.
 
     A guest with `netns = true` runs inside its network namespace, without
     CAP_NET_RAW, CAP_NET_ADMIN and CAP_SYS_ADMIN (docs/guests.md)."""
     import os
 
     from circuits.client import Control
+    from circuits.preload import preload_env
 
     config = _load(config_path)
     path = _guest(config, guest).control
@@ -69,6 +73,11 @@ def run(guest: str, config_path: str, command: tuple[str, ...]) -> None:
     except OSError as e:
         raise click.ClickException(f"the operator does not answer for guest {guest!r}: {e}")
     env = {**os.environ, "CIRCUITS_CONTROL": path, "CIRCUITS_GUEST": guest}
+    if not no_preload:
+        try:
+            env = preload_env(env)
+        except FileNotFoundError as e:
+            raise click.ClickException(str(e)) from None
     if config.guests[guest].netns:
         _confine(config, guest)
     try:

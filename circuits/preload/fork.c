@@ -1,0 +1,202 @@
+/*
+ * fork.c - fork, exec and exit: which processes hold a circuit.
+ *
+ * After fork, parent and child hold the same circuit endpoint (the same
+ * memory, the same doorbell file), as they would share a kernel socket.  A
+ * process that closes its copy must not end the circuit while another still
+ * holds it, and the last one to let go must end it (the peer then reads end
+ * of data, not a reset).  So each circuit socket carries a count of the
+ * processes that hold it, in a page of shared anonymous memory that fork
+ * hands down:
+ *
+ *   fork      (the wrapper) counts the child in for every circuit, before
+ *             the child exists; an inherited listener needs nothing: its one
+ *             outstanding ACCEPT is answered to whichever process reads the
+ *             reply, which then sends the next
+ *   exec      circuits whose descriptor is close-on-exec leave with the old
+ *             program image: counted out before execve, back in if it fails
+ *   exit      the library's destructor counts the process out of every
+ *             circuit it still holds, and ends those it held last, as the
+ *             kernel closes sockets at exit
+ *   close     the last descriptor in the last process ends the circuit;
+ *             otherwise this process only detaches (circuit_detach)
+ *
+ * Not covered: processes that die by _exit or a signal while holding a
+ * circuit another process shares (the survivor's last close only detaches:
+ * its peer sees a vanished side, ECONNRESET); circuit descriptors kept open
+ * across exec (the new image does not know them); the execl* family.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "preload.h"
+
+static uint32_t fork_gen = 1; /* bumped in each child: entries shared by dups count once */
+
+int *cp_procs_new(void)
+{
+    int *p = mmap(NULL, sizeof(int), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return NULL; /* then the first close ends the circuit, as before any fork */
+    *p = 1;
+    return p;
+}
+
+bool cp_procs_leave(struct cp_sock *s)
+{
+    int *p = __atomic_exchange_n(&s->procs, NULL, __ATOMIC_ACQ_REL);
+    if (!p)
+        return true;
+    bool last = __atomic_sub_fetch(p, 1, __ATOMIC_ACQ_REL) <= 0;
+    munmap(p, sizeof(int));
+    return last;
+}
+
+static void count(struct cp_sock *s, int delta)
+{
+    if (s->procs)
+        __atomic_add_fetch(s->procs, delta, __ATOMIC_ACQ_REL);
+}
+
+/* ---- fork ------------------------------------------------------------- */
+
+static pid_t owner; /* this image's pid: a vfork or posix_spawn child has another */
+
+static void count_in(int fd, struct cp_sock *s, void *arg)
+{
+    (void)fd;
+    if (s->fork_seen == fork_gen)
+        return;
+    s->fork_seen = fork_gen;
+    count(s, *(int *)arg);
+}
+
+/* Count every circuit this process holds in (+1) or out (-1), once per socket. */
+static void count_all(int delta)
+{
+    fork_gen++;
+    cp_fd_each(count_in, &delta);
+}
+
+/*
+ * The child is counted in before it exists: counting in the child, after
+ * fork, would race with a parent that closes its copy at once (a server
+ * handing each connection to a child) and end the circuit under the child.
+ */
+CP_EXPORT pid_t fork(void)
+{
+    static pid_t (*next)(void);
+    cp_init();
+    if (!next)
+        next = (__typeof__(next))dlsym(RTLD_NEXT, "fork");
+    count_all(+1);
+    pid_t pid = next();
+    int err = errno;
+    if (pid < 0)
+        count_all(-1);
+    else if (pid == 0)
+        owner = getpid();
+    errno = err;
+    return pid;
+}
+
+static void after_fork_child(void) { cp_fd_after_fork(); }
+
+__attribute__((constructor)) static void fork_init(void)
+{
+    owner = getpid();
+    pthread_atfork(NULL, NULL, after_fork_child);
+}
+
+/* ---- exec ------------------------------------------------------------- */
+
+struct exec_walk {
+    uint32_t gen;
+    int delta;
+};
+
+static void leave_on_exec(int fd, struct cp_sock *s, void *arg)
+{
+    struct exec_walk *w = arg;
+    if (s->fork_seen == w->gen || !(real.fcntl(fd, F_GETFD) & FD_CLOEXEC))
+        return;
+    s->fork_seen = w->gen;
+    count(s, w->delta);
+}
+
+/* Count this image out of (delta -1), or back into (+1), its close-on-exec
+ * circuits.  Not in a vfork or posix_spawn child: it was never counted in. */
+static void exec_count(int delta)
+{
+    if (getpid() != owner)
+        return;
+    struct exec_walk w = {.gen = ++fork_gen, .delta = delta};
+    cp_fd_each(leave_on_exec, &w);
+}
+
+#define AROUND_EXEC(call)        \
+    do {                         \
+        cp_init();               \
+        exec_count(-1);          \
+        int rc_ = (call);        \
+        int err_ = errno;        \
+        exec_count(+1);          \
+        errno = err_;            \
+        return rc_;              \
+    } while (0)
+
+CP_EXPORT int execve(const char *path, char *const argv[], char *const envp[])
+{
+    static int (*next)(const char *, char *const[], char *const[]);
+    if (!next)
+        next = (__typeof__(next))dlsym(RTLD_NEXT, "execve");
+    AROUND_EXEC(next(path, argv, envp));
+}
+
+CP_EXPORT int execv(const char *path, char *const argv[])
+{
+    static int (*next)(const char *, char *const[]);
+    if (!next)
+        next = (__typeof__(next))dlsym(RTLD_NEXT, "execv");
+    AROUND_EXEC(next(path, argv));
+}
+
+CP_EXPORT int execvp(const char *file, char *const argv[])
+{
+    static int (*next)(const char *, char *const[]);
+    if (!next)
+        next = (__typeof__(next))dlsym(RTLD_NEXT, "execvp");
+    AROUND_EXEC(next(file, argv));
+}
+
+CP_EXPORT int execvpe(const char *file, char *const argv[], char *const envp[])
+{
+    static int (*next)(const char *, char *const[], char *const[]);
+    if (!next)
+        next = (__typeof__(next))dlsym(RTLD_NEXT, "execvpe");
+    AROUND_EXEC(next(file, argv, envp));
+}
+
+/* ---- exit ------------------------------------------------------------- */
+
+static void leave_at_exit(int fd, struct cp_sock *s, void *arg)
+{
+    (void)fd, (void)arg;
+    if (!s->c || s->fork_seen == fork_gen || getpid() != owner)
+        return;
+    s->fork_seen = fork_gen;
+    if (cp_procs_leave(s))
+        circuit_close(s->c); /* the last holder: the peer reads end of data */
+}
+
+__attribute__((destructor)) static void at_exit(void)
+{
+    if (!cp_active())
+        return;
+    fork_gen++;
+    cp_fd_each(leave_at_exit, NULL);
+}

@@ -1,0 +1,235 @@
+/*
+ * io.c - data on circuit sockets: read, write, recv, send, their vector
+ * forms and the _chk variants that FORTIFY_SOURCE builds call.
+ *
+ * Each call on a circuit socket becomes one circuit_recv or circuit_send of
+ * the C ring core; blocking calls wait inside the core (spin briefly, then
+ * sleep on the doorbell), which returns -EINTR when a signal handler ran.
+ * The core's answers become what the kernel would say to a TCP socket:
+ * end of data reads 0, a closed peer is EPIPE (and SIGPIPE unless
+ * MSG_NOSIGNAL), a vanished or aborted one ECONNRESET.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "preload.h"
+
+static int state_of(struct cp_sock *s) { return __atomic_load_n(&s->state, __ATOMIC_ACQUIRE); }
+
+static int core_flags(struct cp_sock *s, int flags)
+{
+    bool nonblock = (flags & MSG_DONTWAIT) || __atomic_load_n(&s->nonblock, __ATOMIC_RELAXED);
+    return nonblock ? CIRCUIT_NONBLOCK : 0;
+}
+
+/* What a socket that is not connected says to a data call. */
+static long not_connected(struct cp_sock *s)
+{
+    int err = __atomic_exchange_n(&s->so_error, 0, __ATOMIC_ACQ_REL);
+    return err ? -err : -ENOTCONN;
+}
+
+/* MSG_PEEK: copy what is there without consuming it. */
+static ssize_t peek(struct cp_sock *s, void *buf, size_t len, int cflags)
+{
+    void *ptr;
+    ssize_t n = circuit_peek(s->c, cflags, CIRCUIT_FOREVER, &ptr);
+    if (n > 0) {
+        n = (size_t)n < len ? n : (ssize_t)len;
+        memcpy(buf, ptr, (size_t)n);
+    }
+    return n;
+}
+
+ssize_t cp_recv(struct cp_sock *s, void *buf, size_t len, int flags)
+{
+    if (state_of(s) != CP_CONNECTED)
+        return not_connected(s);
+    if (s->rd_shut)
+        return 0;
+    int cflags = core_flags(s, flags) | (flags & MSG_WAITALL ? CIRCUIT_ALL : 0);
+    ssize_t n = flags & MSG_PEEK ? peek(s, buf, len, cflags)
+                                 : circuit_recv(s->c, buf, len, cflags, CIRCUIT_FOREVER);
+    if (n == -ESHUTDOWN)
+        return 0; /* end of data */
+    if (n == -EAGAIN || n == -ETIMEDOUT) {
+        __atomic_add_fetch(&s->rx_again, 1, __ATOMIC_RELEASE);
+        return -EAGAIN;
+    }
+    return n;
+}
+
+ssize_t cp_send(struct cp_sock *s, const void *buf, size_t len, int flags)
+{
+    if (state_of(s) != CP_CONNECTED)
+        return state_of(s) == CP_FAILED ? not_connected(s) : -ENOTCONN;
+    ssize_t n = s->wr_shut ? -EPIPE : 0;
+    if (!n) {
+        /* Blocking: all of it, as the kernel does; non-blocking: what fits. */
+        int cflags = core_flags(s, flags);
+        n = circuit_send(s->c, buf, len, cflags ? cflags : CIRCUIT_ALL, CIRCUIT_FOREVER);
+    }
+    if (n == -EPIPE && !(flags & MSG_NOSIGNAL))
+        raise(SIGPIPE);
+    if (n == -EAGAIN || n == -ETIMEDOUT) {
+        __atomic_add_fetch(&s->tx_again, 1, __ATOMIC_RELEASE);
+        return -EAGAIN;
+    }
+    return n;
+}
+
+/* ---- vectors: one buffer at a time -------------------------------------- */
+
+/*
+ * Receive into, or send from, each buffer in turn, stopping at a short one.
+ * Once some bytes moved, an error is not reported (the count is), a receive
+ * no longer waits, and a send no longer raises SIGPIPE.
+ */
+static ssize_t each_buffer(struct cp_sock *s, const struct iovec *iov, int cnt, int flags,
+                           bool sending)
+{
+    ssize_t done = 0;
+    if (cnt < 0 || cnt > IOV_MAX)
+        return -EINVAL;
+    for (int i = 0; i < cnt; i++) {
+        if (!iov[i].iov_len)
+            continue;
+        int f = done ? flags | (sending ? MSG_NOSIGNAL : MSG_DONTWAIT) : flags;
+        ssize_t n = sending ? cp_send(s, iov[i].iov_base, iov[i].iov_len, f)
+                            : cp_recv(s, iov[i].iov_base, iov[i].iov_len, f);
+        if (n < 0)
+            return done ? done : n;
+        done += n;
+        if ((size_t)n < iov[i].iov_len)
+            break;
+    }
+    return done;
+}
+
+static ssize_t recv_iov(struct cp_sock *s, const struct iovec *iov, int cnt, int flags)
+{
+    return each_buffer(s, iov, cnt, flags, false);
+}
+
+static ssize_t send_iov(struct cp_sock *s, const struct iovec *iov, int cnt, int flags)
+{
+    return each_buffer(s, iov, cnt, flags, true);
+}
+
+/* ---- the wrappers --------------------------------------------------------- */
+
+CP_EXPORT ssize_t read(int fd, void *buf, size_t len)
+{
+    ON_SOCKET(fd, cp_recv(s, buf, len, 0), real.read(fd, buf, len));
+}
+
+CP_EXPORT ssize_t write(int fd, const void *buf, size_t len)
+{
+    ON_SOCKET(fd, cp_send(s, buf, len, 0), real.write(fd, buf, len));
+}
+
+CP_EXPORT ssize_t readv(int fd, const struct iovec *iov, int cnt)
+{
+    ON_SOCKET(fd, recv_iov(s, iov, cnt, 0), real.readv(fd, iov, cnt));
+}
+
+CP_EXPORT ssize_t writev(int fd, const struct iovec *iov, int cnt)
+{
+    ON_SOCKET(fd, send_iov(s, iov, cnt, 0), real.writev(fd, iov, cnt));
+}
+
+CP_EXPORT ssize_t recv(int fd, void *buf, size_t len, int flags)
+{
+    ON_SOCKET(fd, cp_recv(s, buf, len, flags), real.recv(fd, buf, len, flags));
+}
+
+CP_EXPORT ssize_t send(int fd, const void *buf, size_t len, int flags)
+{
+    ON_SOCKET(fd, cp_send(s, buf, len, flags), real.send(fd, buf, len, flags));
+}
+
+/* A stream socket has no source address to report: *alen becomes 0. */
+static ssize_t recv_from(struct cp_sock *s, void *buf, size_t len, int flags, socklen_t *alen)
+{
+    ssize_t n = cp_recv(s, buf, len, flags);
+    if (n >= 0 && alen)
+        *alen = 0;
+    return n;
+}
+
+CP_EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr *addr,
+                           socklen_t *alen)
+{
+    ON_SOCKET(fd, recv_from(s, buf, len, flags, alen),
+              real.recvfrom(fd, buf, len, flags, addr, alen));
+}
+
+/* A destination given to a connected stream socket is ignored, as by TCP. */
+CP_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags,
+                         const struct sockaddr *addr, socklen_t alen)
+{
+    ON_SOCKET(fd, cp_send(s, buf, len, flags), real.sendto(fd, buf, len, flags, addr, alen));
+}
+
+static ssize_t recv_msg(struct cp_sock *s, struct msghdr *msg, int flags)
+{
+    ssize_t n = recv_iov(s, msg->msg_iov, (int)msg->msg_iovlen, flags);
+    if (n >= 0) {
+        msg->msg_namelen = 0;
+        msg->msg_controllen = 0; /* no ancillary data travels on a circuit */
+        msg->msg_flags = 0;
+    }
+    return n;
+}
+
+CP_EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
+{
+    ON_SOCKET(fd, recv_msg(s, msg, flags), real.recvmsg(fd, msg, flags));
+}
+
+static ssize_t send_msg(struct cp_sock *s, const struct msghdr *msg, int flags)
+{
+    if (msg->msg_controllen)
+        return -EOPNOTSUPP; /* descriptors and the like cannot cross a circuit */
+    return send_iov(s, msg->msg_iov, (int)msg->msg_iovlen, flags);
+}
+
+CP_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+    ON_SOCKET(fd, send_msg(s, msg, flags), real.sendmsg(fd, msg, flags));
+}
+
+/* ---- FORTIFY_SOURCE: the checks first, then the call ------------------ */
+
+static void overflow(void)
+{
+    cp_warn("buffer overflow detected");
+    abort();
+}
+
+CP_EXPORT ssize_t __read_chk(int fd, void *buf, size_t len, size_t buflen)
+{
+    if (len > buflen)
+        overflow();
+    return read(fd, buf, len);
+}
+
+CP_EXPORT ssize_t __recv_chk(int fd, void *buf, size_t len, size_t buflen, int flags)
+{
+    if (len > buflen)
+        overflow();
+    return recv(fd, buf, len, flags);
+}
+
+CP_EXPORT ssize_t __recvfrom_chk(int fd, void *buf, size_t len, size_t buflen, int flags,
+                                 struct sockaddr *addr, socklen_t *alen)
+{
+    if (len > buflen)
+        overflow();
+    return recvfrom(fd, buf, len, flags, addr, alen);
+}

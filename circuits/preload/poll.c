@@ -1,0 +1,299 @@
+/*
+ * poll.c - poll, ppoll, select, pselect: readiness of circuit sockets is
+ * computed from ring state, never taken from the kernel's view of the
+ * descriptor (a connected circuit's descriptor is its doorbell, which
+ * says "rung", not "readable" or "writable").
+ *
+ * One loop serves all four calls:
+ *   1. compute each connected circuit's readiness with circuit_poll();
+ *      other descriptors (files, pipes, listeners, placeholders) are the
+ *      kernel's business and go to the real ppoll as they are;
+ *   2. if nothing is ready, arm each circuit (circuit_arm_read: its doorbell
+ *      turns readable as soon as data or an end arrives; a refused
+ *      non-blocking reserve of one byte makes room ring it too), look once
+ *      more, then sleep in the real ppoll on the doorbells, the peers'
+ *      doorbell ends (their hang-up is a peer's death) and the kernel's
+ *      descriptors, with the caller's timeout and signal mask;
+ *   3. on waking, go back to 1.
+ * A signal handler interrupts the sleep with EINTR, as the kernel does.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "preload.h"
+
+#define ON_STACK 64
+#define EMPTY_WAKES_BEFORE_NAP 3
+
+bool cp_computed(struct cp_sock *s)
+{
+    int st = s ? __atomic_load_n(&s->state, __ATOMIC_ACQUIRE) : -1;
+    return st == CP_CONNECTED || st == CP_FAILED;
+}
+
+short cp_revents(struct cp_sock *s, short events)
+{
+    short r = 0;
+    if (__atomic_load_n(&s->state, __ATOMIC_ACQUIRE) == CP_FAILED)
+        return (short)((POLLOUT | POLLERR | POLLHUP) & (events | POLLERR | POLLHUP));
+    int m = circuit_poll(s->c);
+    if (m & CIRCUIT_READABLE || s->rd_shut)
+        r |= POLLIN | POLLRDNORM;
+    if (m & CIRCUIT_WRITABLE && !s->wr_shut)
+        r |= POLLOUT | POLLWRNORM;
+    if (m & CIRCUIT_HANGUP || s->rd_shut)
+        r |= POLLRDHUP;
+    if (m & CIRCUIT_HANGUP && s->wr_shut)
+        r |= POLLHUP; /* both directions over, as for a kernel socket */
+    return (short)(r & (events | POLLHUP | POLLERR));
+}
+
+void cp_arm(struct cp_sock *s, short events)
+{
+    if (__atomic_load_n(&s->state, __ATOMIC_ACQUIRE) != CP_CONNECTED)
+        return;
+    circuit_arm_read(s->c);
+    if ((events & POLLOUT) && !(circuit_poll(s->c) & CIRCUIT_WRITABLE)) {
+        void *ptr; /* refused: the core records the room we wait for (tx_need) */
+        circuit_reserve(s->c, 1, CIRCUIT_NONBLOCK, CIRCUIT_FOREVER, &ptr);
+    }
+}
+
+static int compute_all(struct pollfd *fds, struct cp_sock **socks, nfds_t n)
+{
+    int ready = 0;
+    for (nfds_t i = 0; i < n; i++)
+        if (cp_computed(socks[i]) && (fds[i].revents = cp_revents(socks[i], fds[i].events)))
+            ready++;
+    return ready;
+}
+
+int64_t cp_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static struct timespec left(int64_t deadline)
+{
+    int64_t ns = deadline - cp_now_ns();
+    if (ns < 0)
+        ns = 0;
+    return (struct timespec){.tv_sec = ns / 1000000000LL, .tv_nsec = ns % 1000000000LL};
+}
+
+/*
+ * The kernel's set: fds as they are, then (while waiting) each circuit's
+ * doorbell (POLLIN) and its peer's doorbell end (hang-up only).
+ */
+static nfds_t kernel_set(struct pollfd *k, const struct pollfd *fds, struct cp_sock **socks,
+                         nfds_t n, bool wait)
+{
+    nfds_t extra = n;
+    for (nfds_t i = 0; i < n; i++) {
+        k[i] = fds[i];
+        k[i].revents = 0;
+        if (!cp_computed(socks[i]))
+            continue;
+        bool connected = __atomic_load_n(&socks[i]->state, __ATOMIC_ACQUIRE) == CP_CONNECTED;
+        k[i].fd = wait && connected ? fds[i].fd : -1;
+        k[i].events = POLLIN;
+        if (wait && connected)
+            k[extra++] = (struct pollfd){.fd = socks[i]->peer_bell, .events = 0};
+    }
+    return extra;
+}
+
+/* Sleep until something may be ready; 0, or -errno (EINTR). */
+static int kernel_poll(struct pollfd *k, nfds_t total, int64_t deadline, const sigset_t *mask)
+{
+    struct timespec ts = deadline < 0 ? (struct timespec){0, 0} : left(deadline);
+    int rc = real.ppoll(k, total, deadline < 0 ? NULL : &ts, mask);
+    return rc < 0 ? -errno : rc;
+}
+
+static int poll_loop(struct pollfd *fds, struct cp_sock **socks, struct pollfd *k, nfds_t n,
+                     int64_t deadline, const sigset_t *mask)
+{
+    for (int empty = 0;; empty++) {
+        bool wait = deadline != 0 && compute_all(fds, socks, n) == 0;
+        if (wait) {
+            for (nfds_t i = 0; i < n; i++)
+                if (cp_computed(socks[i]))
+                    cp_arm(socks[i], fds[i].events);
+            wait = compute_all(fds, socks, n) == 0;
+        }
+        bool expired = deadline >= 0 && cp_now_ns() >= deadline;
+        nfds_t total = kernel_set(k, fds, socks, n, wait && !expired);
+        int rc = kernel_poll(k, total, wait && !expired ? deadline : 0, mask);
+        if (rc < 0)
+            return rc;
+        int ready = compute_all(fds, socks, n);
+        for (nfds_t i = 0; i < n; i++)
+            if (!cp_computed(socks[i]) && (fds[i].revents = k[i].revents))
+                ready++;
+        if (ready || !wait || expired || (deadline >= 0 && cp_now_ns() >= deadline))
+            return ready;
+        /* A doorbell that another of our threads sleeps on stays rung (the
+         * core does not drain it under a sleeper): do not spin on it. */
+        if (empty >= EMPTY_WAKES_BEFORE_NAP)
+            usleep(1000);
+    }
+}
+
+/* poll, ppoll: deadline -1 waits for ever; mask as for ppoll. */
+static int poll_common(struct pollfd *fds, nfds_t n, int64_t deadline, const sigset_t *mask)
+{
+    bool any = false;
+    for (nfds_t i = 0; i < n && !any; i++)
+        any = cp_fd_maybe(fds[i].fd);
+    if (!any) {
+        struct timespec ts = left(deadline);
+        return real.ppoll(fds, n, deadline < 0 ? NULL : &ts, mask);
+    }
+    struct cp_sock *socks_stack[ON_STACK], **socks = socks_stack;
+    struct pollfd k_stack[2 * ON_STACK], *k = k_stack;
+    if (n > ON_STACK) {
+        socks = calloc(n, sizeof(*socks));
+        k = calloc(2 * n, sizeof(*k));
+        if (!socks || !k) {
+            free(socks), free(k);
+            errno = ENOMEM;
+            return -1;
+        }
+    }
+    for (nfds_t i = 0; i < n; i++)
+        socks[i] = cp_fd_get(fds[i].fd);
+    int rc = poll_loop(fds, socks, k, n, deadline, mask);
+    for (nfds_t i = 0; i < n; i++)
+        cp_sock_put(socks[i]);
+    if (n > ON_STACK)
+        free(socks), free(k);
+    return (int)cp_ret(rc);
+}
+
+static int64_t deadline_ms(int timeout)
+{
+    return timeout < 0 ? -1 : cp_now_ns() + (int64_t)timeout * 1000000LL;
+}
+
+static int64_t deadline_ts(const struct timespec *ts)
+{
+    if (!ts)
+        return -1;
+    return cp_now_ns() + (int64_t)ts->tv_sec * 1000000000LL + ts->tv_nsec;
+}
+
+CP_EXPORT int poll(struct pollfd *fds, nfds_t n, int timeout)
+{
+    cp_init();
+    bool any = false;
+    for (nfds_t i = 0; i < n && !any; i++)
+        any = cp_fd_maybe(fds[i].fd);
+    if (!any) /* the common case, and the ring core's own sleeps: no clock read */
+        return real.poll(fds, n, timeout);
+    return poll_common(fds, n, deadline_ms(timeout), NULL);
+}
+
+CP_EXPORT int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts, const sigset_t *mask)
+{
+    cp_init();
+    return poll_common(fds, n, deadline_ts(ts), mask);
+}
+
+CP_EXPORT int __poll_chk(struct pollfd *fds, nfds_t n, int timeout, size_t fdslen)
+{
+    if (fdslen / sizeof(*fds) < n)
+        abort();
+    return poll(fds, n, timeout);
+}
+
+CP_EXPORT int __ppoll_chk(struct pollfd *fds, nfds_t n, const struct timespec *ts,
+                          const sigset_t *mask, size_t fdslen)
+{
+    if (fdslen / sizeof(*fds) < n)
+        abort();
+    return ppoll(fds, n, ts, mask);
+}
+
+/* ---- select and pselect, by way of poll ------------------------------- */
+
+static bool select_has_circuit(int nfds, fd_set *r, fd_set *w, fd_set *e)
+{
+    for (int fd = 0; fd < nfds; fd++)
+        if (((r && FD_ISSET(fd, r)) || (w && FD_ISSET(fd, w)) || (e && FD_ISSET(fd, e))) &&
+            cp_fd_maybe(fd))
+            return true;
+    return false;
+}
+
+static int select_common(int nfds, fd_set *r, fd_set *w, fd_set *e, int64_t deadline,
+                         const sigset_t *mask)
+{
+    struct pollfd fds[FD_SETSIZE];
+    nfds_t n = 0;
+    for (int fd = 0; fd < nfds; fd++) {
+        short ev = (short)((r && FD_ISSET(fd, r) ? POLLIN : 0) | (w && FD_ISSET(fd, w) ? POLLOUT : 0) |
+                           (e && FD_ISSET(fd, e) ? POLLPRI : 0));
+        if (ev)
+            fds[n++] = (struct pollfd){.fd = fd, .events = ev};
+    }
+    int rc = poll_common(fds, n, deadline, mask);
+    if (rc < 0)
+        return rc;
+    int count = 0;
+    for (nfds_t i = 0; i < n; i++) {
+        int fd = fds[i].fd;
+        short re = fds[i].revents;
+        if (re & POLLNVAL) {
+            errno = EBADF;
+            return -1;
+        }
+#define MARK(set, bits)                         \
+        if (set && FD_ISSET(fd, set)) {         \
+            if (re & (bits))                    \
+                count++;                        \
+            else                                \
+                FD_CLR(fd, set);                \
+        }
+        MARK(r, POLLIN | POLLHUP | POLLERR)
+        MARK(w, POLLOUT | POLLERR)
+        MARK(e, POLLPRI)
+#undef MARK
+    }
+    return count;
+}
+
+/* The time left, as Linux's select reports it. */
+static void time_left(struct timeval *tv, int64_t deadline)
+{
+    struct timespec ts = left(deadline);
+    tv->tv_sec = ts.tv_sec;
+    tv->tv_usec = ts.tv_nsec / 1000;
+}
+
+CP_EXPORT int select(int nfds, fd_set *r, fd_set *w, fd_set *e, struct timeval *tv)
+{
+    cp_init();
+    if (nfds < 0 || nfds > FD_SETSIZE || !select_has_circuit(nfds, r, w, e))
+        return real.select(nfds, r, w, e, tv);
+    int64_t deadline = tv ? cp_now_ns() + (int64_t)tv->tv_sec * 1000000000LL + tv->tv_usec * 1000LL : -1;
+    int rc = select_common(nfds, r, w, e, deadline, NULL);
+    if (tv)
+        time_left(tv, deadline);
+    return rc;
+}
+
+CP_EXPORT int pselect(int nfds, fd_set *r, fd_set *w, fd_set *e, const struct timespec *ts,
+                      const sigset_t *mask)
+{
+    cp_init();
+    if (nfds < 0 || nfds > FD_SETSIZE || !select_has_circuit(nfds, r, w, e))
+        return real.pselect(nfds, r, w, e, ts, mask);
+    return select_common(nfds, r, w, e, deadline_ts(ts), mask);
+}

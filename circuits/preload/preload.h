@@ -1,0 +1,251 @@
+/*
+ * preload.h - the private interface between the preload library's sources.
+ *
+ * libcircuits_preload.so makes the TCP sockets of an unmodified, dynamically
+ * linked program circuits (docs/preload.md).  One concept per file:
+ *
+ *   real.c     the libc functions we wrap, found with dlsym(RTLD_NEXT), and
+ *              the environment read once at load
+ *   log.c      CIRCUITS_LOG=debug: one line per socket life-cycle event
+ *   addr.c     sockaddr <-> protocol endpoint, CIRCUITS_BYPASS
+ *   control.c  a C client of the operator's control protocol (docs/protocol.md)
+ *   fdtable.c  which program descriptors are circuit sockets, and their state
+ *   socket.c   socket, bind, listen, accept, connect, close, dup, options...
+ *   io.c       read, write, send, recv and their vector and _chk variants
+ *   poll.c     poll, ppoll, select, pselect: readiness from ring state
+ *   epoll.c    epoll_create, epoll_ctl, epoll_wait: the same, for epoll
+ *   fork.c     fork, exec, exit: which processes hold a circuit
+ *
+ * Every circuit socket is backed by a real kernel descriptor on the number
+ * the program sees: a placeholder socket of its family until it connects or
+ * listens, then the circuit's doorbell (connected) or its own control
+ * connection to the operator (listening).
+ */
+#ifndef CIRCUITS_PRELOAD_H
+#define CIRCUITS_PRELOAD_H
+
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/epoll.h>
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+#include "circuit.h"
+
+#define CP_EXPORT __attribute__((visibility("default")))
+
+/* ---- real.c ---------------------------------------------------------- */
+
+struct cp_real {
+    int (*socket)(int, int, int);
+    int (*bind)(int, const struct sockaddr *, socklen_t);
+    int (*listen)(int, int);
+    int (*accept)(int, struct sockaddr *, socklen_t *);
+    int (*accept4)(int, struct sockaddr *, socklen_t *, int);
+    int (*connect)(int, const struct sockaddr *, socklen_t);
+    int (*shutdown)(int, int);
+    int (*close)(int);
+    int (*dup)(int);
+    int (*dup2)(int, int);
+    int (*dup3)(int, int, int);
+    int (*fcntl)(int, int, ...);
+    int (*fcntl64)(int, int, ...);
+    int (*ioctl)(int, unsigned long, ...);
+    int (*getsockname)(int, struct sockaddr *, socklen_t *);
+    int (*getpeername)(int, struct sockaddr *, socklen_t *);
+    int (*getsockopt)(int, int, int, void *, socklen_t *);
+    int (*setsockopt)(int, int, int, const void *, socklen_t);
+    ssize_t (*read)(int, void *, size_t);
+    ssize_t (*write)(int, const void *, size_t);
+    ssize_t (*readv)(int, const struct iovec *, int);
+    ssize_t (*writev)(int, const struct iovec *, int);
+    ssize_t (*recv)(int, void *, size_t, int);
+    ssize_t (*recvfrom)(int, void *, size_t, int, struct sockaddr *, socklen_t *);
+    ssize_t (*recvmsg)(int, struct msghdr *, int);
+    ssize_t (*send)(int, const void *, size_t, int);
+    ssize_t (*sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
+    ssize_t (*sendmsg)(int, const struct msghdr *, int);
+    int (*poll)(struct pollfd *, nfds_t, int);
+    int (*ppoll)(struct pollfd *, nfds_t, const struct timespec *, const sigset_t *);
+    int (*select)(int, fd_set *, fd_set *, fd_set *, struct timeval *);
+    int (*pselect)(int, fd_set *, fd_set *, fd_set *, const struct timespec *, const sigset_t *);
+    int (*epoll_create)(int);
+    int (*epoll_create1)(int);
+    int (*epoll_ctl)(int, int, int, struct epoll_event *);
+    int (*epoll_wait)(int, struct epoll_event *, int, int);
+    int (*epoll_pwait)(int, struct epoll_event *, int, int, const sigset_t *);
+};
+
+extern struct cp_real real;
+/* Resolve the real functions and read the environment; idempotent, cheap. */
+void cp_init(void);
+/* CIRCUITS_CONTROL is set: new TCP sockets become circuits. */
+bool cp_active(void);
+const char *cp_control_path(void);
+
+/* ---- log.c ----------------------------------------------------------- */
+
+void cp_log_init(const char *level);
+bool cp_debug(void);
+/* A life-cycle line to stderr when CIRCUITS_LOG=debug. */
+void cp_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Always printed: what the user must know (the operator is unreachable...). */
+void cp_warn(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* ---- addr.c ---------------------------------------------------------- */
+
+/* A protocol endpoint (docs/protocol.md, section 3), in host form. */
+struct cp_endpoint {
+    uint8_t addr[16]; /* IPv6, or IPv4-mapped */
+    uint16_t port;
+    uint8_t proto; /* 6 = TCP */
+};
+
+#define CP_TCP 6
+#define CP_EP_STR 64
+
+/* sockaddr of a socket of `family` to an endpoint; 0 or -errno. */
+int cp_endpoint_from(const struct sockaddr *sa, socklen_t len, int family,
+                     struct cp_endpoint *ep);
+/* Endpoint to sockaddr of `family`, truncated to *len as the kernel does;
+ * *len becomes the full size.  AF_INET of a non-IPv4 endpoint gives 0.0.0.0. */
+void cp_endpoint_to(const struct cp_endpoint *ep, int family, struct sockaddr *sa,
+                    socklen_t *len);
+bool cp_endpoint_is_v4(const struct cp_endpoint *ep);
+const char *cp_endpoint_str(const struct cp_endpoint *ep, char buf[CP_EP_STR]);
+/* Parse CIRCUITS_BYPASS ("10.1.0.0/16,::1/128"); bad entries are warned of. */
+void cp_bypass_init(const char *spec);
+bool cp_bypassed(const struct cp_endpoint *ep);
+
+/* ---- control.c ------------------------------------------------------- */
+
+/* The fields of a CIRCUIT message a client needs. */
+struct cp_circuit_msg {
+    uint64_t id;
+    uint16_t kind, side;
+    uint64_t size[2];
+    struct cp_endpoint local, remote;
+};
+
+/* A new control connection to the guest's operator, after HELLO/WELCOME. */
+int cp_ctl_open(void);
+/* Connections for CONNECT requests, reused; a broken one is not put back. */
+int cp_ctl_get(void);
+void cp_ctl_put(int fd, bool healthy);
+/* LISTEN; 0 or -errno (the operator's errno, or -EPROTO for a bad reply). */
+int cp_ctl_listen(int fd, const struct cp_endpoint *local, uint32_t backlog);
+/* Send an ACCEPT without waiting for its reply. */
+int cp_ctl_send_accept(int fd, const struct cp_endpoint *local);
+/* CONNECT and wait: 0 and the circuit's message and fds, or -errno. */
+int cp_ctl_connect(int fd, const struct cp_endpoint *remote, struct cp_circuit_msg *m,
+                   int fds[4]);
+/*
+ * Receive the reply to an ACCEPT: 0 with a circuit, -EAGAIN if none is
+ * waiting and !wait, -EINTR if a signal came while waiting, -errno for an
+ * ERROR reply or a broken connection (-ECONNABORTED when the operator left).
+ */
+int cp_ctl_recv_circuit(int fd, bool wait, struct cp_circuit_msg *m, int fds[4]);
+/* Attach a circuit the operator handed us; closes its memfd either way. */
+int cp_ctl_attach(const struct cp_circuit_msg *m, int fds[4], int side,
+                  struct circuit **out);
+
+/* ---- fdtable.c ------------------------------------------------------- */
+
+enum cp_state {
+    CP_FRESH,     /* a placeholder kernel socket; maybe bound */
+    CP_LISTENING, /* fd is a duplicate of our control connection */
+    CP_CONNECTED, /* fd is a duplicate of the circuit's doorbell */
+    CP_FAILED,    /* a non-blocking connect failed: so_error says why */
+};
+
+struct cp_sock {
+    int refs;              /* one per descriptor in the table, one per call in (atomic) */
+    int family;            /* AF_INET or AF_INET6 */
+    int state;             /* enum cp_state (atomic: published after what it guards) */
+    bool bound;            /* bind() recorded `local` */
+    bool nonblock;         /* O_NONBLOCK of the program's descriptor (atomic) */
+    bool rd_shut, wr_shut; /* shutdown() of each direction */
+    int so_error;          /* pending error for SO_ERROR */
+    struct cp_endpoint local, remote;
+    struct circuit *c; /* CP_CONNECTED */
+    int peer_bell;     /* the peer's doorbell end, for hang-up (owned by c) */
+    uint64_t circuit_id;
+    int ctl;           /* CP_LISTENING: our own control connection */
+    struct { int rcvbuf, sndbuf, reuseaddr, reuseport, keepalive, nodelay; } opt;
+    uint32_t rx_again, tx_again; /* EAGAINs of reads and writes: epoll's edges (atomic) */
+    int *procs;          /* processes holding the circuit, in shared memory (fork.c) */
+    uint32_t fork_seen;  /* fork.c's walk that last counted this socket */
+    pthread_mutex_t lock; /* connect, listen and accept on this socket */
+};
+
+struct cp_sock *cp_sock_new(int family);
+/* Call fn on every circuit socket's descriptor (holding a reference). */
+void cp_fd_each(void (*fn)(int fd, struct cp_sock *s, void *arg), void *arg);
+/* In a forked child, first: the table's locks as if no thread held them. */
+void cp_fd_after_fork(void);
+/* Put s on descriptor fd; the table takes a reference of its own. */
+int cp_fd_install(int fd, struct cp_sock *s);
+/* Lock-free: may fd be a circuit socket?  false: pass the call through. */
+bool cp_fd_maybe(int fd);
+/* The socket on fd with a reference for the caller, or NULL. */
+struct cp_sock *cp_fd_get(int fd);
+/* Take fd out of the table; returns the table's reference, or NULL. */
+struct cp_sock *cp_fd_remove(int fd);
+void cp_sock_put(struct cp_sock *s);
+
+/* ---- socket.c, shared with io.c and poll.c --------------------------- */
+
+/* errno = -rc and -1 for a negative rc, else rc. */
+static inline long cp_ret(long rc)
+{
+    extern int *__errno_location(void);
+    if (rc < 0) {
+        *__errno_location() = (int)-rc;
+        return -1;
+    }
+    return rc;
+}
+
+/* Run `call` on the circuit socket of fd, or `pass` if fd is not one. */
+#define ON_SOCKET(fd, call, pass)                   \
+    do {                                            \
+        cp_init();                                  \
+        struct cp_sock *s = cp_fd_get(fd);          \
+        if (!s)                                     \
+            return pass;                            \
+        ssize_t rc_ = (call);                       \
+        cp_sock_put(s);                             \
+        return cp_ret(rc_);                         \
+    } while (0)
+
+ssize_t cp_recv(struct cp_sock *s, void *buf, size_t len, int flags);
+ssize_t cp_send(struct cp_sock *s, const void *buf, size_t len, int flags);
+
+/* ---- poll.c, shared with epoll.c ------------------------------------- */
+
+/* A connected (or failed) circuit socket: its readiness is ours to compute. */
+bool cp_computed(struct cp_sock *s);
+/* Its readiness now, as poll bits (the same values as epoll's), within events. */
+short cp_revents(struct cp_sock *s, short events);
+/* Make its doorbell ring when what events asks for may have come. */
+void cp_arm(struct cp_sock *s, short events);
+int64_t cp_now_ns(void);
+
+/* ---- fork.c ---------------------------------------------------------- */
+
+/* A process count of 1 for a new circuit, in shared memory (NULL: none). */
+int *cp_procs_new(void);
+/* Count this process out of s's circuit: true if it was the last holder. */
+bool cp_procs_leave(struct cp_sock *s);
+
+/* ---- epoll.c ----------------------------------------------------------- */
+
+/* close() of fd: forget it as an epoll instance and as a registered socket. */
+void cp_epoll_closed(int fd, bool was_circuit);
+
+#endif

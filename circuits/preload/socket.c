@@ -1,0 +1,573 @@
+/*
+ * socket.c - the life of a circuit socket: socket, bind, listen, accept,
+ * connect, shutdown, close, dup, fcntl, ioctl, names and options.
+ *
+ * socket(AF_INET or AF_INET6, SOCK_STREAM) makes a real kernel socket of
+ * that family as a placeholder and records it in the table (fdtable.c).
+ * Until it connects or listens, options go to the placeholder too, so
+ * getsockopt and a hand-back to the kernel (CIRCUITS_BYPASS) find them set.
+ *
+ *   connect  asks the operator (a pooled control connection), attaches the
+ *            circuit, and dup3()s the circuit's doorbell onto the program's
+ *            descriptor: same number, same close-on-exec, O_NONBLOCK as set.
+ *            Non-blocking: the setup completes at once and the call says
+ *            EINPROGRESS; SO_ERROR then tells how it went.
+ *   listen   opens the socket's own control connection, LISTENs, sends one
+ *            ACCEPT and dup3()s the connection onto the program's
+ *            descriptor: it polls readable when the ACCEPT's reply is in.
+ *   accept   takes that reply, sends the next ACCEPT (one is always
+ *            outstanding), attaches the circuit and returns a duplicate of
+ *            its doorbell as the new descriptor.
+ *
+ * Other sockets (AF_UNIX, AF_NETLINK, UDP...) are never recorded: every
+ * call on them passes through.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#include "preload.h"
+
+static bool is_circuit_kind(int domain, int type, int protocol)
+{
+    return (domain == AF_INET || domain == AF_INET6) && (type & 0xf) == SOCK_STREAM &&
+           (protocol == 0 || protocol == IPPROTO_TCP);
+}
+
+static int cloexec_of(int fd) { return real.fcntl(fd, F_GETFD) & FD_CLOEXEC ? O_CLOEXEC : 0; }
+
+static void set_nonblock(int fd, bool on)
+{
+    int fl = real.fcntl(fd, F_GETFL);
+    if (fl >= 0)
+        real.fcntl(fd, F_SETFL, on ? fl | O_NONBLOCK : fl & ~O_NONBLOCK);
+}
+
+static int state_of(struct cp_sock *s) { return __atomic_load_n(&s->state, __ATOMIC_ACQUIRE); }
+
+CP_EXPORT int socket(int domain, int type, int protocol)
+{
+    cp_init();
+    int fd = real.socket(domain, type, protocol);
+    if (fd < 0 || !cp_active() || !is_circuit_kind(domain, type, protocol))
+        return fd;
+    struct cp_sock *s = cp_sock_new(domain);
+    if (!s || cp_fd_install(fd, s)) {
+        free(s);
+        real.close(fd);
+        errno = ENOMEM;
+        return -1;
+    }
+    s->nonblock = type & SOCK_NONBLOCK;
+    cp_log("fd %d: socket %s stream", fd, domain == AF_INET ? "inet" : "inet6");
+    return fd;
+}
+
+/* The kernel keeps fd from now on: it is a plain socket again. */
+static void hand_back(int fd, const char *why)
+{
+    cp_sock_put(cp_fd_remove(fd));
+    cp_log("fd %d: handed to the kernel (%s)", fd, why);
+}
+
+CP_EXPORT int bind(int fd, const struct sockaddr *addr, socklen_t len)
+{
+    cp_init();
+    struct cp_sock *s = cp_fd_get(fd);
+    if (!s)
+        return real.bind(fd, addr, len);
+    struct cp_endpoint ep;
+    int rc = cp_endpoint_from(addr, len, s->family, &ep);
+    pthread_mutex_lock(&s->lock);
+    if (!rc && (state_of(s) != CP_FRESH || s->bound))
+        rc = -EINVAL;
+    bool bypass = !rc && cp_bypassed(&ep);
+    if (!rc && !bypass) {
+        s->local = ep;
+        s->bound = true;
+        char a[CP_EP_STR];
+        cp_log("fd %d: bound to %s", fd, cp_endpoint_str(&ep, a));
+    }
+    pthread_mutex_unlock(&s->lock);
+    cp_sock_put(s);
+    if (bypass) {
+        hand_back(fd, "bind to a CIRCUITS_BYPASS address");
+        return real.bind(fd, addr, len);
+    }
+    return (int)cp_ret(rc);
+}
+
+static int unreachable(int err)
+{
+    cp_warn("cannot reach the operator at %s: %s (no fall-back to the kernel's network)",
+            cp_control_path(), strerror(-err));
+    return -ENETUNREACH;
+}
+
+static int do_listen(int fd, struct cp_sock *s, int backlog)
+{
+    if (state_of(s) == CP_LISTENING)
+        return 0; /* the kernel lets a listener change its backlog; we keep ours */
+    if (state_of(s) != CP_FRESH)
+        return -EINVAL;
+    if (!s->bound) { /* the kernel would pick a port; we leave it to the operator to refuse */
+        memset(&s->local, 0, sizeof(s->local));
+        s->local.proto = CP_TCP;
+    }
+    int ctl = cp_ctl_open();
+    if (ctl < 0)
+        return unreachable(ctl);
+    int err = cp_ctl_listen(ctl, &s->local, backlog > 0 ? (uint32_t)backlog : 1);
+    if (!err)
+        err = cp_ctl_send_accept(ctl, &s->local);
+    if (!err && real.dup3(ctl, fd, cloexec_of(fd)) < 0)
+        err = -errno;
+    if (err) {
+        real.close(ctl);
+        return err;
+    }
+    set_nonblock(fd, s->nonblock);
+    s->ctl = ctl;
+    __atomic_store_n(&s->state, CP_LISTENING, __ATOMIC_RELEASE);
+    return 0;
+}
+
+CP_EXPORT int listen(int fd, int backlog)
+{
+    cp_init();
+    struct cp_sock *s = cp_fd_get(fd);
+    if (!s)
+        return real.listen(fd, backlog);
+    pthread_mutex_lock(&s->lock);
+    int rc = do_listen(fd, s, backlog);
+    pthread_mutex_unlock(&s->lock);
+    char a[CP_EP_STR];
+    cp_log("fd %d: listen on %s: %s", fd, cp_endpoint_str(&s->local, a), rc ? strerror(-rc) : "ok");
+    cp_sock_put(s);
+    return (int)cp_ret(rc);
+}
+
+/* Wait for, and take, the reply to our outstanding ACCEPT; then send the next. */
+static int take_circuit(struct cp_sock *s, struct cp_circuit_msg *m, int fds[4])
+{
+    int err;
+    while ((err = cp_ctl_recv_circuit(s->ctl, false, m, fds)) == -EAGAIN) {
+        if (__atomic_load_n(&s->nonblock, __ATOMIC_RELAXED))
+            return -EAGAIN;
+        struct pollfd p = {.fd = s->ctl, .events = POLLIN};
+        if (real.poll(&p, 1, -1) < 0)
+            return -errno; /* EINTR: a signal handler ran, as the kernel says */
+    }
+    if (err == -ECONNABORTED) {
+        cp_warn("the operator closed the listener's control connection");
+        return -EINVAL; /* what the kernel says of accept on a socket that no longer listens */
+    }
+    if (err != -ENOENT) /* that reply used up our ACCEPT (even a malformed one): ask again */
+        cp_ctl_send_accept(s->ctl, &s->local);
+    return err;
+}
+
+static int do_accept(struct cp_sock *s, struct sockaddr *addr, socklen_t *len, int flags)
+{
+    if (state_of(s) != CP_LISTENING)
+        return -EINVAL;
+    struct cp_circuit_msg m;
+    int fds[4];
+    int err = take_circuit(s, &m, fds);
+    if (err)
+        return err;
+    struct circuit *c;
+    if ((err = cp_ctl_attach(&m, fds, 1, &c))) {
+        cp_warn("accept: the operator's circuit %llu cannot be attached: %s",
+                (unsigned long long)m.id, strerror(-err));
+        return -ECONNABORTED;
+    }
+    int nfd = real.fcntl(fds[1], flags & SOCK_CLOEXEC ? F_DUPFD_CLOEXEC : F_DUPFD, 0);
+    struct cp_sock *ns = nfd < 0 ? NULL : cp_sock_new(s->family);
+    if (!ns || cp_fd_install(nfd, ns)) {
+        err = nfd < 0 ? -errno : -ENOMEM;
+        if (nfd >= 0)
+            real.close(nfd);
+        free(ns);
+        circuit_free(c);
+        return err;
+    }
+    ns->nonblock = flags & SOCK_NONBLOCK;
+    if (ns->nonblock)
+        set_nonblock(nfd, true);
+    ns->c = c, ns->peer_bell = fds[3], ns->circuit_id = m.id, ns->procs = cp_procs_new();
+    ns->local = m.local, ns->remote = m.remote;
+    __atomic_store_n(&ns->state, CP_CONNECTED, __ATOMIC_RELEASE);
+    if (addr && len)
+        cp_endpoint_to(&m.remote, s->family, addr, len);
+    char a[CP_EP_STR];
+    cp_log("fd %d: accepted circuit %llu from %s", nfd, (unsigned long long)m.id,
+           cp_endpoint_str(&m.remote, a));
+    return nfd;
+}
+
+CP_EXPORT int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
+{
+    cp_init();
+    struct cp_sock *s = cp_fd_get(fd);
+    if (!s)
+        return real.accept4(fd, addr, len, flags);
+    int rc = do_accept(s, addr, len, flags);
+    cp_sock_put(s);
+    return (int)cp_ret(rc);
+}
+
+CP_EXPORT int accept(int fd, struct sockaddr *addr, socklen_t *len)
+{
+    cp_init();
+    if (!cp_fd_maybe(fd))
+        return real.accept(fd, addr, len);
+    return accept4(fd, addr, len, 0);
+}
+
+/* Errors that leave a pooled control connection fit for the next CONNECT. */
+static bool answered(int err)
+{
+    return err != -EPROTO && err != -ETIMEDOUT && err != -ECONNABORTED && err != -EINTR;
+}
+
+/* Ask the operator for a circuit to ep and put it on fd. */
+static int do_connect(int fd, struct cp_sock *s, const struct cp_endpoint *ep)
+{
+    struct cp_circuit_msg m;
+    int fds[4];
+    int ctl = cp_ctl_get();
+    if (ctl < 0)
+        return unreachable(ctl);
+    int err = cp_ctl_connect(ctl, ep, &m, fds);
+    if (err == -ECONNABORTED) { /* a pooled connection to an operator since restarted */
+        cp_ctl_put(ctl, false);
+        if ((ctl = cp_ctl_open()) < 0)
+            return unreachable(ctl);
+        err = cp_ctl_connect(ctl, ep, &m, fds);
+    }
+    cp_ctl_put(ctl, answered(err));
+    if (err)
+        return err;
+    struct circuit *c;
+    if ((err = cp_ctl_attach(&m, fds, 0, &c)))
+        return err;
+    if (real.dup3(fds[1], fd, cloexec_of(fd)) < 0) {
+        err = -errno;
+        circuit_free(c);
+        return err;
+    }
+    set_nonblock(fd, s->nonblock);
+    s->c = c, s->peer_bell = fds[3], s->circuit_id = m.id, s->procs = cp_procs_new();
+    s->local = m.local, s->remote = m.remote;
+    __atomic_store_n(&s->state, CP_CONNECTED, __ATOMIC_RELEASE);
+    return 0;
+}
+
+CP_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
+{
+    cp_init();
+    struct cp_sock *s = cp_fd_get(fd);
+    if (!s)
+        return real.connect(fd, addr, len);
+    struct cp_endpoint ep;
+    int rc = cp_endpoint_from(addr, len, s->family, &ep);
+    bool bypass = !rc && cp_bypassed(&ep);
+    char a[CP_EP_STR];
+    pthread_mutex_lock(&s->lock);
+    int state = state_of(s);
+    bool asked = !rc && !bypass && state != CP_CONNECTED && state != CP_LISTENING;
+    if (asked)
+        rc = do_connect(fd, s, &ep);
+    else if (!rc && !bypass)
+        rc = state == CP_CONNECTED ? -EISCONN : -EINVAL;
+    if (asked)
+        cp_log("fd %d: connect to %s: %s, circuit %llu", fd, cp_endpoint_str(&ep, a),
+               rc ? strerror(-rc) : "connected", (unsigned long long)s->circuit_id);
+    /* Non-blocking: the kernel says EINPROGRESS for TCP, and SO_ERROR the outcome. */
+    bool nonblock = asked && __atomic_load_n(&s->nonblock, __ATOMIC_RELAXED);
+    if (nonblock && rc) {
+        s->so_error = -rc;
+        __atomic_store_n(&s->state, CP_FAILED, __ATOMIC_RELEASE);
+    }
+    pthread_mutex_unlock(&s->lock);
+    cp_sock_put(s);
+    if (bypass) {
+        hand_back(fd, "connect to a CIRCUITS_BYPASS address");
+        return real.connect(fd, addr, len);
+    }
+    return (int)cp_ret(nonblock ? -EINPROGRESS : rc);
+}
+
+CP_EXPORT int shutdown(int fd, int how)
+{
+    cp_init();
+    struct cp_sock *s = cp_fd_get(fd);
+    if (!s)
+        return real.shutdown(fd, how);
+    int rc = 0;
+    if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR)
+        rc = -EINVAL;
+    else if (state_of(s) == CP_LISTENING)
+        real.shutdown(s->ctl, SHUT_RDWR); /* wakes a blocked accept, which says EINVAL */
+    else if (state_of(s) != CP_CONNECTED)
+        rc = -ENOTCONN;
+    else {
+        if (how != SHUT_RD && !s->wr_shut) {
+            circuit_shutdown_write(s->c);
+            s->wr_shut = true;
+        }
+        if (how != SHUT_WR)
+            s->rd_shut = true;
+    }
+    cp_log("fd %d: shutdown %s: %s", fd, how == SHUT_RD ? "read" : how == SHUT_WR ? "write" : "both",
+           rc ? strerror(-rc) : "ok");
+    cp_sock_put(s);
+    return (int)cp_ret(rc);
+}
+
+CP_EXPORT int close(int fd)
+{
+    cp_init();
+    struct cp_sock *s = cp_fd_remove(fd);
+    cp_epoll_closed(fd, s != NULL);
+    int rc = real.close(fd);
+    if (s) {
+        cp_log("fd %d: close", fd);
+        cp_sock_put(s); /* the last descriptor and call out closes the circuit */
+    }
+    return rc;
+}
+
+/* ---- duplicates share the socket, as they share a kernel file ---------- */
+
+/* After the kernel put a duplicate of `from` on `to`: mirror it in the table. */
+static int mirror_dup(int from, int to)
+{
+    if (to < 0)
+        return to;
+    struct cp_sock *s = cp_fd_get(from);
+    if (s) {
+        cp_fd_install(to, s); /* replaces whatever the table had on `to` */
+        cp_sock_put(s);
+    } else {
+        cp_sock_put(cp_fd_remove(to));
+    }
+    return to;
+}
+
+CP_EXPORT int dup(int fd)
+{
+    cp_init();
+    int nfd = real.dup(fd);
+    return cp_fd_maybe(fd) ? mirror_dup(fd, nfd) : nfd;
+}
+
+CP_EXPORT int dup2(int fd, int to)
+{
+    cp_init();
+    int rc = real.dup2(fd, to);
+    return fd == to || (!cp_fd_maybe(fd) && !cp_fd_maybe(to)) ? rc : mirror_dup(fd, rc);
+}
+
+CP_EXPORT int dup3(int fd, int to, int flags)
+{
+    cp_init();
+    int rc = real.dup3(fd, to, flags);
+    return !cp_fd_maybe(fd) && !cp_fd_maybe(to) ? rc : mirror_dup(fd, rc);
+}
+
+static int fcntl_common(int (*fn)(int, int, ...), int fd, int cmd, long arg)
+{
+    cp_init();
+    struct cp_sock *s = cp_fd_get(fd);
+    int rc = fn(fd, cmd, arg);
+    if (!s)
+        return rc;
+    if (rc >= 0) {
+        if (cmd == F_GETFL)
+            rc = (rc & ~O_NONBLOCK) | (__atomic_load_n(&s->nonblock, __ATOMIC_RELAXED) ? O_NONBLOCK : 0);
+        else if (cmd == F_SETFL)
+            __atomic_store_n(&s->nonblock, (arg & O_NONBLOCK) != 0, __ATOMIC_RELAXED);
+        else if (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC)
+            mirror_dup(fd, rc);
+    }
+    cp_sock_put(s);
+    return rc;
+}
+
+CP_EXPORT int fcntl(int fd, int cmd, ...)
+{
+    va_list ap;
+    va_start(ap, cmd);
+    long arg = va_arg(ap, long); /* ints and pointers alike travel as a long */
+    va_end(ap);
+    cp_init();
+    return fcntl_common(real.fcntl, fd, cmd, arg);
+}
+
+CP_EXPORT int fcntl64(int fd, int cmd, ...)
+{
+    va_list ap;
+    va_start(ap, cmd);
+    long arg = va_arg(ap, long);
+    va_end(ap);
+    cp_init();
+    return fcntl_common(real.fcntl64, fd, cmd, arg);
+}
+
+/* Bytes waiting to be read, without reading them. */
+static int readable_bytes(struct cp_sock *s)
+{
+    void *ptr;
+    if (state_of(s) != CP_CONNECTED)
+        return 0;
+    ssize_t n = circuit_peek(s->c, CIRCUIT_NONBLOCK, CIRCUIT_FOREVER, &ptr);
+    return n > 0 ? (n > 0x7fffffff ? 0x7fffffff : (int)n) : 0;
+}
+
+CP_EXPORT int ioctl(int fd, unsigned long request, ...)
+{
+    va_list ap;
+    va_start(ap, request);
+    void *arg = va_arg(ap, void *);
+    va_end(ap);
+    cp_init();
+    struct cp_sock *s = cp_fd_get(fd);
+    if (!s || (request != FIONREAD && request != FIONBIO)) {
+        cp_sock_put(s);
+        return real.ioctl(fd, request, arg);
+    }
+    int rc = 0;
+    if (!arg)
+        rc = -EFAULT;
+    else if (request == FIONBIO) {
+        __atomic_store_n(&s->nonblock, *(int *)arg != 0, __ATOMIC_RELAXED);
+        real.ioctl(fd, request, arg);
+    } else if (state_of(s) == CP_CONNECTED) {
+        *(int *)arg = readable_bytes(s);
+    } else {
+        rc = state_of(s) == CP_LISTENING ? -EINVAL : 0;
+        if (!rc)
+            *(int *)arg = 0;
+    }
+    cp_sock_put(s);
+    return (int)cp_ret(rc);
+}
+
+/* ---- names ------------------------------------------------------------- */
+
+/* getsockname (peer false) and getpeername of a circuit socket; -errno. */
+static int name_of(struct cp_sock *s, struct sockaddr *addr, socklen_t *len, bool peer)
+{
+    static const struct cp_endpoint any = {.proto = CP_TCP};
+    const struct cp_endpoint *ep = peer ? &s->remote : &s->local;
+    if (peer && state_of(s) != CP_CONNECTED)
+        return -ENOTCONN;
+    if (!peer && state_of(s) == CP_FRESH && !s->bound)
+        ep = &any;
+    if (!len)
+        return -EFAULT;
+    cp_endpoint_to(ep, s->family, addr, len);
+    return 0;
+}
+
+CP_EXPORT int getsockname(int fd, struct sockaddr *addr, socklen_t *len)
+{
+    ON_SOCKET(fd, name_of(s, addr, len, false), real.getsockname(fd, addr, len));
+}
+
+CP_EXPORT int getpeername(int fd, struct sockaddr *addr, socklen_t *len)
+{
+    ON_SOCKET(fd, name_of(s, addr, len, true), real.getpeername(fd, addr, len));
+}
+
+/* ---- options ----------------------------------------------------------- */
+
+/* Where an option we keep lives in s->opt, or NULL. */
+static int *kept_option(struct cp_sock *s, int level, int name)
+{
+    if (level == SOL_SOCKET) {
+        switch (name) {
+        case SO_RCVBUF: return &s->opt.rcvbuf;
+        case SO_SNDBUF: return &s->opt.sndbuf;
+        case SO_REUSEADDR: return &s->opt.reuseaddr;
+        case SO_REUSEPORT: return &s->opt.reuseport;
+        case SO_KEEPALIVE: return &s->opt.keepalive;
+        }
+    }
+    return level == IPPROTO_TCP && name == TCP_NODELAY ? &s->opt.nodelay : NULL;
+}
+
+/* The value of an option of a connected or listening socket, or -ENOPROTOOPT. */
+static int emulated_option(struct cp_sock *s, int level, int name, int *value)
+{
+    int state = state_of(s);
+    int *kept = kept_option(s, level, name);
+    if (level == SOL_SOCKET && (name == SO_RCVBUF || name == SO_SNDBUF) && !*kept)
+        *value = state == CP_CONNECTED ? (int)circuit_area_size(s->c, name == SO_RCVBUF) : 0;
+    else if (kept)
+        *value = *kept;
+    else if (level == SOL_SOCKET && name == SO_TYPE)
+        *value = SOCK_STREAM;
+    else if (level == SOL_SOCKET && name == SO_DOMAIN)
+        *value = s->family;
+    else if (level == SOL_SOCKET && name == SO_PROTOCOL)
+        *value = IPPROTO_TCP;
+    else if (level == SOL_SOCKET && name == SO_ACCEPTCONN)
+        *value = state == CP_LISTENING;
+    else
+        return -ENOPROTOOPT;
+    return 0;
+}
+
+CP_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
+{
+    cp_init();
+    struct cp_sock *s = cp_fd_get(fd);
+    if (!s)
+        return real.getsockopt(fd, level, name, val, len);
+    int rc, value = 0;
+    if (level == SOL_SOCKET && name == SO_ERROR) {
+        value = __atomic_exchange_n(&s->so_error, 0, __ATOMIC_ACQ_REL);
+        rc = 0;
+    } else if (state_of(s) == CP_FRESH) {
+        cp_sock_put(s); /* the placeholder is a socket of the right family: it knows */
+        return real.getsockopt(fd, level, name, val, len);
+    } else {
+        rc = emulated_option(s, level, name, &value);
+    }
+    if (!rc && (!val || !len || *len < sizeof(int)))
+        rc = -EINVAL;
+    if (!rc) {
+        memcpy(val, &value, sizeof(int));
+        *len = sizeof(int);
+    }
+    cp_sock_put(s);
+    return (int)cp_ret(rc);
+}
+
+CP_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
+{
+    cp_init();
+    struct cp_sock *s = cp_fd_get(fd);
+    if (!s)
+        return real.setsockopt(fd, level, name, val, len);
+    int rc = 0;
+    if (state_of(s) == CP_FRESH)
+        rc = real.setsockopt(fd, level, name, val, len) < 0 ? -errno : 0;
+    int *kept = kept_option(s, level, name);
+    if (!rc && kept && val && len >= sizeof(int))
+        memcpy(kept, val, sizeof(int));
+    else if (!rc && !kept && state_of(s) != CP_FRESH)
+        cp_log("fd %d: option %d/%d has no meaning on a circuit: ignored", fd, level, name);
+    cp_sock_put(s);
+    return (int)cp_ret(rc);
+}
