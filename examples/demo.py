@@ -2,11 +2,15 @@
 
 Starts the operator on examples/policy.toml (its sockets and audit log in a
 temporary directory), runs db's echo server and zero-copy reader as guests,
-then shows an allowed and a denied connection, a transfer, and the
-`circuits ctl circuits` table while a circuit is open.
+then shows an allowed and a denied connection, a transfer, the
+`circuits ctl circuits` table while a circuit is open, and an unmodified
+program (curl, from Debian) fetching from another (python3 -m http.server)
+over a circuit, under the preload library.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -77,11 +81,33 @@ def main() -> None:
             sender.wait(120)
             print(reader.stdout.readline(), end="", flush=True)
             reader.wait(30)
+            unmodified_programs(cfg, Path(tmp), children)
         finally:
             for child in reversed(children):
                 if child.poll() is None:
                     child.terminate()
                     child.wait(10)
+
+
+def unmodified_programs(cfg: Path, tmp: Path, children: list) -> None:
+    step("unmodified programs: db's curl fetches 64 MiB from web's http.server (rule 3)")
+    site = tmp / "site"
+    site.mkdir()
+    (site / "blob").write_bytes(os.urandom(64 << 20))
+    server = subprocess.Popen([*CIRCUITS, "run", "--guest", "web", "--config", str(cfg), "--",
+                               sys.executable, "-u", "-m", "http.server", "8000", "--bind",
+                               "10.0.0.1", "--directory", str(site)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    children.append(server)
+    wait_for(server, "Serving HTTP")
+    out = tmp / "blob.fetched"
+    subprocess.run([*CIRCUITS, "run", "--guest", "db", "--config", str(cfg), "--",
+                    "curl", "-sS", "-o", str(out), "-w",
+                    "curl: %{size_download} bytes at %{speed_download} bytes/s\n",
+                    "http://10.0.0.1:8000/blob"], check=True)
+    same = hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(
+        (site / "blob").read_bytes()).digest()
+    print(f"sha256 of what curl got {'matches' if same else 'DIFFERS FROM'} the file served")
 
 
 SEND_GIB = """
