@@ -1,0 +1,58 @@
+"""Egress: a guest's connection to the outside, opened on the host.
+
+The operator hands over side 1 of the circuit with the destination and the
+guest's options (EGRESS).  The host socket connects first; only then is the
+operator told OK, and the guest's connect returns.  A failed connect is
+answered with the kernel's errno, which becomes the guest's.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import socket
+
+from circuits import protocol as p
+from circuits.proxystack import options
+from circuits.ring import Circuit, CircuitSpec
+
+log = logging.getLogger("circuits.proxystack")
+
+
+def circuit_of(msg: p.Egress | p.Circuit, fds: list[int]) -> Circuit:
+    """Attach this side of a circuit from its trusted parameters."""
+    kind = "stream" if msg.kind == p.STREAM else "dgram"
+    return Circuit(*fds, CircuitSpec(kind, msg.side, (msg.size0, msg.size1)))
+
+
+async def connect(loop: asyncio.AbstractEventLoop, msg: p.Egress) -> socket.socket:
+    """A connected TCP socket with the guest's options; OSError with the
+    kernel's errno (ETIMEDOUT once the connect timeout passes)."""
+    sock = socket.socket(options.family_of(msg.remote), socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        options.apply(sock, msg)
+        timeout = msg.connect_timeout_ms / 1000 if msg.connect_timeout_ms else None
+        await asyncio.wait_for(_connect(loop, sock, options.host_address(msg.remote)), timeout)
+        return sock
+    except asyncio.TimeoutError:
+        sock.close()
+        raise TimeoutError(errno.ETIMEDOUT, os.strerror(errno.ETIMEDOUT)) from None
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, address: tuple) -> None:
+    err = sock.connect_ex(address)
+    if err == errno.EINPROGRESS:
+        done = loop.create_future()
+        loop.add_writer(sock.fileno(), lambda: done.done() or done.set_result(None))
+        try:
+            await done
+        finally:
+            loop.remove_writer(sock.fileno())
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
