@@ -275,6 +275,13 @@ def ctl_reload(ctx: click.Context) -> None:
     click.echo(_ask(ctx, "reload"))
 
 
+@ctl.command("hosts")
+@click.pass_context
+def ctl_hosts(ctx: click.Context) -> None:
+    """A hosts file of the guests' names and addresses (for /etc/hosts)."""
+    click.echo(_ask(ctx, "hosts"), nl=False)
+
+
 @ctl.command("metrics")
 @click.pass_context
 def ctl_metrics(ctx: click.Context) -> None:

@@ -1,0 +1,243 @@
+"""The proxy stack, end to end: guests (the client API) reach a test-made outside
+namespace through it, and the outside reaches a guest through a published port."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+
+import pytest
+
+import circuits
+from circuits.guestnet import hosttable
+from circuits.operator.config import default_mark
+from outside import BLOCK, pattern_sha256
+from proxystack_fixtures import OUTSIDE_IP, HOST_IP, PUBLISHED, requires_netns, world  # noqa: F401
+
+pytestmark = requires_netns
+BIG = 200 << 20  # the issue's 200 MB each way
+
+
+def response_body_start(conn, head: bytes) -> bytes:
+    """Send a request head; return the bytes of the body that came with the response head."""
+    conn.sendall(head)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = conn.recv(65536)
+        assert more, "the response ended in its head"
+        data += more
+    return data.split(b"\r\n\r\n", 1)[1]
+
+
+def read_to_eof(conn, into=None) -> int:
+    """Read to EOF, hashing into `into`; the byte count."""
+    buf, n = bytearray(1 << 20), 0
+    while got := conn.recv_into(buf):
+        if into is not None:
+            into.update(memoryview(buf)[:got])
+        n += got
+    return n
+
+
+def connect(world, guest: str, port: int, **kw):
+    return circuits.connect((OUTSIDE_IP, port), control=world.control(guest), **kw)
+
+
+def test_http_download_and_upload_checked_by_hash(world):
+    world.serve("http", 80)
+    conn = connect(world, "web", 80, ring_size=1 << 20)
+    assert conn.getpeername() == (OUTSIDE_IP, 80)
+    start = time.monotonic()
+    first = response_body_start(conn, f"GET /download/{BIG} HTTP/1.1\r\n\r\n".encode())
+    h = hashlib.sha256(first)
+    assert len(first) + read_to_eof(conn, h) == BIG  # the server's FIN is our EOF
+    conn.close()
+    down = time.monotonic() - start
+    assert h.hexdigest() == pattern_sha256(BIG)
+
+    conn = connect(world, "web", 80, ring_size=1 << 20)
+    start = time.monotonic()
+    conn.sendall(f"POST /upload HTTP/1.1\r\nContent-Length: {BIG}\r\n\r\n".encode())
+    for _ in range(BIG // len(BLOCK)):
+        conn.sendall(BLOCK)
+    body = response_body_start(conn, b"")
+    body += conn.recv(100)
+    conn.close()
+    up = time.monotonic() - start
+    assert body.decode() == pattern_sha256(BIG)
+    print(f"200 MiB through egress: download {down:.2f} s, upload {up:.2f} s")
+
+
+def test_published_port_shows_the_outside_address_to_the_guest(world):
+    with circuits.listen(("0.0.0.0", 80), control=world.control("web")) as lst:
+        client = world.in_outside([sys.executable, "-c", f"""
+import socket
+s = socket.create_connection(("{HOST_IP}", {PUBLISHED}), timeout=10)
+print(s.getsockname()[0], s.getsockname()[1], flush=True)
+s.sendall(b"hello guest")
+s.shutdown(socket.SHUT_WR)
+print(s.recv(100).decode(), flush=True)
+print(repr(s.recv(100)), flush=True)
+"""])
+        conn, peer = lst.accept()
+        address, port = client.stdout.readline().split()
+        assert peer == (address, int(port)) == (OUTSIDE_IP, int(port))
+        assert conn.getpeername() == peer
+        assert conn.getsockname() == ("10.0.0.1", 80)
+        conn.settimeout(10)
+        assert conn.recv(100) == b"hello guest"
+        assert conn.recv(100) == b""  # the outside's FIN
+        conn.sendall(b"hello outside")
+        conn.close()
+        assert client.stdout.readline().strip() == "hello outside"
+        assert client.stdout.readline().strip() == "b''"  # the guest's close: FIN
+        assert client.wait(10) == 0
+
+
+def test_published_port_with_no_listener_is_reset(world):
+    client = world.in_outside([sys.executable, "-c", f"""
+import socket
+s = socket.create_connection(("{HOST_IP}", {PUBLISHED}), timeout=10)
+try:
+    print(repr(s.recv(100)))
+except ConnectionResetError:
+    print("reset")
+"""])
+    assert client.stdout.readline().strip() == "reset"
+    client.wait(10)
+
+
+def test_refused_unreachable_and_timed_out_destinations(world):
+    with pytest.raises(ConnectionRefusedError):  # the outside answers RST
+        connect(world, "web", 1)
+    with pytest.raises(OSError) as e:  # no route from the host namespace
+        circuits.connect(("203.0.113.5", 80), control=world.control("web"))
+    assert e.value.errno == errno.ENETUNREACH
+    drop = world.in_outside(["sh", "-c", "nft add table inet t && nft add chain inet t in"
+                             " '{ type filter hook input priority 0; }' && nft add rule inet t in"
+                             " tcp dport 9999 drop && echo done"])
+    assert drop.stdout.readline().strip() == "done"
+    start = time.monotonic()
+    with pytest.raises(TimeoutError) as e:  # SYNs dropped; db's connect_timeout is 1 s
+        connect(world, "db", 9999)
+    assert e.value.errno == errno.ETIMEDOUT
+    assert 0.9 < time.monotonic() - start < 5
+    with pytest.raises(OSError) as e:  # on the link, but nobody answers ARP
+        circuits.connect(("198.18.0.77", 80), control=world.control("web"))
+    assert e.value.errno == errno.EHOSTUNREACH
+
+
+def test_forbidden_destination_is_eacces_and_audited(world):
+    with pytest.raises(PermissionError):
+        connect(world, "web", 25)
+    with open(world.dir / "audit.jsonl") as f:
+        lines = [json.loads(line) for line in f]
+    assert {"from": "web", "to": OUTSIDE_IP, "port": 25, "verdict": "deny", "rule": 1}.items() \
+        <= lines[-1].items()
+
+
+def test_outside_reset_mid_transfer_is_connection_reset(world):
+    world.serve("reset", 81)
+    conn = connect(world, "web", 81)
+    conn.settimeout(10)
+    conn.sendall(b"go")
+    with pytest.raises(ConnectionResetError):
+        read_to_eof(conn)
+
+
+def test_half_close_both_ways(world):
+    world.serve("halfclose", 82)
+    conn = connect(world, "web", 82)
+    conn.settimeout(10)
+    conn.sendall(b"x" * 100000)
+    conn.shutdown(socket.SHUT_WR)  # a FIN out: the server reads to its end, then answers
+    assert conn.recv(100).decode() == hashlib.sha256(b"x" * 100000).hexdigest()
+    assert conn.recv(100) == b""
+    conn.close()
+
+    greeter = world.serve("greet", 83)
+    conn = connect(world, "web", 83)
+    conn.settimeout(10)
+    assert conn.recv(100) == b"hello from outside"
+    assert conn.recv(100) == b""  # the outside's FIN; our direction stays open
+    conn.sendall(b"y" * 300000)
+    conn.close()
+    assert greeter.stdout.readline().strip() == "read 300000"
+
+
+def test_200_concurrent_egress_connections(world):
+    world.serve("echo", 84)
+    conns = [connect(world, "db", 84) for _ in range(200)]
+    try:
+        for i, conn in enumerate(conns):
+            conn.settimeout(20)
+            conn.sendall(i.to_bytes(4, "big") * 4096)
+        for i, conn in enumerate(conns):
+            got = b""
+            while len(got) < 16384:
+                got += conn.recv(16384 - len(got))
+            assert got == i.to_bytes(4, "big") * 4096
+        assert world.status()["circuits"] >= 200
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_per_guest_congestion_control_and_mark(world):
+    world.serve("echo", 85)
+    web, db = connect(world, "web", 85), connect(world, "db", 85)
+    try:
+        for conn in (web, db):
+            conn.sendall(b"ping")
+            conn.settimeout(10)
+            assert conn.recv(10) == b"ping"
+        ss = world.in_host("ss", "-Htie", "state", "established", "dst", OUTSIDE_IP)
+        sockets = re.split(r"\n(?=\S)", ss.strip())  # each socket: a line, then indented ones
+        assert len(sockets) == 2, ss
+        by_mark = {re.search(r"fwmark:(0x[0-9a-f]+)", s).group(1): s for s in sockets}
+        assert " bbr " in by_mark["0x43520101"], ss  # web's mark, web's congestion control
+        assert " cubic " in by_mark[hex(default_mark("db"))], ss
+    finally:
+        web.close()
+        db.close()
+
+
+def test_egress_is_counted_by_mark_in_the_host_table(world):
+    world.serve("halfclose", 86)
+    before = hosttable.counts(world.host)["web"].bytes
+    conn = connect(world, "web", 86)
+    conn.sendall(b"z" * 1_000_000)
+    conn.shutdown(socket.SHUT_WR)
+    conn.settimeout(10)
+    assert len(conn.recv(100)) == 64
+    conn.close()
+    assert hosttable.counts(world.host)["web"].bytes - before >= 1_000_000
+
+
+def test_a_dead_proxy_stack_is_restarted(world):
+    world.serve("echo", 87)
+    pid = int(world.status()["proxystack"].rsplit(" ", 1)[1])
+    conn = connect(world, "web", 87)
+    os.kill(pid, signal.SIGKILL)
+    conn.settimeout(10)
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):  # its circuits die with it
+        for _ in range(100):
+            conn.sendall(b"a" * 65536)
+            conn.recv(65536)
+    deadline = time.monotonic() + 20
+    while str(pid) in world.status()["proxystack"] or \
+            not world.status()["proxystack"].startswith("connected"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    again = connect(world, "web", 87)
+    again.sendall(b"back")
+    again.settimeout(10)
+    assert again.recv(10) == b"back"
+    again.close()
