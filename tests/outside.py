@@ -5,7 +5,8 @@
 Roles: http (GET /download/N streams N bytes of a fixed pattern; POST
 /upload answers the sha256 of its body), echo, reset (sends 1 MiB, then a
 RST), halfclose (reads to EOF, then answers the sha256 of what it read),
-greet (sends a greeting and a FIN, then reads to EOF and prints the count).
+greet (sends a greeting and a FIN, then reads to EOF and prints the count),
+udp-echo (answers each datagram with it and the sender's address).
 Prints "ready" once listening; the test kills it at the end.
 """
 from __future__ import annotations
@@ -103,8 +104,20 @@ class Server(socketserver.ThreadingTCPServer):
     request_queue_size = 512
 
 
+def udp_echo(port: int) -> None:
+    """Echo each datagram with the sender's address appended after a '|'."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", port))
+    print("ready", flush=True)
+    while True:
+        data, peer = s.recvfrom(65535)
+        s.sendto(data + f"|{peer[0]}:{peer[1]}".encode(), peer)
+
+
 if __name__ == "__main__":
     ROLE, port = sys.argv[1], int(sys.argv[2])
+    if ROLE == "udp-echo":
+        udp_echo(port)
     with Server(("0.0.0.0", port), Handler) as server:
         print("ready", flush=True)
         server.serve_forever()

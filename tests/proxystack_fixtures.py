@@ -31,6 +31,7 @@ default_ring = "256 KiB"
 
 [proxystack]
 connect_timeout = 10
+udp_idle_timeout = 1
 
 [[guests]]
 name = "web"
@@ -57,11 +58,25 @@ port = {published}
 guest = "web"
 guest_port = 80
 
+[[publish]]
+address = "{host_ip}"
+port = {published}
+proto = "udp"
+guest = "web"
+guest_port = 53
+
 [[rules]]
 from = "*"
 to = "{outside_ip}/32"
 ports = [25]
 action = "deny"
+
+[[rules]]
+from = "web"
+to = "external"
+proto = "udp"
+ports = [53]
+action = "allow"
 
 [[rules]]
 from = "*"

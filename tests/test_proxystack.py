@@ -241,3 +241,50 @@ def test_a_dead_proxy_stack_is_restarted(world):
     again.settimeout(10)
     assert again.recv(10) == b"back"
     again.close()
+
+
+def test_udp_echo_through_egress_and_its_idle_timeout(world):
+    world.serve("udp-echo", 53)
+    conn = circuits.connect((OUTSIDE_IP, 53), kind="dgram", control=world.control("web"))
+    conn.settimeout(10)
+    me = None
+    for i in range(20):
+        conn.sendto(b"query %d" % i, (OUTSIDE_IP, 53))
+        data, peer = conn.recvfrom(65536)
+        assert peer == (OUTSIDE_IP, 53)
+        text, me = data.decode().split("|")
+        assert text == f"query {i}"
+    assert me.startswith(HOST_IP + ":")  # it left from the host's address, one socket for all
+    big = bytes(range(256)) * 200  # 51200 bytes in one datagram
+    conn.send(big)
+    assert conn.recv(65536).startswith(big + b"|")
+    time.sleep(1.5)  # udp_idle_timeout is 1 s: the flow is closed
+    assert conn.recv(100) == b""
+    with pytest.raises(PermissionError):  # db has no udp rule
+        circuits.connect((OUTSIDE_IP, 53), kind="dgram", control=world.control("db"))
+
+
+def test_published_udp_port_gives_each_outside_peer_a_circuit(world):
+    with circuits.listen(("0.0.0.0", 53), kind="dgram", control=world.control("web")) as lst:
+        client = world.in_outside([sys.executable, "-c", f"""
+import socket
+for n in range(2):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(10)
+    s.bind(("{OUTSIDE_IP}", 0))
+    print(s.getsockname()[1], flush=True)
+    for i in range(3):
+        s.sendto(b"ping %d" % i, ("{HOST_IP}", {PUBLISHED}))
+        print(s.recvfrom(100)[0].decode(), flush=True)
+"""])
+        for _ in range(2):
+            port = int(client.stdout.readline())
+            conn, peer = lst.accept()
+            assert peer == (OUTSIDE_IP, port)
+            conn.settimeout(10)
+            for i in range(3):
+                assert conn.recv(100) == b"ping %d" % i
+                conn.sendto(b"pong %d" % i, peer)
+                assert client.stdout.readline().strip() == f"pong {i}"
+            conn.close()
+        assert client.wait(10) == 0

@@ -115,6 +115,7 @@ class ProxyStack:
     control: str = ""  # its control socket
     connect_timeout: float = 30.0  # seconds an egress connect may take
     restarts: int = 5  # restarts within a minute before the operator gives up
+    udp_idle_timeout: float = 60.0  # seconds a UDP flow lives without a datagram
 
 
 PROXY_IDENTITY = "proxystack"  # the proxy stack's name on its control socket; no guest's
@@ -235,7 +236,8 @@ class _Checker:
         """[proxystack]: present (or any [[publish]]) means the operator runs one."""
         if table is None:
             return ProxyStack(published, f"{control_dir}/{PROXY_IDENTITY}.sock")
-        self.only(table, {"enabled", "control", "connect_timeout", "restarts"}, "proxystack")
+        self.only(table, {"enabled", "control", "connect_timeout", "restarts",
+                          "udp_idle_timeout"}, "proxystack")
         at = lambda key: self.lines.of("proxystack", 0, key)  # noqa: E731
         enabled = table.get("enabled", True)
         if not isinstance(enabled, bool):
@@ -246,7 +248,9 @@ class _Checker:
         return ProxyStack(enabled or published,
                           table.get("control", f"{control_dir}/{PROXY_IDENTITY}.sock"),
                           self.seconds(table.get("connect_timeout", 30.0), at("connect_timeout"),
-                                       "connect_timeout"), restarts)
+                                       "connect_timeout"), restarts,
+                          self.seconds(table.get("udp_idle_timeout", 60.0),
+                                       at("udp_idle_timeout"), "udp_idle_timeout"))
 
     def seconds(self, value, line: int, what: str) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:

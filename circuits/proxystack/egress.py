@@ -1,4 +1,5 @@
-"""Egress: a guest's connection to the outside, opened on the host.
+"""Egress: a guest's connection to the outside, opened on the host (TCP, or a
+connected UDP socket for a datagram circuit).
 
 The operator hands over side 1 of the circuit with the destination and the
 guest's options (EGRESS).  The host socket connects first; only then is the
@@ -29,7 +30,8 @@ def circuit_of(msg: p.Egress | p.Circuit, fds: list[int]) -> Circuit:
 async def connect(loop: asyncio.AbstractEventLoop, msg: p.Egress) -> socket.socket:
     """A connected TCP socket with the guest's options; OSError with the
     kernel's errno (ETIMEDOUT once the connect timeout passes)."""
-    sock = socket.socket(options.family_of(msg.remote), socket.SOCK_STREAM)
+    kind = socket.SOCK_STREAM if msg.kind == p.STREAM else socket.SOCK_DGRAM
+    sock = socket.socket(options.family_of(msg.remote), kind)
     try:
         sock.setblocking(False)
         options.apply(sock, msg)

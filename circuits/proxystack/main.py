@@ -13,7 +13,8 @@ import sys
 from circuits import protocol as p
 from circuits.operator.config import Config, ConfigError, load
 from circuits.proxystack import egress
-from circuits.proxystack.ingress import Published
+from circuits.proxystack.datagrams import DatagramSplice
+from circuits.proxystack.ingress import Published, PublishedUdp
 from circuits.proxystack.link import Link, OperatorGone
 from circuits.proxystack.splice import Splice
 
@@ -33,11 +34,12 @@ class ProxyStack:
     async def serve(self) -> None:
         """HELLO, open the published ports, then serve until the operator goes."""
         await self.link.hello()
+        idle = self.config.proxystack.udp_idle_timeout
         for entry in self.config.publish:
             if entry.proto == "tcp":
                 self.published.append(Published(self.loop, entry, self.hand_over))
             else:
-                log.error("publish line %d: udp is not served yet", entry.line)
+                self.published.append(PublishedUdp(self.loop, entry, idle, self.ask_circuit))
         await self.link.gone
 
     # -- egress --------------------------------------------------------------
@@ -48,11 +50,6 @@ class ProxyStack:
         except OSError as e:  # parameters the ring refuses: the fds are still ours
             p.close_all(fds)
             self.link.send(p.Error(e.errno or errno.EINVAL, str(e), request=msg.request))
-            return
-        if msg.kind != p.STREAM:
-            circuit.close()
-            self.link.send(p.Error(errno.EPROTONOSUPPORT, "udp egress is not served yet",
-                                   request=msg.request))
             return
         self._spawn(self._egress(msg, circuit))
 
@@ -65,31 +62,43 @@ class ProxyStack:
             self.link.send(p.Error(e.errno or errno.EIO, e.strerror or str(e),
                                    request=msg.request))
             return
-        self._splice(sock, circuit)  # before OK: the guest may send at once
+        if msg.kind == p.STREAM:
+            self._splice(sock, circuit)  # before OK: the guest may send at once
+        else:
+            self._start(DatagramSplice(self.loop, sock, circuit,
+                                       self.config.proxystack.udp_idle_timeout, self.splices.discard))
         self.link.send(p.Ok(request=msg.request))
 
     # -- ingress -------------------------------------------------------------
 
-    async def hand_over(self, sock: socket.socket, msg: p.Ingress) -> None:
-        """An accepted outside connection: ask the operator for a circuit to
-        the guest's listener, then splice; refused: the outside gets a RST."""
+    async def ask_circuit(self, sock: socket.socket, msg: p.Ingress):
+        """A circuit to the guest's listener for an outside peer; None if refused."""
         try:
             reply, fds = await self.link.request(msg)
         except (OSError, OperatorGone) as e:
             log.info("ingress %s -> %s:%d refused: %s", msg.remote, msg.guest, msg.local.port, e)
+            return None
+        if not isinstance(reply, p.Circuit) or len(fds) != p.FDS_PER_CIRCUIT:
+            p.close_all(fds)
+            return None
+        return egress.circuit_of(reply, fds)
+
+    async def hand_over(self, sock: socket.socket, msg: p.Ingress) -> None:
+        """An accepted outside connection: a circuit to the guest's listener,
+        then splice; refused: the outside gets a RST."""
+        circuit = await self.ask_circuit(sock, msg)
+        if circuit is None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
             sock.close()
             return
-        if not isinstance(reply, p.Circuit) or len(fds) != p.FDS_PER_CIRCUIT:
-            p.close_all(fds)
-            sock.close()
-            return
-        self._splice(sock, egress.circuit_of(reply, fds))
+        self._splice(sock, circuit)
 
     # -- both ----------------------------------------------------------------
 
     def _splice(self, sock: socket.socket, circuit) -> None:
-        splice = Splice(self.loop, sock, circuit, self.splices.discard)
+        self._start(Splice(self.loop, sock, circuit, self.splices.discard))
+
+    def _start(self, splice: Splice) -> None:
         self.splices.add(splice)
         splice.start()
 

@@ -41,10 +41,15 @@ class Splice:
         self.watching: set[str] = set()
         self.retry: asyncio.TimerHandle | None = None
         self.closed = False
+        self.owns_sock = True  # False: a shared socket (published UDP) stays open
         self.bytes_out = self.bytes_in = 0
 
     def start(self) -> None:
         self._step()
+
+    def ended(self) -> bool:
+        """Whether both directions are done (then both ends are closed)."""
+        return self.out_wait == DONE and self.in_wait == DONE
 
     # -- the two directions ------------------------------------------------
 
@@ -106,12 +111,10 @@ class Splice:
                 self.out_wait = self._out()
             if self.in_wait != DONE:
                 self.in_wait = self._in()
-        except ConnectionResetError:
-            return self._reset()
-        except OSError as e:  # EPIPE and the like: the peer of that side is gone
+        except OSError as e:  # a reset, EPIPE and the like: the peer of that side is gone
             log.debug("splice ends: %s", e)
             return self._reset()
-        if self.out_wait == DONE and self.in_wait == DONE:
+        if self.ended():
             return self.close()
         progressed = before != (self.bytes_out, self.bytes_in, self.out_wait, self.in_wait)
         self._rewatch(progressed)
@@ -143,7 +146,8 @@ class Splice:
 
     def _unwatch_one(self, what: str) -> None:
         if what == CIRCUIT:
-            self.loop.remove_reader(self.cfd)
+            if self.cfd >= 0:
+                self.loop.remove_reader(self.cfd)
         elif what == SOCK_READ:
             self.loop.remove_reader(self.sock.fileno())
         else:
@@ -158,10 +162,11 @@ class Splice:
             self.circuit.abort()
         except OSError:
             pass  # the guest side is gone already
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        except OSError:
-            pass
+        if self.owns_sock:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
         self.close()
 
     def abort(self) -> None:
@@ -177,7 +182,8 @@ class Splice:
             self.retry.cancel()
         self.closed = True
         self.circuit.close()
-        self.sock.close()
+        if self.owns_sock:
+            self.sock.close()
         self.on_end(self)
 
 
