@@ -63,18 +63,27 @@ class DatagramSplice(Splice):
                 self.in_wait = DONE
                 return DONE
             try:
-                self.sock.send(view)
-            except BlockingIOError:
-                c.consume(0)
-                return SOCK_WRITE
+                sent = self._send(view)
             except OSError as e:
                 if e.errno not in SOFT_ERRORS:
                     c.consume(0)
                     raise
+                sent = True  # lost, as UDP loses it
+            if not sent:
+                c.consume(0)
+                return SOCK_WRITE
             self.bytes_out += len(view)
             c.consume()
             self.last = time.monotonic()
         return ""
+
+    def _send(self, view: memoryview) -> bool:
+        """One datagram out; False: the socket is full, wait for it."""
+        try:
+            self.sock.send(view)
+        except BlockingIOError:
+            return False
+        return True
 
     def _in(self) -> str:
         c = self.circuit
@@ -117,27 +126,14 @@ class Flow(DatagramSplice):
         self.in_wait = DONE  # the published socket's reader delivers instead
         self.dropped = 0
 
-    def _out(self) -> str:
-        c = self.circuit
-        for _ in range(64):
-            try:
-                view = c.read_view()
-            except BlockingIOError:
-                return CIRCUIT
-            if view is None:
-                return DONE
-            try:
-                self.sock.sendto(view, self.peer)
-            except BlockingIOError:
-                self.dropped += 1
-            except OSError as e:
-                if e.errno not in SOFT_ERRORS:
-                    c.consume(0)
-                    raise
-            self.bytes_out += len(view)
-            c.consume()
-            self.last = time.monotonic()
-        return ""
+    def _send(self, view: memoryview) -> bool:
+        """To the peer from the shared socket; a full one drops the datagram
+        (waiting would stall every peer of the port)."""
+        try:
+            self.sock.sendto(view, self.peer)
+        except BlockingIOError:
+            self.dropped += 1
+        return True
 
     def deliver(self, first: bytes | None = None) -> None:
         """The next datagram of the shared socket is this peer's: into the ring
