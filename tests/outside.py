@@ -6,7 +6,8 @@ Roles: http (GET /download/N streams N bytes of a fixed pattern; POST
 /upload answers the sha256 of its body), echo, reset (sends 1 MiB, then a
 RST), halfclose (reads to EOF, then answers the sha256 of what it read),
 greet (sends a greeting and a FIN, then reads to EOF and prints the count),
-udp-echo (answers each datagram with it and the sender's address).
+hold (reads nothing for 2 s, then all, and prints the count), flood (sends 64 MiB,
+then prints "sent"), udp-echo (answers each datagram with it and the sender's address).
 Prints "ready" once listening; the test kills it at the end.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import socket
 import socketserver
 import struct
 import sys
+import time
 
 BLOCK = bytes(range(256)) * 4096  # 1 MiB of the pattern
 
@@ -88,6 +90,20 @@ class Handler(socketserver.BaseRequestHandler):
         while data := s.recv(65536):
             h.update(data)
         s.sendall(h.hexdigest().encode())
+
+    def hold(self, s: socket.socket) -> None:
+        """Read nothing for 2 s, then everything; print the count."""
+        time.sleep(2)
+        n = 0
+        while data := s.recv(1 << 20):
+            n += len(data)
+        print(f"read {n}", flush=True)
+
+    def flood(self, s: socket.socket) -> None:
+        """Send 64 MiB; say when the last of it is in the kernel's hands."""
+        for _ in range(64):
+            s.sendall(BLOCK)
+        print("sent", flush=True)
 
     def greet(self, s: socket.socket) -> None:
         s.sendall(b"hello from outside")

@@ -288,3 +288,32 @@ for n in range(2):
                 assert client.stdout.readline().strip() == f"pong {i}"
             conn.close()
         assert client.wait(10) == 0
+
+
+def test_back_pressure_both_ways_through_the_full_ring(world):
+    """Nothing is buffered in the proxy stack: a reader that stops stops the writer."""
+    holder = world.serve("hold", 88)
+    conn = connect(world, "web", 88, ring_size=256 << 10)
+    conn.setblocking(False)
+    sent, deadline = 0, time.monotonic() + 1.5
+    while time.monotonic() < deadline:  # the outside reads nothing for 2 s
+        try:
+            sent += conn.send(BLOCK)
+        except BlockingIOError:
+            time.sleep(0.01)
+    # the ring (256 KiB) and the two kernels' socket buffers: far less than 1.5 s of 3 GB/s
+    assert 0 < sent < 32 << 20, sent
+    conn.setblocking(True)
+    conn.shutdown(socket.SHUT_WR)
+    assert holder.stdout.readline().strip() == f"read {sent}"
+    conn.close()
+
+    flooder = world.serve("flood", 89)
+    conn = connect(world, "web", 89, ring_size=256 << 10)
+    time.sleep(1.5)  # we read nothing: the outside sender must be stuck
+    os.set_blocking(flooder.stdout.fileno(), False)
+    assert flooder.stdout.readline() == ""
+    os.set_blocking(flooder.stdout.fileno(), True)
+    conn.settimeout(20)
+    assert read_to_eof(conn) == 64 << 20
+    assert flooder.stdout.readline().strip() == "sent"
