@@ -115,6 +115,7 @@ class Handler(socketserver.BaseRequestHandler):
 
 
 class Server(socketserver.ThreadingTCPServer):
+    address_family = socket.AF_INET6  # "::" takes IPv4 too (as ::ffff:a.b.c.d)
     allow_reuse_address = True
     daemon_threads = True
     request_queue_size = 512
@@ -134,6 +135,6 @@ if __name__ == "__main__":
     ROLE, port = sys.argv[1], int(sys.argv[2])
     if ROLE == "udp-echo":
         udp_echo(port)
-    with Server(("0.0.0.0", port), Handler) as server:
+    with Server(("::", port), Handler) as server:
         print("ready", flush=True)
         server.serve_forever()

@@ -2,7 +2,8 @@
 
 Two scratch namespaces: "host" (where the proxy stack runs: [operator]
 host_netns) and "outside" (servers standing for the world), joined by a veth
-with 198.18.0.1 (host) and 198.18.0.2 (outside).  No traffic leaves them.
+with 198.18.0.1 and fd00:198:18::1 (host), 198.18.0.2 and fd00:198:18::2
+(outside).  No traffic leaves them.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from guestnet_fixtures import requires_netns, sh, tag  # noqa: F401 - re-exporte
 
 OUTSIDE = Path(__file__).with_name("outside.py")
 HOST_IP, OUTSIDE_IP = "198.18.0.1", "198.18.0.2"
+HOST_IP6, OUTSIDE_IP6 = "fd00:198:18::1", "fd00:198:18::2"
 PUBLISHED = 8080
 
 CONFIG = """
@@ -32,6 +34,7 @@ default_ring = "256 KiB"
 [proxystack]
 connect_timeout = 10
 udp_idle_timeout = 1
+restarts = {restarts}
 
 [[guests]]
 name = "web"
@@ -89,13 +92,14 @@ action = "allow"
 class World:
     """The host and outside namespaces, the operator, and outside servers."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, restarts: int = 5):
         self.tag = tag()
         self.host, self.outside = f"cxp-{self.tag}-host", f"cxp-{self.tag}-out"
         self.dir = root / "run"
         self.config = root / "proxy.toml"
         self.config.write_text(CONFIG.format(dir=self.dir, host=self.host, host_ip=HOST_IP,
-                                             outside_ip=OUTSIDE_IP, published=PUBLISHED))
+                                             outside_ip=OUTSIDE_IP, published=PUBLISHED,
+                                             restarts=restarts))
         self.proc: subprocess.Popen | None = None
         self.servers: list[subprocess.Popen] = []
 
@@ -109,8 +113,10 @@ class World:
             sh("ip", "-n", ns, "link", "set", "lo", "up")
         sh("ip", "link", "add", host_if, "netns", self.host, "type", "veth", "peer", "name",
            out_if, "netns", self.outside)
-        for ns, ifname, addr in ((self.host, host_if, HOST_IP), (self.outside, out_if, OUTSIDE_IP)):
+        for ns, ifname, addr, addr6 in ((self.host, host_if, HOST_IP, HOST_IP6),
+                                        (self.outside, out_if, OUTSIDE_IP, OUTSIDE_IP6)):
             sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", ifname)
+            sh("ip", "-n", ns, "addr", "add", f"{addr6}/64", "dev", ifname, "nodad")
             sh("ip", "-n", ns, "link", "set", ifname, "up")
 
     def start(self) -> None:
@@ -157,13 +163,23 @@ class World:
             sh("ip", "netns", "del", ns, check=False)
 
 
-@pytest.fixture
-def world(tmp_path):
-    """A running operator and proxy stack, and an empty outside namespace."""
-    w = World(tmp_path)
+def _world(root: Path, **kw):
+    w = World(root, **kw)
     try:
         w.make_network()
         w.start()
         yield w
     finally:
         w.cleanup()
+
+
+@pytest.fixture
+def world(tmp_path):
+    """A running operator and proxy stack, and an empty outside namespace."""
+    yield from _world(tmp_path)
+
+
+@pytest.fixture
+def world_no_restart(tmp_path):
+    """The same, with a proxy stack the operator never restarts."""
+    yield from _world(tmp_path, restarts=0)

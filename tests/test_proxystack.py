@@ -19,7 +19,9 @@ import circuits
 from circuits.guestnet import hosttable
 from circuits.operator.config import default_mark
 from outside import BLOCK, pattern_sha256
-from proxystack_fixtures import OUTSIDE_IP, HOST_IP, PUBLISHED, requires_netns, world  # noqa: F401
+from proxystack_fixtures import (  # noqa: F401 - fixtures
+    HOST_IP, HOST_IP6, OUTSIDE_IP, OUTSIDE_IP6, PUBLISHED, requires_netns, world,
+    world_no_restart)
 
 pytestmark = requires_netns
 BIG = 200 << 20  # the 200 MB each way
@@ -317,3 +319,29 @@ def test_back_pressure_both_ways_through_the_full_ring(world):
     conn.settimeout(20)
     assert read_to_eof(conn) == 64 << 20
     assert flooder.stdout.readline().strip() == "sent"
+
+
+def test_without_a_proxy_stack_egress_is_unreachable(world_no_restart):
+    world = world_no_restart
+    pid = int(world.status()["proxystack"].rsplit(" ", 1)[1])
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while world.status()["proxystack"] != "not connected, not running":
+        assert time.monotonic() < deadline, world.status()
+        time.sleep(0.05)
+    with pytest.raises(OSError) as e:
+        connect(world, "web", 80)
+    assert e.value.errno == errno.ENETUNREACH
+
+
+def test_ipv6_egress(world):
+    world.serve("halfclose", 90)
+    conn = circuits.connect((OUTSIDE_IP6, 90), control=world.control("web"))
+    assert conn.getpeername() == (OUTSIDE_IP6, 90)
+    ss = world.in_host("ss", "-Htn", "state", "established", "dst", f"[{OUTSIDE_IP6}]")
+    assert f"[{HOST_IP6}]:" in ss, ss  # the host's socket, from the host's IPv6 address
+    conn.settimeout(10)
+    conn.sendall(b"v6" * 1000)
+    conn.shutdown(socket.SHUT_WR)
+    assert conn.recv(100).decode() == hashlib.sha256(b"v6" * 1000).hexdigest()
+    conn.close()
