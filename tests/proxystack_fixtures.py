@@ -21,6 +21,7 @@ from guestnet_fixtures import requires_netns, sh, tag  # noqa: F401 - re-exporte
 OUTSIDE = Path(__file__).with_name("outside.py")
 HOST_IP, OUTSIDE_IP = "198.18.0.1", "198.18.0.2"
 HOST_IP6, OUTSIDE_IP6 = "fd00:198:18::1", "fd00:198:18::2"
+SOURCE_IP = "198.18.0.3"  # a second host address: db's [guests.stack] source
 PUBLISHED = 8080
 
 CONFIG = """
@@ -54,6 +55,9 @@ ring_size = "64 KiB"
 [guests.stack]
 congestion = "cubic"
 connect_timeout = 1
+source = "{source_ip}"
+sndbuf = "256 KiB"
+rcvbuf = "128 KiB"
 
 [[publish]]
 address = "{host_ip}"
@@ -99,7 +103,7 @@ class World:
         self.config = root / "proxy.toml"
         self.config.write_text(CONFIG.format(dir=self.dir, host=self.host, host_ip=HOST_IP,
                                              outside_ip=OUTSIDE_IP, published=PUBLISHED,
-                                             restarts=restarts))
+                                             restarts=restarts, source_ip=SOURCE_IP))
         self.proc: subprocess.Popen | None = None
         self.servers: list[subprocess.Popen] = []
 
@@ -118,6 +122,7 @@ class World:
             sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", ifname)
             sh("ip", "-n", ns, "addr", "add", f"{addr6}/64", "dev", ifname, "nodad")
             sh("ip", "-n", ns, "link", "set", ifname, "up")
+        sh("ip", "-n", self.host, "addr", "add", f"{SOURCE_IP}/24", "dev", host_if)
 
     def start(self) -> None:
         self.proc = child.start(str(self.config))

@@ -20,7 +20,7 @@ from circuits.guestnet import hosttable
 from circuits.operator.config import default_mark
 from outside import BLOCK, pattern_sha256
 from proxystack_fixtures import (  # noqa: F401 - fixtures
-    HOST_IP, HOST_IP6, OUTSIDE_IP, OUTSIDE_IP6, PUBLISHED, requires_netns, world,
+    HOST_IP, HOST_IP6, OUTSIDE_IP, OUTSIDE_IP6, PUBLISHED, SOURCE_IP, requires_netns, world,
     world_no_restart)
 
 pytestmark = requires_netns
@@ -192,7 +192,8 @@ def test_200_concurrent_egress_connections(world):
             conn.close()
 
 
-def test_per_guest_congestion_control_and_mark(world):
+def test_per_guest_stack_options_in_ss(world):
+    """Congestion control, mark, keepalive, source address and buffer sizes, per guest."""
     world.serve("echo", 85)
     web, db = connect(world, "web", 85), connect(world, "db", 85)
     try:
@@ -200,12 +201,16 @@ def test_per_guest_congestion_control_and_mark(world):
             conn.sendall(b"ping")
             conn.settimeout(10)
             assert conn.recv(10) == b"ping"
-        ss = world.in_host("ss", "-Htie", "state", "established", "dst", OUTSIDE_IP)
+        ss = world.in_host("ss", "-Htiem", "state", "established", "dst", OUTSIDE_IP)
         sockets = re.split(r"\n(?=\S)", ss.strip())  # each socket: a line, then indented ones
         assert len(sockets) == 2, ss
         by_mark = {re.search(r"fwmark:(0x[0-9a-f]+)", s).group(1): s for s in sockets}
-        assert " bbr " in by_mark["0x43520101"], ss  # web's mark, web's congestion control
-        assert " cubic " in by_mark[hex(default_mark("db"))], ss
+        web_ss, db_ss = by_mark["0x43520101"], by_mark[hex(default_mark("db"))]
+        assert " bbr " in web_ss and " cubic " in db_ss, ss  # each guest's congestion control
+        assert "timer:(keepalive," in web_ss and "keepalive" not in db_ss, ss  # web: keepalive 60
+        assert web_ss.split()[2].startswith(HOST_IP + ":"), ss
+        assert db_ss.split()[2].startswith(SOURCE_IP + ":"), ss  # db's source address
+        assert "tb524288" in db_ss and "rb262144" in db_ss, ss  # SO_SNDBUF/RCVBUF (doubled)
     finally:
         web.close()
         db.close()
