@@ -36,7 +36,8 @@ async def connect(loop: asyncio.AbstractEventLoop, msg: p.Egress) -> socket.sock
         sock.setblocking(False)
         options.apply(sock, msg)
         timeout = msg.connect_timeout_ms / 1000 if msg.connect_timeout_ms else None
-        await asyncio.wait_for(_connect(loop, sock, options.host_address(msg.remote)), timeout)
+        # The loop's own non-blocking connect: OSError with the kernel's errno.
+        await asyncio.wait_for(loop.sock_connect(sock, options.host_address(msg.remote)), timeout)
         return sock
     except asyncio.TimeoutError:
         sock.close()
@@ -44,17 +45,3 @@ async def connect(loop: asyncio.AbstractEventLoop, msg: p.Egress) -> socket.sock
     except BaseException:
         sock.close()
         raise
-
-
-async def _connect(loop: asyncio.AbstractEventLoop, sock: socket.socket, address: tuple) -> None:
-    err = sock.connect_ex(address)
-    if err == errno.EINPROGRESS:
-        done = loop.create_future()
-        loop.add_writer(sock.fileno(), lambda: done.done() or done.set_result(None))
-        try:
-            await done
-        finally:
-            loop.remove_writer(sock.fileno())
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-    if err:
-        raise OSError(err, os.strerror(err))
