@@ -45,7 +45,8 @@ class Connection(Circuit):
         """Send to the peer; a circuit has one peer, so any other address is EISCONN."""
         host, port = address
         if p.Endpoint.parse(host, port, self.remote.proto) != self.remote:
-            raise OSError(errno.EISCONN, f"this circuit goes to {self.getpeername()}, not {address}")
+            raise OSError(errno.EISCONN,
+                          f"this circuit goes to {self.getpeername()}, not {address}")
         return self.send(data)
 
 

@@ -352,7 +352,8 @@ class Egress(Message):
 
     def check(self):
         if self.kind not in (STREAM, DGRAM) or self.side != 1:
-            raise ProtocolError(f"egress: kind {self.kind}, side {self.side} (the proxy stack's is 1)")
+            raise ProtocolError(f"egress: kind {self.kind}, side {self.side}"
+                                " (the proxy stack's is 1)")
         if len(self.congestion.encode("ascii", "replace")) >= CONGESTION_LEN:
             raise ProtocolError(f"egress: congestion name {self.congestion!r} too long")
         if (self.kind == STREAM) != (self.remote.proto == TCP):

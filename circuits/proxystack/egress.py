@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import logging
 import os
 import socket
 
 from circuits import protocol as p
 from circuits.proxystack import options
 from circuits.ring import Circuit, CircuitSpec
-
-log = logging.getLogger("circuits.proxystack")
 
 
 def circuit_of(msg: p.Egress | p.Circuit, fds: list[int]) -> Circuit:

@@ -42,7 +42,7 @@ class Link:
     async def request(self, msg: p.Message) -> tuple[p.Message, list[int]]:
         """Send a request, wait for its reply; ERROR raises OSError (the
         descriptors of a reply are the caller's)."""
-        request = next(self.ids) % 0xFFFFFFFF
+        request = (next(self.ids) - 1) % 0xFFFFFFFF + 1  # 1..2**32-1: 0 is unsolicited
         future = self.loop.create_future()
         self.waiting[request] = future
         self.send(type(msg)(**{**msg.__dict__, "request": request}))

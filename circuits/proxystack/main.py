@@ -65,8 +65,8 @@ class ProxyStack:
         if msg.kind == p.STREAM:
             self._splice(sock, circuit)  # before OK: the guest may send at once
         else:
-            self._start(DatagramSplice(self.loop, sock, circuit,
-                                       self.config.proxystack.udp_idle_timeout, self.splices.discard))
+            idle = self.config.proxystack.udp_idle_timeout
+            self._start(DatagramSplice(self.loop, sock, circuit, idle, self.splices.discard))
         self.link.send(p.Ok(request=msg.request))
 
     # -- ingress -------------------------------------------------------------
