@@ -78,10 +78,14 @@ class ProxyStack:
         except (OSError, OperatorGone) as e:
             log.info("ingress %s -> %s:%d refused: %s", msg.remote, msg.guest, msg.local.port, e)
             return None
-        if not isinstance(reply, p.Circuit) or len(fds) != p.FDS_PER_CIRCUIT:
+        try:
+            if not isinstance(reply, p.Circuit) or len(fds) != p.FDS_PER_CIRCUIT:
+                raise OSError(errno.EPROTO, f"a {type(reply).__name__} for an INGRESS")
+            return egress.circuit_of(reply, fds)
+        except OSError as e:  # the ring refused its parameters: the fds are still ours
+            log.error("ingress %s: %s", msg.remote, e)
             p.close_all(fds)
             return None
-        return egress.circuit_of(reply, fds)
 
     async def hand_over(self, sock: socket.socket, msg: p.Ingress) -> None:
         """An accepted outside connection: a circuit to the guest's listener,
