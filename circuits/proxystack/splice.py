@@ -64,15 +64,9 @@ class Splice:
             if view is None:  # the guest's SHUT_WR or close: FIN out
                 _shutdown(s, socket.SHUT_WR)
                 return DONE
-            try:
-                n = s.send(view)
-            except BlockingIOError:
-                c.consume(0)
-                return SOCK_WRITE
-            except OSError:
-                c.consume(0)
-                raise
-            c.consume(n)
+            n = _move(view, s.send, c.consume, SOCK_WRITE)
+            if isinstance(n, str):
+                return n
             self.bytes_out += n
         return ""
 
@@ -84,15 +78,9 @@ class Splice:
                 view = c.write_view(1)
             except BlockingIOError:
                 return CIRCUIT
-            try:
-                n = s.recv_into(view)
-            except BlockingIOError:
-                c.commit(0)
-                return SOCK_READ
-            except OSError:
-                c.commit(0)
-                raise
-            c.commit(n)
+            n = _move(view, s.recv_into, c.commit, SOCK_READ)
+            if isinstance(n, str):
+                return n
             if n == 0:  # FIN from outside: EOF in the guest
                 c.shutdown(socket.SHUT_WR)
                 return DONE
@@ -185,6 +173,23 @@ class Splice:
         if self.owns_sock:
             self.sock.close()
         self.on_end(self)
+
+
+def _move(view: memoryview, io: Callable[[memoryview], int], release: Callable[[int], None],
+          blocked: str) -> int | str:
+    """One kernel call between a ring view and the socket, then the view's
+    release (consume or commit) by what it moved: the byte count, or `blocked`
+    when the socket would block.  The view is released on every path."""
+    try:
+        n = io(view)
+    except BlockingIOError:
+        release(0)
+        return blocked
+    except OSError:
+        release(0)
+        raise
+    release(n)
+    return n
 
 
 def _shutdown(sock: socket.socket, how: int) -> None:
