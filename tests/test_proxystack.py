@@ -100,6 +100,10 @@ print(repr(s.recv(100)), flush=True)
         assert client.stdout.readline().strip() == "hello outside"
         assert client.stdout.readline().strip() == "b''"  # the guest's close: FIN
         assert client.wait(10) == 0
+    with open(world.dir / "audit.jsonl") as f:
+        last = json.loads(f.readlines()[-1])
+    assert {"from": "proxystack", "to": "10.0.0.1", "to_guest": "web", "port": 80,
+            "rule": "publish", "peer": f"tcp://{peer[0]}:{peer[1]}"}.items() <= last.items()
 
 
 def test_published_port_with_no_listener_is_reset(world):

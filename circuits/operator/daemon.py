@@ -397,8 +397,10 @@ class Operator:
     def _egress_message(self, guest: Guest, cid: int, kind: int, size: int, local: p.Endpoint,
                         remote: p.Endpoint) -> p.Egress:
         stack = guest.stack
-        any_addr = "::" if remote.address.version == 6 else "0.0.0.0"
-        source = p.Endpoint(stack.source or ipaddress.ip_address(any_addr), 0, remote.proto)
+        # A source address applies to the connections of its own family.
+        address = stack.source if stack.source and stack.source.version == remote.address.version \
+            else ipaddress.ip_address("::" if remote.address.version == 6 else "0.0.0.0")
+        source = p.Endpoint(address, 0, remote.proto)
         timeout = stack.connect_timeout or self.config.proxystack.connect_timeout
         return p.Egress(cid, kind, 1, size, size, remote, local, source, guest.mark,
                         stack.sndbuf, stack.rcvbuf, stack.keepalive, int(timeout * 1000),
@@ -413,15 +415,15 @@ class Operator:
         if guest is None:
             raise Refused(errno.ENOENT, f"no guest {msg.guest!r}")
         listener = self._published_listener(guest, msg.local)
-        self._audit_line(PROXY_IDENTITY, msg.local, guest.name, True, "publish")
+        local = listener.local if listener else msg.local
+        if local.address.is_unspecified:
+            family = [a for a in guest.addresses if a.version == msg.remote.address.version]
+            local = p.Endpoint(family[0] if family else local.address, local.port, local.proto)
+        self._audit_line(PROXY_IDENTITY, local, guest.name, True, "publish", peer=str(msg.remote))
         if listener is None:
             raise Refused(errno.ECONNREFUSED, f"guest {guest.name} does not listen on {msg.local}")
         if len(listener.queue) >= listener.backlog:
             raise Refused(errno.ECONNREFUSED, f"the backlog of {listener.local} is full")
-        local = listener.local
-        if local.address.is_unspecified:
-            family = [a for a in guest.addresses if a.version == msg.remote.address.version]
-            local = p.Endpoint(family[0] if family else local.address, local.port, local.proto)
         self._make_circuit(conn, msg.request, msg.ring_size, msg.remote, local, listener,
                            (PROXY_IDENTITY, guest.name))
 
@@ -438,13 +440,13 @@ class Operator:
                          verdict.rule.index + 1 if verdict.rule else "default")
 
     def _audit_line(self, source: str, remote: p.Endpoint, dest_guest: str | None, allow: bool,
-                    rule) -> None:
+                    rule, **extra) -> None:
         if self.audit:
             self.audit.write(json.dumps({
                 "time": round(time.time(), 6), "from": source, "to": str(remote.address),
                 "to_guest": dest_guest, "port": remote.port,
                 "proto": "tcp" if remote.proto == p.TCP else "udp",
-                "verdict": "allow" if allow else "deny", "rule": rule}) + "\n")
+                "verdict": "allow" if allow else "deny", "rule": rule, **extra}) + "\n")
 
     def _count(self, metric: str, guest: str) -> None:
         self.counters[(metric, guest)] = self.counters.get((metric, guest), 0) + 1
