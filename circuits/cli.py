@@ -275,6 +275,13 @@ def ctl_reload(ctx: click.Context) -> None:
     click.echo(_ask(ctx, "reload"))
 
 
+@ctl.command("hosts")
+@click.pass_context
+def ctl_hosts(ctx: click.Context) -> None:
+    """A hosts file of the guests' names and addresses (for /etc/hosts)."""
+    click.echo(_ask(ctx, "hosts"), nl=False)
+
+
 @ctl.command("metrics")
 @click.pass_context
 def ctl_metrics(ctx: click.Context) -> None:
@@ -338,6 +345,33 @@ def bench_setup(rounds: int, count: int, as_json: bool) -> None:
     console.print(table)
     for name, value in out["ratios"].items():
         console.print(f"{name}: [bold]{value:.2f}[/bold]")
+
+
+@bench.command("egress")
+@click.option("--rounds", default=5, show_default=True, help="Rounds; figures are medians.")
+@click.option("--mib", default=1024, show_default=True, help="MiB per transfer.")
+@click.option("--ring", default=4 << 20, show_default=True, help="Ring size per direction.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def bench_egress(rounds: int, mib: int, ring: int, as_json: bool) -> None:
+    """Guest -> proxy stack -> TCP server vs the same client on TCP directly (64 KiB writes)."""
+    from rich.table import Table
+
+    from circuits.bench import egress
+
+    out = egress.as_json(egress.run(rounds=rounds, total=mib << 20, ring=ring))
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    table = Table(title=f"egress, {mib} MiB per transfer, 64 KiB writes (median of {rounds})")
+    for col in ("transport", "direction", "GB/s"):
+        table.add_column(col)
+    for f in out["figures"]:
+        table.add_row(f["transport"], f["direction"], f"{f['gbytes_per_s']:.2f}")
+    console = Console()
+    console.print(table)
+    for name, value in out["ratios"].items():
+        console.print(f"{name}: [bold]{value:.2f}[/bold]")
+    console.print(f"proxy stack CPU: [bold]{out['cpu_s_per_gb']:.2f}[/bold] s per GB")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ with the methods of a socket.
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import socket
@@ -35,6 +36,18 @@ class Connection(Circuit):
 
     def getpeername(self) -> Address:
         return (str(self.remote.address), self.remote.port)
+
+    def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, Address]:
+        """A datagram (or bytes) and who sent it: the peer, as on a connected socket."""
+        return self.recv(bufsize, flags), self.getpeername()
+
+    def sendto(self, data, address: Address) -> int:
+        """Send to the peer; a circuit has one peer, so any other address is EISCONN."""
+        host, port = address
+        if p.Endpoint.parse(host, port, self.remote.proto) != self.remote:
+            raise OSError(errno.EISCONN,
+                          f"this circuit goes to {self.getpeername()}, not {address}")
+        return self.send(data)
 
 
 def _connection(msg: p.Circuit, fds: list[int]) -> Connection:

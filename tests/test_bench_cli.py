@@ -50,3 +50,14 @@ def test_operator_demo_runs():
     assert "hello" in run.stdout and "Permission denied" in run.stderr
     assert "1073741824 bytes from 10.0.0.1" in run.stdout
     assert "open, open" in run.stdout  # the ctl circuits table, mid-transfer
+
+
+def test_bench_egress_json():
+    run = subprocess.run([sys.executable, "-m", "circuits.bench", "egress", "--rounds", "1",
+                          "--mib", "16", "--json"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout)
+    seen = {(f["transport"], f["direction"]) for f in out["figures"]}
+    assert seen == {(t, d) for t in ("proxystack", "tcp") for d in ("upload", "download")}
+    assert all(f["gbytes_per_s"] > 0 for f in out["figures"])
+    assert out["cpu_s_per_gb"] >= 0 and len(out["ratios"]) == 2

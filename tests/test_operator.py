@@ -80,7 +80,7 @@ def test_denied_by_policy(operator, dest, exc, code):
 def test_errors_an_application_expects(operator):
     with pytest.raises(ConnectionRefusedError):  # allowed, but nobody listens
         circuits.connect(("10.0.0.2", 5432), control=operator("web"))
-    with pytest.raises(OSError) as e:  # batch may go anywhere, but outside is not served yet
+    with pytest.raises(OSError) as e:  # batch may go anywhere, but this operator runs no proxy stack
         circuits.connect(("192.0.2.1", 80), control=operator("batch"))
     assert e.value.errno == errno.ENETUNREACH
     with pytest.raises(PermissionError):  # identity: not db's own address

@@ -92,7 +92,57 @@ BAD = [
     ("[[rules]]\nfrom = '*'\nto = '*'\n", 1, "has no 'action'"),
     ("[operator]\ndefault = 'perhaps'\n", 2, "default must be"),
     ("[[guests]\nname = 'a'\n", 1, "not valid TOML"),
+    ("[[guests]]\nname = 'a'\n[guests.stack]\ncongestion = 'nosuchcc'\n", 4, "not available here"),
+    ("[[guests]]\nname = 'a'\n[guests.stack]\ncongestion = 'Bad Name'\n", 4, "not a congestion"),
+    ("[[guests]]\nname = 'a'\n[guests.stack]\nsource = 'here'\n", 4, "not an IP address"),
+    ("[[guests]]\nname = 'a'\n[guests.stack]\nkeepalive = -1\n", 4, "keepalive must be"),
+    ("[[guests]]\nname = 'a'\n[guests.stack]\nsndbuf = '0 KiB'\n", 4, "sndbuf must be"),
+    ("[[guests]]\nname = 'a'\n[guests.stack]\nconnect_timeout = 0\n", 4, "connect_timeout"),
+    ("[[guests]]\nname = 'a'\n[guests.stack]\nmtu = 9000\n", 4, "unknown key 'mtu'"),
+    ("[[guests]]\nname = 'proxystack'\n", 2, "the proxy stack's name"),
+    ("[proxystack]\nenabled = 'yes'\n", 2, "true or false"),
+    ("[proxystack]\nconnect_timeout = 'long'\n", 2, "must be seconds"),
+    ("[[guests]]\nname = 'a'\n[[publish]]\naddress = '198.18.0.1'\nport = 80\nguest = 'b'\n", 6,
+     "no guest is called 'b'"),
+    ("[[guests]]\nname = 'a'\n[[publish]]\naddress = '198.18.0.1'\nport = 0\nguest = 'a'\n", 5,
+     "port must be"),
+    ("[[guests]]\nname = 'a'\n[[publish]]\naddress = '198.18.0.1'\nport = 80\nguest = 'a'\n"
+     "proto = 'sctp'\n", 7, "proto must be"),
+    ("[[publish]]\nport = 80\n", 1, "has no 'address'"),
 ]
+
+
+def test_stack_options_publish_and_proxystack():
+    cfg = parse("""
+[operator]
+control_dir = "/run/x"
+[[guests]]
+name = "a"
+[guests.stack]
+congestion = "cubic"
+source = "198.18.0.1"
+sndbuf = "1 MiB"
+rcvbuf = 65536
+keepalive = 30
+connect_timeout = 2.5
+[[guests]]
+name = "b"
+[[publish]]
+address = "198.18.0.1"
+port = 8080
+guest = "b"
+guest_port = 80
+""")
+    a = cfg.guests["a"].stack
+    assert (a.congestion, str(a.source), a.sndbuf, a.rcvbuf, a.keepalive, a.connect_timeout) == \
+        ("cubic", "198.18.0.1", 1 << 20, 65536, 30, 2.5)
+    assert cfg.guests["b"].stack.congestion == ""
+    (pub,) = cfg.publish
+    assert (str(pub.address), pub.port, pub.proto, pub.guest, pub.guest_port) == \
+        ("198.18.0.1", 8080, "tcp", "b", 80)
+    assert cfg.proxystack.enabled  # a published port needs one
+    assert cfg.proxystack.control == "/run/x/proxystack.sock"
+    assert not parse("[[guests]]\nname = 'a'\n").proxystack.enabled  # none unless asked
 
 
 @pytest.mark.parametrize("text,line,what", BAD)

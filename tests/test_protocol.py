@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from circuits.protocol import (
-    DGRAM, MAX_MESSAGE, STREAM, TCP, UDP, Accept, Circuit, Close, Connect, Endpoint, Error, Hello,
-    Listen, Ok, ProtocolError, StreamDecoder, Unlisten, Welcome, decode, encode, receive, send)
+    DGRAM, MAX_MESSAGE, STREAM, TCP, UDP, Accept, Circuit, Close, Connect, Egress, Endpoint, Error,
+    Hello, Ingress, Listen, Ok, ProtocolError, StreamDecoder, Unlisten, Welcome, decode, encode, receive, send)
 
 u16 = st.integers(0, 2**16 - 1)
 u32 = st.integers(0, 2**32 - 1)
@@ -38,6 +38,55 @@ circuits = st.builds(
     lambda i, kind, side, s0, s1, a, b, k: Circuit(i, kind, side, s0, s1, a, b, **k),
     u64, st.sampled_from([STREAM, DGRAM]), st.sampled_from([0, 1]), u64, u64,
     endpoints, endpoints, requests)
+
+
+congestions = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=15)
+egresses = st.builds(
+    lambda i, kind, s0, s1, a, b, c, m, sb, rb, ka, to, cc, g, k: Egress(
+        i, kind, 1, s0, s1, Endpoint(a.address, a.port, TCP if kind == STREAM else UDP), b, c,
+        m, sb, rb, ka, to, cc, g, **k),
+    u64, st.sampled_from([STREAM, DGRAM]), u64, u64, endpoints, endpoints, endpoints, u32, u32,
+    u32, u32, u32, congestions, text, requests)
+ingresses = st.builds(
+    lambda a, b, r, g, k: Ingress(a, Endpoint(b.address, b.port, a.proto), r, g, **k),
+    endpoints, endpoints, u32, text, requests)
+
+
+@given(egresses)
+def test_egress_round_trips_with_its_descriptors(msg):
+    assert decode(encode(msg, 4), 4) == msg
+
+
+@given(ingresses)
+def test_ingress_round_trips(msg):
+    assert decode(encode(msg)) == msg
+
+
+def _egress(**kw) -> Egress:
+    ep = Endpoint.parse("198.18.0.2", 80)
+    return Egress(**{"circuit_id": 1, "kind": STREAM, "side": 1, "size0": 4096, "size1": 4096,
+                     "remote": ep, "local": ep, "source": Endpoint.parse("::", 0), **kw})
+
+
+@pytest.mark.parametrize("patch,why", [
+    (lambda b: b[:16 + 108] + b"x" * 16 + b[16 + 124:], "congestion"),  # no NUL at its end
+    (lambda b: b[:16 + 108] + b"b\0r" + b"\0" * 13 + b[16 + 124:], "congestion"),  # NUL inside
+    (lambda b: b[:16 + 10] + b"\0\0" + b[16 + 12:], "side"),  # side 0 is the guest's
+    (lambda b: b[:16 + 8] + b"\2\0" + b[16 + 10:], "stream"),  # a datagram circuit to TCP
+])
+def test_bad_egress_is_refused(patch, why):
+    good = encode(_egress(congestion="bbr", guest="web"), 4)
+    assert decode(good, 4).congestion == "bbr"
+    with pytest.raises(ProtocolError, match=why):
+        decode(patch(good), 4)
+    with pytest.raises(ProtocolError):  # and never without its 4 descriptors
+        decode(good, 0)
+
+
+def test_ingress_needs_one_protocol():
+    a, b = Endpoint.parse("198.18.0.2", 5000), Endpoint.parse("::", 80, UDP)
+    with pytest.raises(ProtocolError):
+        encode(Ingress(a, b, 0, "web"))
 
 
 @given(messages)

@@ -25,6 +25,14 @@ MAX_REQUEST = 64 * 1024
 CLIENT_TIMEOUT = 2.0  # seconds for a client to ask, and to take its answer
 
 
+def hosts_file(config) -> str:
+    """/etc/hosts lines: each guest's addresses under its name."""
+    lines = ["# guests of the circuits operator " + config.path]
+    for g in config.guests.values():
+        lines += [f"{a}\t{g.name}" for a in g.addresses]
+    return "\n".join(lines) + "\n"
+
+
 class AdminServer:
     def __init__(self, op: Operator):
         self.op = op
@@ -100,7 +108,9 @@ class AdminServer:
             return {"config": op.config.path, "uptime_s": round(time.time() - op.started, 1),
                     "guests": len(op.config.guests), "connections": len(op.conns),
                     "listeners": len(op.listeners), "circuits": len(op.circuits),
-                    "errors": guestnet.problems(op.guestnet)}
+                    "proxystack": self._proxystack(), "errors": guestnet.problems(op.guestnet)}
+        if cmd == "hosts":
+            return hosts_file(op.config)
         if cmd == "guests":
             return [self._guest(g) for g in op.config.guests.values()]
         if cmd == "circuits":
@@ -117,6 +127,14 @@ class AdminServer:
         if cmd == "metrics":
             return self.metrics()
         raise ValueError(f"unknown command {cmd!r}")
+
+    def _proxystack(self) -> str:
+        op = self.op
+        if op.supervisor is None:
+            return "off"
+        pid = op.supervisor.pid
+        state = "connected" if op.proxy is not None else "not connected"
+        return f"{state}, pid {pid}" if pid else f"{state}, not running"
 
     def _guest(self, g) -> dict:
         op = self.op

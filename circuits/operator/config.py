@@ -46,6 +46,18 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Stack:
+    """A guest's host stack options: what the proxy stack sets on its sockets."""
+
+    congestion: str = ""  # TCP_CONGESTION; "": the kernel's default
+    source: IPAddress | None = None  # the host address its connections leave from
+    sndbuf: int = 0  # SO_SNDBUF / SO_RCVBUF; 0: the kernel's default (autotuned)
+    rcvbuf: int = 0
+    keepalive: int = 0  # TCP keepalive idle seconds; 0: off
+    connect_timeout: float = 0.0  # seconds; 0: [proxystack] connect_timeout
+
+
+@dataclass(frozen=True)
 class Guest:
     name: str
     addresses: tuple[IPAddress, ...]
@@ -53,6 +65,16 @@ class Guest:
     limits: Limits
     netns: bool = False  # in its own network namespace, with no network but circuits
     mark: int = 0  # the SO_MARK of the proxy stack's sockets for this guest
+    stack: Stack = field(default_factory=Stack)
+
+
+def available_congestion() -> frozenset[str] | None:
+    """The congestion controls the kernel offers now; None if it cannot say."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
+            return frozenset(f.read().split())
+    except OSError:
+        return None
 
 
 def default_mark(name: str) -> int:
@@ -74,6 +96,32 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class Publish:
+    """A host address and port whose connections go to a guest's listener."""
+
+    line: int
+    address: IPAddress  # on the host (the proxy stack's namespace)
+    port: int
+    proto: str  # "tcp" or "udp"
+    guest: str
+    guest_port: int
+
+
+@dataclass(frozen=True)
+class ProxyStack:
+    """[proxystack]: whether the operator runs one, and its settings."""
+
+    enabled: bool = False
+    control: str = ""  # its control socket
+    connect_timeout: float = 30.0  # seconds an egress connect may take
+    restarts: int = 5  # restarts within a minute before the operator gives up
+    udp_idle_timeout: float = 60.0  # seconds a UDP flow lives without a datagram
+
+
+PROXY_IDENTITY = "proxystack"  # the proxy stack's name on its control socket; no guest's
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     default_allow: bool
@@ -86,6 +134,8 @@ class Config:
     groups: dict[str, frozenset[str]]
     rules: tuple[Rule, ...] = field(default=())
     host_netns: str = ""  # where the host table goes; "": the operator's own namespace
+    proxystack: ProxyStack = field(default_factory=ProxyStack)
+    publish: tuple[Publish, ...] = ()
 
     @property
     def guestnet_state(self) -> str:
@@ -156,7 +206,7 @@ class _Checker:
                           f" (known: {', '.join(sorted(allowed))})")
 
     def config(self, data: dict) -> Config:
-        self.only(data, {"operator", "groups", "guests", "rules"}, "")
+        self.only(data, {"operator", "groups", "guests", "rules", "proxystack", "publish"}, "")
         op = data.get("operator", {})
         self.only(op, {"default", "default_ring", "control_dir", "admin_socket", "audit_log",
                        "revoke", "host_netns"}, "operator")
@@ -176,20 +226,71 @@ class _Checker:
         if not isinstance(host_netns, str) or "/" in host_netns or host_netns in (".", ".."):
             self.fail(self.lines.of("operator", 0, "host_netns"),
                       f"host_netns must be a network namespace's name, not {host_netns!r}")
+        publish = tuple(self.publish(i, e, guests) for i, e in enumerate(data.get("publish", [])))
+        proxy = self.proxystack(data.get("proxystack"), control_dir, bool(publish))
         return Config(self.path, default == "allow", ring, control_dir,
                       op.get("admin_socket", DEFAULT_ADMIN_SOCKET), op.get("audit_log", ""),
-                      revoke, guests, groups, rules, host_netns)
+                      revoke, guests, groups, rules, host_netns, proxy, publish)
+
+    def proxystack(self, table: dict | None, control_dir: str, published: bool) -> ProxyStack:
+        """[proxystack]: present (or any [[publish]]) means the operator runs one."""
+        if table is None:
+            return ProxyStack(published, f"{control_dir}/{PROXY_IDENTITY}.sock")
+        self.only(table, {"enabled", "control", "connect_timeout", "restarts",
+                          "udp_idle_timeout"}, "proxystack")
+        at = lambda key: self.lines.of("proxystack", 0, key)  # noqa: E731
+        enabled = table.get("enabled", True)
+        if not isinstance(enabled, bool):
+            self.fail(at("enabled"), "enabled must be true or false")
+        restarts = table.get("restarts", 5)
+        if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 0:
+            self.fail(at("restarts"), f"restarts must be a whole number, not {restarts!r}")
+        return ProxyStack(enabled or published,
+                          table.get("control", f"{control_dir}/{PROXY_IDENTITY}.sock"),
+                          self.seconds(table.get("connect_timeout", 30.0), at("connect_timeout"),
+                                       "connect_timeout"), restarts,
+                          self.seconds(table.get("udp_idle_timeout", 60.0),
+                                       at("udp_idle_timeout"), "udp_idle_timeout"))
+
+    def seconds(self, value, line: int, what: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+            self.fail(line, f"{what} must be seconds, above 0 and at most 3600, not {value!r}")
+        return float(value)
+
+    def publish(self, i: int, e: dict, guests: dict[str, Guest]) -> Publish:
+        at = lambda key=None: self.lines.of("publish", i, key)  # noqa: E731
+        self.only(e, {"address", "port", "proto", "guest", "guest_port"}, "publish", i)
+        for key in ("address", "port", "guest"):
+            if key not in e:
+                self.fail(at(), f"publish {i + 1} has no {key!r}")
+        try:
+            address = ipaddress.ip_address(e["address"])
+        except ValueError:
+            self.fail(at("address"), f"publish {i + 1}: {e['address']!r} is not an IP address")
+        port, guest_port = e["port"], e.get("guest_port", e["port"])
+        for key, v in (("port", port), ("guest_port", guest_port)):
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 65535:
+                self.fail(at(key), f"publish {i + 1}: {key} must be from 1 to 65535, not {v!r}")
+        proto = e.get("proto", "tcp")
+        if proto not in ("tcp", "udp"):
+            self.fail(at("proto"), f"publish {i + 1}: proto must be tcp or udp, not {proto!r}")
+        if e["guest"] not in guests:
+            self.fail(at("guest"), f"publish {i + 1}: no guest is called {e['guest']!r}")
+        return Publish(at(), address, port, proto, e["guest"], guest_port)
 
     def guests(self, items: list, control_dir: str) -> dict[str, Guest]:
         guests: dict[str, Guest] = {}
         owner: dict[IPAddress, str] = {}
         for i, g in enumerate(items):
             at = lambda key=None, i=i: self.lines.of("guests", i, key)  # noqa: E731
-            self.only(g, {"name", "addresses", "control", "limits", "netns", "mark"}, "guests", i)
+            self.only(g, {"name", "addresses", "control", "limits", "netns", "mark", "stack"},
+                      "guests", i)
             name = g.get("name")
             if not isinstance(name, str) or not NAME.match(name):
                 self.fail(at("name"), f"guest name {name!r}: lower-case letters, digits and -,"
                           " starting with a letter, at most 32")
+            if name == PROXY_IDENTITY:
+                self.fail(at("name"), f"{PROXY_IDENTITY!r} is the proxy stack's name, no guest's")
             if name in guests:
                 self.fail(at("name"), f"guest {name!r} is defined twice")
             addresses = []
@@ -207,7 +308,8 @@ class _Checker:
             if not isinstance(netns, bool):
                 self.fail(at("netns"), f"guest {name!r}: netns must be true or false")
             guests[name] = Guest(name, tuple(addresses), control, self.limits(g.get("limits", {}), i),
-                                 netns, self.mark(g, name, guests, at("mark")))
+                                 netns, self.mark(g, name, guests, at("mark")),
+                                 self.stack(g.get("stack", {}), i, name))
         return guests
 
     def mark(self, g: dict, name: str, guests: dict[str, Guest], line: int) -> int:
@@ -222,6 +324,47 @@ class _Checker:
                 self.fail(line, f"guest {name!r}: mark {mark:#x} is already the mark of guest"
                           f" {other.name!r}{how}")
         return mark
+
+    def stack(self, table: dict, i: int, name: str) -> Stack:
+        """[guests.stack]: the options of the host sockets opened for the guest."""
+        self.only(table, {"congestion", "source", "sndbuf", "rcvbuf", "keepalive",
+                          "connect_timeout"}, "guests.stack", i)
+        at = lambda key: self.lines.of("guests.stack", i, key)  # noqa: E731
+        values: dict = {}
+        if "congestion" in table:
+            values["congestion"] = self.congestion(table["congestion"], at("congestion"), name)
+        if "source" in table:
+            try:
+                values["source"] = ipaddress.ip_address(table["source"])
+            except ValueError:
+                self.fail(at("source"), f"guest {name!r}: source {table['source']!r} is not an"
+                          " IP address")
+        for key in ("sndbuf", "rcvbuf"):
+            if key in table:
+                values[key] = self.size(table[key], at(key), key)
+                if values[key] >= 1 << 31:
+                    self.fail(at(key), f"guest {name!r}: {key} must be below 2 GiB")
+        if "keepalive" in table:
+            k = table["keepalive"]
+            if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 32767:
+                self.fail(at("keepalive"), f"guest {name!r}: keepalive must be idle seconds from"
+                          f" 0 (off) to 32767, not {k!r}")
+            values["keepalive"] = k
+        if "connect_timeout" in table:
+            values["connect_timeout"] = self.seconds(table["connect_timeout"],
+                                                     at("connect_timeout"), "connect_timeout")
+        return Stack(**values)
+
+    def congestion(self, value, line: int, name: str) -> str:
+        """A congestion control the kernel offers now (nothing is loaded for it)."""
+        if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9_]{1,15}", value):
+            self.fail(line, f"guest {name!r}: congestion {value!r} is not a congestion"
+                      " control's name")
+        available = available_congestion()
+        if available is not None and value not in available:
+            self.fail(line, f"guest {name!r}: congestion {value!r} is not available here"
+                      f" (available: {' '.join(sorted(available))}; nothing is loaded for you)")
+        return value
 
     def limits(self, table: dict, i: int) -> Limits:
         self.only(table, {"circuits", "ring_size", "setups_per_second", "memory", "egress_rate"},

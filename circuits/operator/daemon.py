@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 from circuits import protocol as p
 from circuits.operator import guests as guestnet
-from circuits.operator.config import Config, ConfigError, Guest, load
+from circuits.operator.config import PROXY_IDENTITY, Config, ConfigError, Guest, Limits, load
 from circuits.operator.policy import Policy
+from circuits.operator.proxy import ProxyLink, Supervisor
 from circuits.operator.table import Record
 from circuits.ring import DATA_OFFSET, CircuitSpec, endpoint_fds
 
@@ -113,6 +114,26 @@ class GuestConn:
             self.op.drop(self)
 
 
+class ProxyConn(GuestConn):
+    """The proxy stack's control connection: it answers our EGRESS requests
+    (OK, ERROR) and asks INGRESS; nothing else."""
+
+    def __init__(self, op: Operator, guest: Guest, sock: socket.socket):
+        super().__init__(op, guest, sock)
+        self.link = ProxyLink(sock)
+
+    def dispatch(self, msg: p.Message, fds: list[int]) -> None:
+        if isinstance(msg, (p.Ok, p.Error)):
+            p.close_all(fds)
+            self.link.answered(msg)
+        elif isinstance(msg, (p.Hello, p.Ingress)):
+            super().dispatch(msg, fds)
+        else:
+            p.close_all(fds)
+            self.reply(p.Error(errno.EPROTO, f"{type(msg).__name__} is not for the proxy stack",
+                               request=msg.request))
+
+
 class Operator:
     """The daemon's state: guests, their connections, listeners, circuits."""
 
@@ -134,8 +155,11 @@ class Operator:
         self.started = time.time()
         self.audit = _open_audit(config.audit_log)
         self.guestnet = None  # namespaced guests and the host table, once started
+        self.proxy: ProxyConn | None = None  # the proxy stack's connection, once it said HELLO
+        self.supervisor: Supervisor | None = None
         self.handlers = {p.Hello: self.hello, p.Listen: self.listen, p.Unlisten: self.unlisten,
-                         p.Connect: self.connect, p.Accept: self.accept, p.Close: self.close}
+                         p.Connect: self.connect, p.Accept: self.accept, p.Close: self.close,
+                         p.Ingress: self.ingress}
 
     # -- sockets ------------------------------------------------------------
 
@@ -146,20 +170,31 @@ class Operator:
         self.guestnet = guestnet.start(self.config)
         os.makedirs(self.config.control_dir, exist_ok=True)
         for guest in self.config.guests.values():
-            path = guest.control
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            if os.path.exists(path):
-                os.unlink(path)  # a leftover of an operator that died
-            srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            srv.bind(path)
-            os.chmod(path, 0o660)
-            srv.listen(128)
-            srv.setblocking(False)
-            loop.add_reader(srv, self.on_connection, srv, guest)
-            self.servers.append(srv)
-            log.info("guest %s: control socket %s", guest.name, path)
+            self._serve_control(guest, 0o660)
+        if self.config.proxystack.enabled:
+            # Root only: whoever connects here may open host sockets.
+            self._serve_control(Guest(PROXY_IDENTITY, (), self.config.proxystack.control,
+                                      Limits()), 0o600)
+            self.supervisor = Supervisor(self.config, loop)
+            self.supervisor.start()
+
+    def _serve_control(self, guest: Guest, mode: int) -> None:
+        path = guest.control
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.exists(path):
+            os.unlink(path)  # a leftover of an operator that died
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        srv.bind(path)
+        os.chmod(path, mode)
+        srv.listen(128)
+        srv.setblocking(False)
+        self.loop.add_reader(srv, self.on_connection, srv, guest)
+        self.servers.append(srv)
+        log.info("%s: control socket %s", guest.name, path)
 
     def stop(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
         for conn in list(self.conns):
             self.drop(conn)
         for record in self.circuits.values():
@@ -195,7 +230,7 @@ class Operator:
             sock.close()
             return
         sock.setblocking(False)
-        conn = GuestConn(self, guest, sock)
+        conn = (ProxyConn if guest.name == PROXY_IDENTITY else GuestConn)(self, guest, sock)
         self.conns.add(conn)
         self.loop.add_reader(sock, conn.on_readable)
 
@@ -204,6 +239,9 @@ class Operator:
         if conn not in self.conns:
             return
         self.conns.discard(conn)
+        if conn is self.proxy:
+            self.proxy = None
+            conn.link.fail_all("the proxy stack went away")
         for key in conn.listeners:
             self.listeners.pop(key).drop()
         self.loop.remove_reader(conn.sock)
@@ -220,6 +258,8 @@ class Operator:
         revoked = 0
         if config.revoke:
             for record in list(self.circuits.values()):
+                if record.guests[0] == PROXY_IDENTITY:
+                    continue  # published ingress: allowed by [[publish]], not by rules
                 remote = record.endpoints[1]
                 verdict = self.policy.check(record.guests[0], remote.address, remote.port,
                                             "tcp" if remote.proto == p.TCP else "udp")
@@ -237,6 +277,11 @@ class Operator:
                                request=msg.request))
             self.drop(conn)  # nothing more can be said on it
             return
+        if isinstance(conn, ProxyConn):
+            if self.proxy is not None and self.proxy is not conn:
+                self.drop(self.proxy)  # a restarted proxy stack replaces the old link
+            self.proxy = conn
+            log.info("proxy stack: connected")
         conn.reply(p.Welcome(p.VERSION, conn.guest.name, request=msg.request))
 
     def _key(self, guest: str, ep: p.Endpoint) -> tuple:
@@ -244,6 +289,8 @@ class Operator:
         return (guest, None if wildcard else ep.address, ep.port, ep.proto)
 
     def listen(self, conn: GuestConn, msg: p.Listen) -> None:
+        if isinstance(conn, ProxyConn):
+            raise Refused(errno.EPROTO, "the proxy stack listens on the host, not here")
         guest, ep = conn.guest, msg.local
         if not ep.address.is_unspecified and ep.address not in guest.addresses:
             raise Refused(errno.EACCES, f"{ep.address} is not an address of guest {guest.name}")
@@ -302,22 +349,104 @@ class Operator:
             self._count("denials", source.name)
             raise Refused(errno.EACCES, f"{source.name} -> {remote}: {verdict.describe()}")
         if verdict.dest_guest is None:
-            raise Refused(errno.ENETUNREACH, f"{remote.address} is outside (no proxy stack yet)")
+            self._egress(conn, msg)
+            return
         listener = self._listener_for(verdict.dest_guest, remote)
         if listener is None:
             raise Refused(errno.ECONNREFUSED, f"nobody listens on {remote}")
         if len(listener.queue) >= listener.backlog:
             raise Refused(errno.ECONNREFUSED, f"the backlog of {remote} is full")
-        self._make_circuit(conn, msg, listener)
+        local = self._source_endpoint(conn.guest, msg.remote)
+        self._make_circuit(conn, msg.request, msg.ring_size, local, msg.remote, listener,
+                           (conn.guest.name, listener.guest))
+
+    def _egress(self, conn: GuestConn, msg: p.Connect) -> None:
+        """A connect to the outside: a circuit whose side 1 goes to the proxy
+        stack; the guest gets side 0 once the host connection is up."""
+        if self.proxy is None:
+            raise Refused(errno.ENETUNREACH, f"{msg.remote.address} is outside and no proxy"
+                          " stack is running")
+        guest, remote = conn.guest, msg.remote
+        size = self._ring_size(msg.ring_size, guest)
+        self._check_limits(size, guest)
+        kind = p.STREAM if remote.proto == p.TCP else p.DGRAM
+        fds0, fds1 = endpoint_fds(CircuitSpec("stream" if kind == p.STREAM else "dgram", 0,
+                                              (size, size)))
+        cid, self.next_circuit = self.next_circuit, self.next_circuit + 1
+        local = self._source_endpoint(guest, remote)
+        self._track(cid, (guest.name, PROXY_IDENTITY), (local, remote), fds0, fds1,
+                    memory=2 * size + DATA_OFFSET)
+        mine = p.Circuit(cid, kind, 0, size, size, local, remote, request=msg.request)
+
+        def done(reply: p.Message) -> None:
+            try:
+                conn.reply(mine if isinstance(reply, p.Ok) else
+                           p.Error(reply.code, reply.reason, request=msg.request),
+                           fds0 if isinstance(reply, p.Ok) else ())
+            finally:
+                p.close_all(fds0)
+        try:
+            self.proxy.link.egress(self._egress_message(guest, cid, kind, size, local, remote),
+                                   fds1, done)
+        except OSError as e:
+            p.close_all(fds0)
+            raise Refused(errno.ENETUNREACH, f"the proxy stack cannot be asked: {e}") from None
+        finally:
+            p.close_all(fds1)
+
+    def _egress_message(self, guest: Guest, cid: int, kind: int, size: int, local: p.Endpoint,
+                        remote: p.Endpoint) -> p.Egress:
+        stack = guest.stack
+        # A source address applies to the connections of its own family.
+        address = stack.source if stack.source and stack.source.version == remote.address.version \
+            else ipaddress.ip_address("::" if remote.address.version == 6 else "0.0.0.0")
+        source = p.Endpoint(address, 0, remote.proto)
+        timeout = stack.connect_timeout or self.config.proxystack.connect_timeout
+        return p.Egress(cid, kind, 1, size, size, remote, local, source, guest.mark,
+                        stack.sndbuf, stack.rcvbuf, stack.keepalive, int(timeout * 1000),
+                        stack.congestion, guest.name)
+
+    def ingress(self, conn: GuestConn, msg: p.Ingress) -> None:
+        """The proxy stack accepted an outside connection to a published port:
+        a circuit to the guest's listener, with the outside peer as connector."""
+        if not isinstance(conn, ProxyConn):
+            raise Refused(errno.EPERM, "only the proxy stack hands in outside connections")
+        guest = self.config.guests.get(msg.guest)
+        if guest is None:
+            raise Refused(errno.ENOENT, f"no guest {msg.guest!r}")
+        listener = self._published_listener(guest, msg.local)
+        local = listener.local if listener else msg.local
+        if local.address.is_unspecified:
+            family = [a for a in guest.addresses if a.version == msg.remote.address.version]
+            local = p.Endpoint(family[0] if family else local.address, local.port, local.proto)
+        self._audit_line(PROXY_IDENTITY, local, guest.name, True, "publish", peer=str(msg.remote))
+        if listener is None:
+            raise Refused(errno.ECONNREFUSED, f"guest {guest.name} does not listen on {msg.local}")
+        if len(listener.queue) >= listener.backlog:
+            raise Refused(errno.ECONNREFUSED, f"the backlog of {listener.local} is full")
+        self._make_circuit(conn, msg.request, msg.ring_size, msg.remote, local, listener,
+                           (PROXY_IDENTITY, guest.name))
+
+    def _published_listener(self, guest: Guest, ep: p.Endpoint) -> Listener | None:
+        if not ep.address.is_unspecified:
+            return self._listener_for(guest.name, ep)
+        found = self.listeners.get((guest.name, None, ep.port, ep.proto))
+        for address in guest.addresses:
+            found = found or self.listeners.get((guest.name, address, ep.port, ep.proto))
+        return found
 
     def _audit(self, source: str, remote: p.Endpoint, verdict) -> None:
+        self._audit_line(source, remote, verdict.dest_guest, verdict.allow,
+                         verdict.rule.index + 1 if verdict.rule else "default")
+
+    def _audit_line(self, source: str, remote: p.Endpoint, dest_guest: str | None, allow: bool,
+                    rule, **extra) -> None:
         if self.audit:
             self.audit.write(json.dumps({
                 "time": round(time.time(), 6), "from": source, "to": str(remote.address),
-                "to_guest": verdict.dest_guest, "port": remote.port,
+                "to_guest": dest_guest, "port": remote.port,
                 "proto": "tcp" if remote.proto == p.TCP else "udp",
-                "verdict": "allow" if verdict.allow else "deny",
-                "rule": verdict.rule.index + 1 if verdict.rule else "default"}) + "\n")
+                "verdict": "allow" if allow else "deny", "rule": rule, **extra}) + "\n")
 
     def _count(self, metric: str, guest: str) -> None:
         self.counters[(metric, guest)] = self.counters.get((metric, guest), 0) + 1
@@ -362,19 +491,20 @@ class Operator:
             if memory + cost > g.limits.memory:
                 raise Refused(errno.ENOBUFS, f"guest {g.name}: circuit memory limit reached")
 
-    def _make_circuit(self, conn: GuestConn, msg: p.Connect, listener: Listener) -> None:
+    def _make_circuit(self, conn: GuestConn, request: int, ring_size: int, local: p.Endpoint,
+                      remote: p.Endpoint, listener: Listener, names: tuple[str, str]) -> None:
+        """A circuit from conn (side 0, at `local`) to listener (side 1, `remote`)."""
         dest = self.config.guests[listener.guest]
-        size = self._ring_size(msg.ring_size or listener.ring_size, conn.guest, dest)
-        self._check_limits(size, conn.guest, dest)
-        kind = p.STREAM if msg.remote.proto == p.TCP else p.DGRAM
+        guests = [g for g in (conn.guest, dest) if g.name != PROXY_IDENTITY]
+        size = self._ring_size(ring_size or listener.ring_size, *guests)
+        self._check_limits(size, *guests)
+        kind = p.STREAM if remote.proto == p.TCP else p.DGRAM
         spec = CircuitSpec("stream" if kind == p.STREAM else "dgram", 0, (size, size))
         fds0, fds1 = endpoint_fds(spec)
         cid, self.next_circuit = self.next_circuit, self.next_circuit + 1
-        local = self._source_endpoint(conn.guest, msg.remote)
-        mine = p.Circuit(cid, kind, 0, size, size, local, msg.remote, request=msg.request)
-        self._track(cid, (conn.guest.name, dest.name), (local, msg.remote), fds0, fds1,
-                    memory=2 * size + DATA_OFFSET)
-        listener.queue.append(Pending((cid, kind, 1, size, size, msg.remote, local), fds1))
+        mine = p.Circuit(cid, kind, 0, size, size, local, remote, request=request)
+        self._track(cid, names, (local, remote), fds0, fds1, memory=2 * size + DATA_OFFSET)
+        listener.queue.append(Pending((cid, kind, 1, size, size, remote, local), fds1))
         # The listening side first: it has more to do (wake, attach, read)
         # before the connector's first bytes get an answer.
         self._deliver(listener)

@@ -5,12 +5,14 @@ descriptors but nothing of policy or of either side's logic.
 """
 from circuits.protocol.messages import (
     DGRAM, FDS_PER_CIRCUIT, MAX_MESSAGE, STREAM, TCP, UDP, VERSION, Accept, Circuit, Close, Connect,
-    Endpoint, Error, Hello, Listen, Message, Ok, ProtocolError, Unlisten, Welcome, decode, encode)
+    Egress, Endpoint, Error, Hello, Ingress, Listen, Message, Ok, ProtocolError, Unlisten, Welcome,
+    decode, encode)
 from circuits.protocol.wire import MAX_FDS, StreamDecoder, close_all, receive, send
 
 __all__ = [
     "DGRAM", "FDS_PER_CIRCUIT", "MAX_FDS", "MAX_MESSAGE", "STREAM", "TCP", "UDP", "VERSION",
-    "Accept", "Circuit", "Close", "Connect", "Endpoint", "Error", "Hello", "Listen", "Message", "Ok",
+    "Accept", "Circuit", "Close", "Connect", "Egress", "Endpoint", "Error", "Hello", "Ingress",
+    "Listen", "Message", "Ok",
     "ProtocolError", "StreamDecoder", "Unlisten", "Welcome", "close_all", "decode", "encode",
     "receive", "send",
 ]

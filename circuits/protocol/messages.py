@@ -297,8 +297,101 @@ class Accept(_LocalEndpoint):
     TYPE = 10
 
 
+CONGESTION_LEN = 16  # TCP_CA_NAME_MAX: the kernel's longest congestion control name
+
+
+@dataclass(frozen=True)
+class Egress(Message):
+    """Operator -> proxy stack: open a host connection for a guest's circuit.
+
+    Carries side 1 of a new circuit (4 descriptors), the destination, and the
+    guest's stack options.  Answered OK once the host socket is connected (the
+    proxy stack then moves bytes), or ERROR with the kernel's errno; either way
+    the proxy stack owns the descriptors that came with it.
+    """
+
+    TYPE = 11
+    BODY = struct.Struct(f"<QHHIQQ{ENDPOINT.size}s{ENDPOINT.size}s{ENDPOINT.size}s"
+                         f"IIII{CONGESTION_LEN}s")
+    NFDS = (FDS_PER_CIRCUIT,)
+    HAS_TEXT = True
+    circuit_id: int
+    kind: int
+    side: int
+    size0: int
+    size1: int
+    remote: Endpoint  # where to connect
+    local: Endpoint  # the guest's end, as the guest's getsockname shows it
+    source: Endpoint  # the host address to bind; unspecified: the kernel chooses
+    mark: int = 0  # SO_MARK; 0: none
+    sndbuf: int = 0  # SO_SNDBUF / SO_RCVBUF in bytes; 0: the kernel's default
+    rcvbuf: int = 0
+    keepalive: int = 0  # TCP keepalive idle time in seconds; 0: off
+    connect_timeout_ms: int = 0  # 0: the kernel's own
+    congestion: str = ""  # TCP_CONGESTION; "": the kernel's default
+    guest: str = ""
+
+    def body_fields(self):
+        return (self.circuit_id, self.kind, self.side, self.mark, self.size0, self.size1,
+                self.remote.pack(), self.local.pack(), self.source.pack(), self.sndbuf,
+                self.rcvbuf, self.keepalive, self.connect_timeout_ms,
+                self.congestion.encode("ascii"))
+
+    def text(self) -> str:
+        return self.guest
+
+    @classmethod
+    def from_body(cls, v, text, request):
+        raw = v[13]
+        name = raw.rstrip(b"\0")
+        if b"\0" in name or not all(0x21 <= c < 0x7F for c in name):
+            raise ProtocolError("egress: congestion is not NUL-padded printable ASCII")
+        return cls(v[0], v[1], v[2], v[4], v[5], Endpoint.unpack(v[6]), Endpoint.unpack(v[7]),
+                   Endpoint.unpack(v[8]), v[3], v[9], v[10], v[11], v[12], name.decode(),
+                   text, request=request)
+
+    def check(self):
+        if self.kind not in (STREAM, DGRAM) or self.side != 1:
+            raise ProtocolError(f"egress: kind {self.kind}, side {self.side}"
+                                " (the proxy stack's is 1)")
+        if len(self.congestion.encode("ascii", "replace")) >= CONGESTION_LEN:
+            raise ProtocolError(f"egress: congestion name {self.congestion!r} too long")
+        if (self.kind == STREAM) != (self.remote.proto == TCP):
+            raise ProtocolError("egress: a stream circuit goes to TCP, a datagram one to UDP")
+
+
+@dataclass(frozen=True)
+class Ingress(Message):
+    """Proxy stack -> operator: connect an accepted outside connection to a
+    guest's listener.  ``remote`` is the outside peer: the guest's accept and
+    getpeername show it.  Answered by CIRCUIT (side 0, the proxy stack's) or ERROR."""
+
+    TYPE = 12
+    BODY = struct.Struct(f"<{ENDPOINT.size}s{ENDPOINT.size}sI")  # remote, local, ring_size
+    HAS_TEXT = True
+    remote: Endpoint  # the outside peer
+    local: Endpoint  # the guest's listening endpoint (unspecified address: any of the guest's)
+    ring_size: int = 0
+    guest: str = ""
+
+    def body_fields(self):
+        return (self.remote.pack(), self.local.pack(), self.ring_size)
+
+    def text(self) -> str:
+        return self.guest
+
+    @classmethod
+    def from_body(cls, v, text, request):
+        return cls(Endpoint.unpack(v[0]), Endpoint.unpack(v[1]), v[2], text, request=request)
+
+    def check(self):
+        if self.remote.proto != self.local.proto:
+            raise ProtocolError("ingress: remote and local differ in protocol")
+
+
 TYPES: dict[int, type[Message]] = {m.TYPE: m for m in (
-    Hello, Welcome, Listen, Unlisten, Connect, Circuit, Close, Ok, Error, Accept)}
+    Hello, Welcome, Listen, Unlisten, Connect, Circuit, Close, Ok, Error, Accept, Egress,
+    Ingress)}
 
 
 def _reserved(*values: int) -> None:

@@ -323,6 +323,13 @@ class Circuit:
         if rc < 0:
             _raise(rc)
 
+    def cancel_write(self) -> None:
+        """Give the write view up without publishing anything.  (For a datagram
+        circuit, commit(0) publishes an empty datagram; this publishes none.)"""
+        if self._wview is None:
+            raise ViewError("no write view is open")
+        self._drop_wview()
+
     def _slice(self, direction: int, n: int) -> memoryview:
         if self._areas is None:
             self._areas = [self._area(0), self._area(1)]

@@ -1,0 +1,100 @@
+"""The proxy stack's control connection to the operator.
+
+It says HELLO as any guest does (the operator knows it as "proxystack" by the
+socket it connects to), then serves the operator's EGRESS requests and asks
+INGRESS for published connections.  Replies are matched by request number.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+from typing import Callable
+
+from circuits import protocol as p
+
+log = logging.getLogger("circuits.proxystack")
+
+
+class OperatorGone(Exception):
+    """The control connection closed: the proxy stack ends (the operator restarts it)."""
+
+
+class Link:
+    """Requests both ways over one SOCK_SEQPACKET control socket."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, path: str,
+                 on_egress: Callable[[p.Egress, list[int]], None]):
+        self.loop, self.path, self.on_egress = loop, path, on_egress
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.connect(path)
+        self.sock.setblocking(False)
+        self.ids = itertools.count(1)
+        self.waiting: dict[int, asyncio.Future] = {}
+        self.gone: asyncio.Future = loop.create_future()
+
+    async def hello(self) -> str:
+        self.loop.add_reader(self.sock, self._readable)
+        welcome, _ = await self.request(p.Hello())
+        return welcome.guest
+
+    async def request(self, msg: p.Message) -> tuple[p.Message, list[int]]:
+        """Send a request, wait for its reply; ERROR raises OSError (the
+        descriptors of a reply are the caller's)."""
+        request = (next(self.ids) - 1) % 0xFFFFFFFF + 1  # 1..2**32-1: 0 is unsolicited
+        future = self.loop.create_future()
+        self.waiting[request] = future
+        self.send(type(msg)(**{**msg.__dict__, "request": request}))
+        reply, fds = await future
+        if isinstance(reply, p.Error):
+            p.close_all(fds)
+            raise OSError(reply.code, reply.reason)
+        return reply, fds
+
+    def send(self, msg: p.Message, fds: list[int] = ()) -> None:
+        """One message; the operator reads its socket promptly, so a full
+        buffer means it is stuck: that ends the proxy stack."""
+        try:
+            p.send(self.sock, msg, fds)
+        except OSError as e:
+            self._lost(f"cannot send to the operator: {e}")
+
+    def _readable(self) -> None:
+        for _ in range(64):
+            try:
+                msg, fds = p.receive(self.sock)
+            except BlockingIOError:
+                return
+            except (EOFError, ConnectionError) as e:
+                return self._lost(str(e))
+            except p.ProtocolError as e:
+                log.error("operator sent a bad message: %s", e)
+                continue
+            self._dispatch(msg, fds)
+
+    def _dispatch(self, msg: p.Message, fds: list[int]) -> None:
+        if isinstance(msg, p.Egress):
+            self.on_egress(msg, fds)
+            return
+        future = self.waiting.pop(msg.request, None)
+        if future is None or future.done():
+            log.warning("a %s for no request (%d)", type(msg).__name__, msg.request)
+            p.close_all(fds)
+            return
+        future.set_result((msg, fds))
+
+    def _lost(self, why: str) -> None:
+        if self.gone.done():
+            return
+        log.warning("the operator's control connection is gone: %s", why)
+        self.loop.remove_reader(self.sock)
+        for future in self.waiting.values():
+            if not future.done():
+                future.set_exception(OperatorGone(why))
+        self.waiting.clear()
+        self.gone.set_result(why)
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock)
+        self.sock.close()

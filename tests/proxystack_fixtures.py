@@ -1,0 +1,190 @@
+"""An operator with a proxy stack, and an "outside world" made for the test.
+
+Two scratch namespaces: "host" (where the proxy stack runs: [operator]
+host_netns) and "outside" (servers standing for the world), joined by a veth
+with 198.18.0.1 and fd00:198:18::1 (host), 198.18.0.2 and fd00:198:18::2
+(outside).  No traffic leaves them.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from circuits.operator import child
+from circuits.operator.admin import request
+from guestnet_fixtures import requires_netns, sh, tag  # noqa: F401 - re-exported
+
+OUTSIDE = Path(__file__).with_name("outside.py")
+HOST_IP, OUTSIDE_IP = "198.18.0.1", "198.18.0.2"
+HOST_IP6, OUTSIDE_IP6 = "fd00:198:18::1", "fd00:198:18::2"
+SOURCE_IP = "198.18.0.3"  # a second host address: db's [guests.stack] source
+PUBLISHED = 8080
+
+CONFIG = """
+[operator]
+control_dir = "{dir}"
+admin_socket = "{dir}/admin.sock"
+audit_log = "{dir}/audit.jsonl"
+host_netns = "{host}"
+default_ring = "256 KiB"
+
+[proxystack]
+connect_timeout = 10
+udp_idle_timeout = 1
+restarts = {restarts}
+
+[[guests]]
+name = "web"
+addresses = ["10.0.0.1"]
+mark = 0x43520101
+[guests.limits]
+egress_rate = "4 GiB/s"
+[guests.stack]
+congestion = "bbr"
+keepalive = 60
+
+[[guests]]
+name = "db"
+addresses = ["10.0.0.2"]
+[guests.limits]
+ring_size = "64 KiB"
+[guests.stack]
+congestion = "cubic"
+connect_timeout = 1
+source = "{source_ip}"
+sndbuf = "256 KiB"
+rcvbuf = "128 KiB"
+
+[[publish]]
+address = "{host_ip}"
+port = {published}
+guest = "web"
+guest_port = 80
+
+[[publish]]
+address = "{host_ip}"
+port = {published}
+proto = "udp"
+guest = "web"
+guest_port = 53
+
+[[rules]]
+from = "*"
+to = "{outside_ip}/32"
+ports = [25]
+action = "deny"
+
+[[rules]]
+from = "web"
+to = "external"
+proto = "udp"
+ports = [53]
+action = "allow"
+
+[[rules]]
+from = "*"
+to = "external"
+proto = "tcp"
+action = "allow"
+"""
+
+
+class World:
+    """The host and outside namespaces, the operator, and outside servers."""
+
+    def __init__(self, root: Path, restarts: int = 5):
+        self.tag = tag()
+        self.host, self.outside = f"cxp-{self.tag}-host", f"cxp-{self.tag}-out"
+        self.dir = root / "run"
+        self.config = root / "proxy.toml"
+        self.config.write_text(CONFIG.format(dir=self.dir, host=self.host, host_ip=HOST_IP,
+                                             outside_ip=OUTSIDE_IP, published=PUBLISHED,
+                                             restarts=restarts, source_ip=SOURCE_IP))
+        self.proc: subprocess.Popen | None = None
+        self.servers: list[subprocess.Popen] = []
+
+    def control(self, guest: str) -> str:
+        return str(self.dir / f"{guest}.sock")
+
+    def make_network(self) -> None:
+        host_if, out_if = f"cxh{self.tag[1:]}", f"cxo{self.tag[1:]}"
+        for ns in (self.host, self.outside):
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "link", "add", host_if, "netns", self.host, "type", "veth", "peer", "name",
+           out_if, "netns", self.outside)
+        for ns, ifname, addr, addr6 in ((self.host, host_if, HOST_IP, HOST_IP6),
+                                        (self.outside, out_if, OUTSIDE_IP, OUTSIDE_IP6)):
+            sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", ifname)
+            sh("ip", "-n", ns, "addr", "add", f"{addr6}/64", "dev", ifname, "nodad")
+            sh("ip", "-n", ns, "link", "set", ifname, "up")
+        sh("ip", "-n", self.host, "addr", "add", f"{SOURCE_IP}/24", "dev", host_if)
+
+    def start(self) -> None:
+        self.proc = child.start(str(self.config))
+        self.wait_proxystack()
+
+    def status(self) -> dict:
+        return request(str(self.dir / "admin.sock"), "status")["result"]
+
+    def wait_proxystack(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._connected():
+            assert self.proc.poll() is None, "the operator exited"
+            assert time.monotonic() < deadline, "the proxy stack did not connect"
+            time.sleep(0.05)
+
+    def _connected(self) -> bool:
+        try:
+            return self.status()["proxystack"].startswith("connected")
+        except OSError:  # the admin socket comes after the control sockets
+            return False
+
+    def serve(self, role: str, port: int) -> subprocess.Popen:
+        """An outside server (tests/outside.py ROLE PORT), once it listens."""
+        proc = self.in_outside([sys.executable, str(OUTSIDE), role, str(port)])
+        self.servers.append(proc)
+        assert proc.stdout.readline().strip() == "ready"
+        return proc
+
+    def in_outside(self, argv: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(["ip", "netns", "exec", self.outside, *argv],
+                                stdout=subprocess.PIPE, text=True)
+
+    def in_host(self, *argv: str) -> str:
+        return sh("ip", "netns", "exec", self.host, *argv).stdout
+
+    def cleanup(self) -> None:
+        for proc in self.servers:
+            proc.kill()
+            proc.wait(10)
+        if self.proc is not None:
+            child.stop(self.proc)
+        for ns in (self.host, self.outside):
+            sh("ip", "netns", "del", ns, check=False)
+
+
+def _world(root: Path, **kw):
+    w = World(root, **kw)
+    try:
+        w.make_network()
+        w.start()
+        yield w
+    finally:
+        w.cleanup()
+
+
+@pytest.fixture
+def world(tmp_path):
+    """A running operator and proxy stack, and an empty outside namespace."""
+    yield from _world(tmp_path)
+
+
+@pytest.fixture
+def world_no_restart(tmp_path):
+    """The same, with a proxy stack the operator never restarts."""
+    yield from _world(tmp_path, restarts=0)
