@@ -231,6 +231,7 @@ def aio_server(host, port, count, loop):
                 writer.write(data)
                 await writer.drain()
             writer.close()
+            await writer.wait_closed()  # flushed: the process may exit once the last is done
             left[0] -= 1
             if not left[0]:
                 done.set()
@@ -257,11 +258,13 @@ def aio_client(host, port, size, conns, loop):
             got += chunk
         await sender
         writer.close()
-        return hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+        same = hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+        return True if same else f"{len(got)} of {len(data)} bytes, first difference at " + str(
+            next((i for i, (x, y) in enumerate(zip(got, data)) if x != y), None))
 
     async def main():
         results = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(int(conns)))), 60)
-        print("ok" if all(results) else f"bad: {results}", flush=True)
+        print("ok" if all(r is True for r in results) else f"bad: {results}", flush=True)
     run_loop(main, loop)
 
 

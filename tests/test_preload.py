@@ -227,12 +227,16 @@ def test_signal_interrupts_a_blocked_recv(operator, guests):
 
 
 @pytest.mark.parametrize("conns", [1, 3])
-def test_asyncio_on_both_ends(operator, guests, conns):
-    """asyncio's default loop waits in epoll: the library's epoll_* wrappers."""
-    server = guests("db", app("aio-server", "10.0.0.2", "7006", str(conns), "asyncio"))
+@pytest.mark.parametrize("server_loop,client_loop", [
+    ("asyncio", "asyncio"), ("uvloop", "uvloop"), ("asyncio", "uvloop"), ("uvloop", "asyncio")])
+def test_asyncio_on_both_ends(operator, guests, conns, server_loop, client_loop):
+    """asyncio's default loop waits in epoll: the library's epoll_* wrappers.
+    uvloop's libuv would submit epoll_ctl through io_uring: the library refuses
+    io_uring_setup, so libuv falls back to epoll_ctl, which it wraps."""
+    server = guests("db", app("aio-server", "10.0.0.2", "7006", str(conns), server_loop))
     wait_listening(operator, "db", server)
     client = guests("web", app("aio-client", "10.0.0.2", "7006", str(2 << 20), str(conns),
-                               "asyncio"))
+                               client_loop))
     out, err = client.communicate(timeout=60)
     assert out.strip() == "ok", err
     server.communicate(timeout=30)

@@ -15,6 +15,7 @@
  *   poll.c     poll, ppoll, select, pselect: readiness from ring state
  *   epoll.c    epoll_create, epoll_ctl, epoll_wait: the same, for epoll
  *   fork.c     fork, exec, exit: which processes hold a circuit
+ *   uring.c    io_uring refused, so libuv uses epoll_ctl and read/write
  *
  * Every circuit socket is backed by a real kernel descriptor on the number
  * the program sees: a placeholder socket of its family until it connects or
@@ -79,6 +80,7 @@ struct cp_real {
     int (*epoll_ctl)(int, int, int, struct epoll_event *);
     int (*epoll_wait)(int, struct epoll_event *, int, int);
     int (*epoll_pwait)(int, struct epoll_event *, int, int, const sigset_t *);
+    long (*syscall)(long, ...);
 };
 
 extern struct cp_real real;
