@@ -110,17 +110,44 @@ action = "allow"
 """
 
 
-class NetOperator:
-    """An operator serving two namespaced guests (a, b) and a plain one (c)."""
+# Two namespaced guests without limits, for the unmodified programs of
+# tests/test_preload_apps.py: a (the client) may reach b (the server).
+APPS_CONFIG = """
+[operator]
+control_dir = "{dir}"
+admin_socket = "{dir}/admin.sock"
+host_netns = "{host}"
 
-    def __init__(self, root: Path, host_ns: str):
+[[guests]]
+name = "{a}"
+addresses = ["192.0.2.1"]
+netns = true
+
+[[guests]]
+name = "{b}"
+addresses = ["192.0.2.2"]
+netns = true
+
+[[rules]]
+from = "{a}"
+to = "{b}"
+proto = "tcp"
+action = "allow"
+"""
+
+
+class NetOperator:
+    """An operator serving two namespaced guests (a, b) and, with the default
+    template, a plain one (c)."""
+
+    def __init__(self, root: Path, host_ns: str, template: str = GUESTS_CONFIG):
         self.tag = tag()
         self.a, self.b, self.c = f"{self.tag}-a", f"{self.tag}-b", f"{self.tag}-c"
         self.host_ns = host_ns
         self.dir = root / "run"
         self.config = root / "guests.toml"
-        self.config.write_text(GUESTS_CONFIG.format(dir=self.dir, host=host_ns, a=self.a,
-                                                    b=self.b, c=self.c))
+        self.config.write_text(template.format(dir=self.dir, host=host_ns, a=self.a,
+                                               b=self.b, c=self.c))
         self.state = self.dir / "guestnet.json"
         self.proc = None
 

@@ -13,6 +13,7 @@
     preload_app.py connect HOST PORT [nonblock]    print the errno name connect gives
     preload_app.py recv-interrupted HOST PORT       block in recv until SIGALRM's handler raises
     preload_app.py unix                             AF_UNIX socketpair and listener round trips
+    preload_app.py hash-server HOST PORT            read one connection to its end, print its sha256
     preload_app.py aio-server HOST PORT COUNT LOOP       asyncio echo server for COUNT clients
     preload_app.py aio-client HOST PORT SIZE CONNS LOOP  asyncio echo clients, checked by sha256
         LOOP: asyncio (epoll through the selectors module) | uvloop (libuv's epoll)
@@ -221,6 +222,17 @@ def run_loop(main, loop):
         asyncio.run(main())
 
 
+def hash_server(host, port):
+    with listener(host, port) as srv:
+        print("listening", flush=True)
+        conn, _ = srv.accept()
+        digest = hashlib.sha256()
+        with conn:
+            while data := conn.recv(65536):
+                digest.update(data)
+        print(digest.hexdigest(), flush=True)
+
+
 def aio_server(host, port, count, loop):
     async def main():
         done = asyncio.Event()
@@ -273,4 +285,4 @@ if __name__ == "__main__":
     {"echo-server": echo_server, "echo-client": echo_client, "connect": connect,
      "recv-interrupted": recv_interrupted, "unix": unix, "aio-server": aio_server,
      "fork-server": fork_server, "prefork-server": prefork_server,
-     "aio-client": aio_client}[cmd](*args)
+     "aio-client": aio_client, "hash-server": hash_server}[cmd](*args)

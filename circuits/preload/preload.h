@@ -81,6 +81,9 @@ struct cp_real {
     int (*epoll_wait)(int, struct epoll_event *, int, int);
     int (*epoll_pwait)(int, struct epoll_event *, int, int, const sigset_t *);
     long (*syscall)(long, ...);
+    ssize_t (*sendfile)(int, int, off_t *, size_t);
+    int (*recvmmsg)(int, struct mmsghdr *, unsigned int, int, struct timespec *);
+    int (*sendmmsg)(int, struct mmsghdr *, unsigned int, int);
 };
 
 extern struct cp_real real;

@@ -34,7 +34,7 @@ static void resolve_all(void)
     RESOLVE(recvmsg), RESOLVE(send), RESOLVE(sendto), RESOLVE(sendmsg), RESOLVE(poll);
     RESOLVE(ppoll), RESOLVE(select), RESOLVE(pselect), RESOLVE(epoll_create);
     RESOLVE(epoll_create1), RESOLVE(epoll_ctl), RESOLVE(epoll_wait), RESOLVE(epoll_pwait);
-    RESOLVE(syscall);
+    RESOLVE(syscall), RESOLVE(sendfile), RESOLVE(recvmmsg), RESOLVE(sendmmsg);
     if (!real.fcntl64) /* an older libc: fcntl is the 64-bit one */
         real.fcntl64 = real.fcntl;
 }
