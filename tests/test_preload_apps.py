@@ -12,6 +12,7 @@ guests' addresses, with their configuration and files in the test's tmp dir
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -173,3 +174,105 @@ def test_redis_benchmark(apps, redis, pipeline):
     rates = dict(re.findall(r"^(SET|GET): ([\d.]+) requests per second", got.stdout, re.M))
     assert set(rates) == {"SET", "GET"} and all(float(r) > 0 for r in rates.values()), got.stdout
     assert len(w.seen) >= 10 and all(n > 0 for n in w.crossed())
+
+
+# ---- nginx, wrk and curl ----------------------------------------------------
+
+NGINX_CONF = """
+daemon off;
+master_process on;
+worker_processes 2;
+user root;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    sendfile on;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    server {{
+        listen {addr}:{port};
+        root {d}/www;
+    }}
+}}
+"""
+
+
+def nginx_conf(d: Path, addr: str, port: int) -> Path:
+    """A minimal nginx.conf in d: two workers forked by the master after it
+    listens, its pid, logs and temporary files in d, files served from d/www."""
+    (d / "www").mkdir(parents=True, exist_ok=True)
+    (d / "www" / "index.html").write_text("<html>circuits</html>\n")
+    conf = d / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(d=d, addr=addr, port=port))
+    return conf
+
+
+@pytest.fixture
+def nginx(apps, tmp_path):
+    d = tmp_path / "nginx"
+    conf = nginx_conf(d, SERVER, 7003)
+    (d / "www" / "blob").write_bytes(os.urandom(8 << 20))
+    apps.server(["nginx", "-p", str(d), "-e", str(d / "error.log"), "-c", str(conf)])
+    return d
+
+
+@needs("nginx", "wrk")
+def test_nginx_two_workers_with_wrk(apps, nginx):
+    with Watch(apps) as w:
+        got = apps.client(["wrk", "-t2", "-c50", "-d2s", f"http://{SERVER}:7003/"])
+    assert got.returncode == 0, got.stderr
+    requests = int(re.search(r"(\d+) requests in", got.stdout).group(1))
+    assert requests > 100 and "Socket errors" not in got.stdout and "Non-2xx" not in got.stdout, \
+        got.stdout
+    assert len(w.seen) >= 50 and all(n > 0 for n in w.crossed())
+
+
+@needs("nginx", "curl")
+def test_curl_downloads_from_nginx(apps, nginx, tmp_path):
+    with Watch(apps) as w:
+        got = apps.client(["curl", "-sS", "--limit-rate", "8M", "-o", str(tmp_path / "got"),
+                           f"http://{SERVER}:7003/blob"])
+    assert got.returncode == 0, got.stderr
+    assert sha256(tmp_path / "got") == sha256(nginx / "www" / "blob")  # sendfile, by the library
+    assert w.crossed()[1] > 1 << 20
+
+
+# ---- iperf3 -----------------------------------------------------------------
+
+@needs("iperf3")
+@pytest.mark.parametrize("reverse", [False, True], ids=["upload", "download"])
+def test_iperf3(apps, reverse):
+    apps.server(["iperf3", "-s", "-B", SERVER, "-p", "7004", "-1"])
+    with Watch(apps) as w:
+        got = apps.client(["iperf3", "-c", SERVER, "-p", "7004", "-t", "2", "--json",
+                           *(["-R"] if reverse else [])])
+    assert got.returncode == 0, got.stdout[-2000:] + got.stderr
+    end = json.loads(got.stdout)["end"]
+    assert end["sum_received"]["bytes"] > 1 << 20
+    up, down = w.crossed()
+    assert (down if reverse else up) > 1 << 20
+
+
+# ---- socat and nc relaying stdin ---------------------------------------------
+
+@pytest.mark.parametrize("relay", [
+    pytest.param(["socat", "-u", "-", f"TCP:{SERVER}:7005"], marks=needs("socat"), id="socat"),
+    pytest.param(["nc", "-N", SERVER, "7005"], marks=needs("nc"), id="nc")])
+def test_relay_stdin_to_a_hashing_server(apps, relay):
+    blob = os.urandom(4 << 20)
+    server = apps.server([sys.executable, APP, "hash-server", SERVER, "7005"])
+    with Watch(apps) as w:
+        client = subprocess.Popen(apps.argv(apps.op.a, relay), stdin=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+        for i in range(0, len(blob), 256 << 10):  # paced (~1 s): the watch sees the circuit
+            client.stdin.write(blob[i:i + (256 << 10)])
+            client.stdin.flush()
+            time.sleep(0.06)
+        client.stdin.close()
+        err = client.stderr.read()
+        assert client.wait(30) == 0, err
+    out, err = server.communicate(timeout=30)
+    assert out.split()[-1] == hashlib.sha256(blob).hexdigest(), err
+    assert w.crossed()[0] > 1 << 20

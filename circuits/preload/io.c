@@ -84,6 +84,15 @@ ssize_t cp_send(struct cp_sock *s, const void *buf, size_t len, int flags)
     return n;
 }
 
+uint64_t cp_arrived(struct cp_sock *s)
+{
+    void *ptr;
+    if (state_of(s) != CP_CONNECTED)
+        return 0;
+    ssize_t n = circuit_peek(s->c, CIRCUIT_NONBLOCK, CIRCUIT_FOREVER, &ptr);
+    return circuit_bytes_received(s->c) + (n > 0 ? (uint64_t)n : 0);
+}
+
 /* ---- vectors: one buffer at a time -------------------------------------- */
 
 /*

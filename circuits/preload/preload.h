@@ -84,6 +84,7 @@ struct cp_real {
     ssize_t (*sendfile)(int, int, off_t *, size_t);
     int (*recvmmsg)(int, struct mmsghdr *, unsigned int, int, struct timespec *);
     int (*sendmmsg)(int, struct mmsghdr *, unsigned int, int);
+    int (*epoll_pwait2)(int, struct epoll_event *, int, const struct timespec *, const sigset_t *);
 };
 
 extern struct cp_real real;
@@ -92,6 +93,9 @@ void cp_init(void);
 /* CIRCUITS_CONTROL is set: new TCP sockets become circuits. */
 bool cp_active(void);
 const char *cp_control_path(void);
+/* Move one of the library's own descriptors out of the program's way (to the
+ * upper half of the descriptor limit, close-on-exec); returns its number. */
+int cp_hide_fd(int fd);
 
 /* ---- log.c ----------------------------------------------------------- */
 
@@ -230,6 +234,8 @@ static inline long cp_ret(long rc)
 
 ssize_t cp_recv(struct cp_sock *s, void *buf, size_t len, int flags);
 ssize_t cp_send(struct cp_sock *s, const void *buf, size_t len, int flags);
+/* Bytes the peer has sent us so far (read or waiting): a new value is new data. */
+uint64_t cp_arrived(struct cp_sock *s);
 
 /* ---- poll.c, shared with epoll.c ------------------------------------- */
 
