@@ -24,13 +24,13 @@ from pathlib import Path
 
 import pytest
 
+from circuits.bench.apps import nginx_conf
 from circuits.operator.admin import request
-from guestnet_fixtures import APPS_CONFIG, NetOperator, requires_netns, scratch_ns  # noqa: F401
+from guestnet_fixtures import APPS_CONFIG, WHY_NOT, NetOperator, scratch_ns  # noqa: F401
 
 APP = str(Path(__file__).with_name("preload_app.py"))
 SERVER, CLIENT = "192.0.2.2", "192.0.2.1"
 
-pytestmark = requires_netns
 
 
 def needs(*programs: str):
@@ -114,8 +114,11 @@ class Watch:
 
 
 @pytest.fixture
-def apps(tmp_path, scratch_ns):  # noqa: F811
-    op = NetOperator(tmp_path, scratch_ns, template=APPS_CONFIG)
+def apps(tmp_path, request):
+    """An operator with two namespaced guests (needs root: skipped otherwise)."""
+    if WHY_NOT:
+        pytest.skip(WHY_NOT)
+    op = NetOperator(tmp_path, request.getfixturevalue("scratch_ns"), template=APPS_CONFIG)
     a = Apps(op, tmp_path)
     try:
         op.start()
@@ -177,37 +180,6 @@ def test_redis_benchmark(apps, redis, pipeline):
 
 
 # ---- nginx, wrk and curl ----------------------------------------------------
-
-NGINX_CONF = """
-daemon off;
-master_process on;
-worker_processes 2;
-user root;
-pid {d}/nginx.pid;
-error_log {d}/error.log;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    sendfile on;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    server {{
-        listen {addr}:{port};
-        root {d}/www;
-    }}
-}}
-"""
-
-
-def nginx_conf(d: Path, addr: str, port: int) -> Path:
-    """A minimal nginx.conf in d: two workers forked by the master after it
-    listens, its pid, logs and temporary files in d, files served from d/www."""
-    (d / "www").mkdir(parents=True, exist_ok=True)
-    (d / "www" / "index.html").write_text("<html>circuits</html>\n")
-    conf = d / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(d=d, addr=addr, port=port))
-    return conf
-
 
 @pytest.fixture
 def nginx(apps, tmp_path):
@@ -276,3 +248,18 @@ def test_relay_stdin_to_a_hashing_server(apps, relay):
     out, err = server.communicate(timeout=30)
     assert out.split()[-1] == hashlib.sha256(blob).hexdigest(), err
     assert w.crossed()[0] > 1 << 20
+
+
+# ---- circuits bench apps --------------------------------------------------------
+
+@needs("iperf3", "redis-server", "redis-benchmark", "nginx", "wrk")
+def test_bench_apps_quick_prints_every_figure():
+    out = subprocess.run([sys.executable, "-m", "circuits", "bench", "apps", "--quick",
+                          "--rounds", "1", "--json"], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    figures = {f["name"]: f for f in json.loads(out.stdout)["figures"]}
+    assert set(figures) == {"iperf3 Gbit/s", "redis SET req/s", "redis GET req/s",
+                            "nginx+wrk req/s"}
+    for f in figures.values():
+        assert f["circuits"] > 0 and f["tcp"] > 0 and f["ratio"] > 0, f
+        assert f["target"] in (1.5, 3.0)
