@@ -23,6 +23,7 @@ from pathlib import Path
 import preload_app
 import pytest
 
+from circuits.operator import child
 from circuits.operator.admin import request
 from circuits.preload import library_path
 
@@ -269,3 +270,34 @@ def test_forking_servers(operator, guests, server):
     assert out.strip() == "eof", err
     _, err = srv.communicate(timeout=30)
     assert srv.returncode == 0, err
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("server", ["echo-server", "aio-server"])
+def test_listener_listens_again_after_an_operator_restart(operator, guests, server):
+    """The listener's control connection dies with the operator: the listening
+    descriptor must not poll readable for ever (no spinning while the operator
+    is away), and accept LISTENs again once it is back (tried each second)."""
+    argv = [server, "10.0.0.2", "7008", "2"] + (["asyncio"] if server == "aio-server" else [])
+    srv = guests("db", app(*argv))
+    wait_listening(operator, "db", srv)
+
+    def one_client():
+        client = guests("web", app("aio-client", "10.0.0.2", "7008", "100000", "1", "asyncio"))
+        out, err = client.communicate(timeout=30)
+        assert out.strip() == "ok", err
+
+    one_client()
+    child.stop(operator.proc)
+    before = cpu_seconds(srv.pid)
+    time.sleep(1.5)
+    assert cpu_seconds(srv.pid) - before < 0.5  # asleep, not spinning on a dead connection
+    operator.proc = child.start(str(operator.config))
+    wait_listening(operator, "db", srv)
+    one_client()
+    srv.communicate(timeout=30)
+    assert srv.returncode == 0

@@ -172,7 +172,7 @@ def test_redis_cli_set_and_get(apps, redis):
 def test_redis_benchmark(apps, redis, pipeline):
     with Watch(apps) as w:
         got = apps.client(["redis-benchmark", "-h", SERVER, "-p", "7002", "-c", "50",
-                           "-n", "20000", "-P", str(pipeline), "-t", "set,get", "-q"])
+                           "-n", str(20000 * pipeline), "-P", str(pipeline), "-t", "set,get", "-q"])
     assert got.returncode == 0, got.stderr
     rates = dict(re.findall(r"^(SET|GET): ([\d.]+) requests per second", got.stdout, re.M))
     assert set(rates) == {"SET", "GET"} and all(float(r) > 0 for r in rates.values()), got.stdout

@@ -224,6 +224,16 @@ CP_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
     cp_init();
     struct cp_sock *s = cp_fd_get(fd);
     if (!s || !cp_computed(s)) { /* listeners and placeholders: the kernel's */
+        struct epoll_event plain;
+        /* A listener's descriptor is an epoll instance, which the kernel
+         * refuses EPOLLEXCLUSIVE for (nginx asks it): every waiter wakes,
+         * and one takes the circuit, as without it. */
+        if (s && ev && (ev->events & EPOLLEXCLUSIVE) &&
+            __atomic_load_n(&s->state, __ATOMIC_ACQUIRE) == CP_LISTENING) {
+            plain = *ev;
+            plain.events &= ~(uint32_t)EPOLLEXCLUSIVE;
+            ev = &plain;
+        }
         cp_sock_put(s);
         return real.epoll_ctl(epfd, op, fd, ev);
     }

@@ -167,7 +167,7 @@ int cp_ctl_attach(const struct cp_circuit_msg *m, int fds[4], int side,
 
 enum cp_state {
     CP_FRESH,     /* a placeholder kernel socket; maybe bound */
-    CP_LISTENING, /* fd is a duplicate of our control connection */
+    CP_LISTENING, /* fd is a duplicate of lep, an epoll of our control connection */
     CP_CONNECTED, /* fd is a duplicate of the circuit's doorbell */
     CP_FAILED,    /* a non-blocking connect failed: so_error says why */
 };
@@ -184,7 +184,11 @@ struct cp_sock {
     struct circuit *c; /* CP_CONNECTED */
     int peer_bell;     /* the peer's doorbell end, for hang-up (owned by c) */
     uint64_t circuit_id;
-    int ctl;           /* CP_LISTENING: our own control connection */
+    int ctl;           /* CP_LISTENING: our own control connection (-1: lost, see lep) */
+    int lep;           /* CP_LISTENING: an epoll of ctl, on the program's descriptor */
+    int timer;         /* CP_LISTENING: retries listening again after the operator left */
+    uint32_t backlog;  /* CP_LISTENING: as asked, for listening again */
+    bool lst_shut;     /* CP_LISTENING: shutdown() by the program: never listen again */
     struct { int rcvbuf, sndbuf, reuseaddr, reuseport, keepalive, nodelay; } opt;
     uint32_t rx_again, tx_again; /* EAGAINs of reads and writes: epoll's edges (atomic) */
     int *procs;          /* processes holding the circuit, in shared memory (fork.c) */

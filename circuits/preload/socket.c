@@ -13,8 +13,12 @@
  *            Non-blocking: the setup completes at once and the call says
  *            EINPROGRESS; SO_ERROR then tells how it went.
  *   listen   opens the socket's own control connection, LISTENs, sends one
- *            ACCEPT and dup3()s the connection onto the program's
- *            descriptor: it polls readable when the ACCEPT's reply is in.
+ *            ACCEPT, and dup3()s an epoll instance holding the connection
+ *            onto the program's descriptor: it polls readable when the
+ *            ACCEPT's reply is in.  The epoll stays while the connection
+ *            may change: if the operator restarts, accept listens again on
+ *            a new connection, and the program's poll and epoll
+ *            registrations, which are of the epoll's file, still hold.
  *   accept   takes that reply, sends the next ACCEPT (one is always
  *            outstanding), attaches the circuit and returns a duplicate of
  *            its doorbell as the new descriptor.
@@ -30,7 +34,9 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/ioctl.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 #include "preload.h"
@@ -111,6 +117,19 @@ static int unreachable(int err)
     return -ENETUNREACH;
 }
 
+/* Our epoll that stands for a listener: readable when its control connection is. */
+static int listener_epoll(int ctl)
+{
+    int lep = cp_hide_fd(real.epoll_create1(EPOLL_CLOEXEC));
+    struct epoll_event ev = {.events = EPOLLIN};
+    if (lep >= 0 && real.epoll_ctl(lep, EPOLL_CTL_ADD, ctl, &ev) < 0) {
+        int err = -errno;
+        real.close(lep);
+        return err;
+    }
+    return lep < 0 ? -errno : lep;
+}
+
 static int do_listen(int fd, struct cp_sock *s, int backlog)
 {
     if (state_of(s) == CP_LISTENING)
@@ -124,17 +143,22 @@ static int do_listen(int fd, struct cp_sock *s, int backlog)
     int ctl = cp_ctl_open();
     if (ctl < 0)
         return unreachable(ctl);
-    int err = cp_ctl_listen(ctl, &s->local, backlog > 0 ? (uint32_t)backlog : 1);
+    s->backlog = backlog > 0 ? (uint32_t)backlog : 1;
+    int err = cp_ctl_listen(ctl, &s->local, s->backlog), lep = -1;
     if (!err)
         err = cp_ctl_send_accept(ctl, &s->local);
-    if (!err && real.dup3(ctl, fd, cloexec_of(fd)) < 0)
+    if (!err && (lep = listener_epoll(ctl)) < 0)
+        err = lep;
+    if (!err && real.dup3(lep, fd, cloexec_of(fd)) < 0)
         err = -errno;
     if (err) {
         real.close(ctl);
+        if (lep >= 0)
+            real.close(lep);
         return err;
     }
     set_nonblock(fd, s->nonblock);
-    s->ctl = ctl;
+    s->ctl = ctl, s->lep = lep;
     __atomic_store_n(&s->state, CP_LISTENING, __ATOMIC_RELEASE);
     return 0;
 }
@@ -154,24 +178,84 @@ CP_EXPORT int listen(int fd, int backlog)
     return (int)cp_ret(rc);
 }
 
+#define RELISTEN_AFTER_S 1
+
+/* Try listening again once the timer fires: the listener's epoll wakes the program then. */
+static void relisten_later(struct cp_sock *s)
+{
+    if (s->timer < 0) {
+        s->timer = cp_hide_fd(timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK));
+        struct epoll_event ev = {.events = EPOLLIN};
+        if (s->timer >= 0)
+            real.epoll_ctl(s->lep, EPOLL_CTL_ADD, s->timer, &ev);
+    }
+    struct itimerspec in = {.it_value = {.tv_sec = RELISTEN_AFTER_S}};
+    if (s->timer >= 0)
+        timerfd_settime(s->timer, 0, &in, NULL);
+}
+
+/*
+ * The operator left (or restarted): drop the dead control connection, which
+ * would keep the listener readable for ever, and LISTEN again on a new one.
+ * 0: listening again; -EAGAIN: not yet (the operator is away, or another
+ * process holding this listener did it first: EADDRINUSE), tried again
+ * each second.
+ */
+static int relisten(struct cp_sock *s)
+{
+    uint64_t ticks;
+    if (s->ctl >= 0) {
+        real.epoll_ctl(s->lep, EPOLL_CTL_DEL, s->ctl, NULL);
+        real.close(s->ctl);
+        s->ctl = -1;
+        cp_warn("the operator closed the listener's control connection: listening again");
+    }
+    if (s->timer >= 0 && real.read(s->timer, &ticks, sizeof(ticks)) < 0)
+        ticks = 0; /* not fired yet: a try now is as good */
+    int ctl = cp_ctl_open();
+    int err = ctl < 0 ? ctl : cp_ctl_listen(ctl, &s->local, s->backlog);
+    struct epoll_event ev = {.events = EPOLLIN};
+    if (!err)
+        err = cp_ctl_send_accept(ctl, &s->local);
+    if (!err && real.epoll_ctl(s->lep, EPOLL_CTL_ADD, ctl, &ev) < 0)
+        err = -errno;
+    if (err) {
+        if (ctl >= 0)
+            real.close(ctl);
+        relisten_later(s);
+        return -EAGAIN;
+    }
+    s->ctl = ctl;
+    char a[CP_EP_STR];
+    cp_log("listening again on %s", cp_endpoint_str(&s->local, a));
+    return 0;
+}
+
 /* Wait for, and take, the reply to our outstanding ACCEPT; then send the next. */
 static int take_circuit(struct cp_sock *s, struct cp_circuit_msg *m, int fds[4])
 {
-    int err;
-    while ((err = cp_ctl_recv_circuit(s->ctl, false, m, fds)) == -EAGAIN) {
+    for (;;) {
+        int err = s->ctl >= 0 ? cp_ctl_recv_circuit(s->ctl, false, m, fds) : -ECONNABORTED;
+        if (err == -ECONNABORTED && s->lst_shut)
+            return -EINVAL; /* what the kernel says of accept on a socket shut down */
+        if (err == -ECONNABORTED) {
+            pthread_mutex_lock(&s->lock); /* threads accepting at once: one listens again */
+            err = relisten(s);
+            pthread_mutex_unlock(&s->lock);
+            if (!err)
+                continue;
+        }
+        if (err != -EAGAIN) {
+            if (err != -ENOENT) /* that reply used up our ACCEPT (even a malformed one) */
+                cp_ctl_send_accept(s->ctl, &s->local);
+            return err;
+        }
         if (__atomic_load_n(&s->nonblock, __ATOMIC_RELAXED))
             return -EAGAIN;
-        struct pollfd p = {.fd = s->ctl, .events = POLLIN};
+        struct pollfd p = {.fd = s->lep, .events = POLLIN};
         if (real.poll(&p, 1, -1) < 0)
             return -errno; /* EINTR: a signal handler ran, as the kernel says */
     }
-    if (err == -ECONNABORTED) {
-        cp_warn("the operator closed the listener's control connection");
-        return -EINVAL; /* what the kernel says of accept on a socket that no longer listens */
-    }
-    if (err != -ENOENT) /* that reply used up our ACCEPT (even a malformed one): ask again */
-        cp_ctl_send_accept(s->ctl, &s->local);
-    return err;
 }
 
 static int do_accept(struct cp_sock *s, struct sockaddr *addr, socklen_t *len, int flags)
@@ -315,8 +399,11 @@ CP_EXPORT int shutdown(int fd, int how)
     int rc = 0;
     if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR)
         rc = -EINVAL;
-    else if (state_of(s) == CP_LISTENING)
-        real.shutdown(s->ctl, SHUT_RDWR); /* wakes a blocked accept, which says EINVAL */
+    else if (state_of(s) == CP_LISTENING) {
+        s->lst_shut = true;
+        if (s->ctl >= 0)
+            real.shutdown(s->ctl, SHUT_RDWR); /* wakes a blocked accept, which says EINVAL */
+    }
     else if (state_of(s) != CP_CONNECTED)
         rc = -ENOTCONN;
     else {
