@@ -7,6 +7,7 @@ host's ruleset is never touched).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import subprocess
@@ -110,30 +111,10 @@ action = "allow"
 """
 
 
-# Two namespaced guests without limits, for the unmodified programs of
+# The same guests without limits, for the unmodified programs of
 # tests/test_preload_apps.py: a (the client) may reach b (the server).
-APPS_CONFIG = """
-[operator]
-control_dir = "{dir}"
-admin_socket = "{dir}/admin.sock"
-host_netns = "{host}"
-
-[[guests]]
-name = "{a}"
-addresses = ["192.0.2.1"]
-netns = true
-
-[[guests]]
-name = "{b}"
-addresses = ["192.0.2.2"]
-netns = true
-
-[[rules]]
-from = "{a}"
-to = "{b}"
-proto = "tcp"
-action = "allow"
-"""
+APPS_CONFIG = GUESTS_CONFIG.replace('[guests.limits]\negress_rate = "1 MiB/s"\n', "")
+assert APPS_CONFIG != GUESTS_CONFIG
 
 
 class NetOperator:
@@ -198,15 +179,21 @@ class NetOperator:
         remove_netns_named(f"circuits-{self.tag}")
 
 
-@pytest.fixture
-def netop(tmp_path, scratch_ns):
-    """A running operator with namespaced guests; all of it removed at the end."""
-    op = NetOperator(tmp_path, scratch_ns)
+@contextlib.contextmanager
+def running(op: NetOperator):
+    """op started; all of it (operator, namespaces) removed at the end."""
     try:
         op.start()
         yield op
     finally:
         op.cleanup()
+
+
+@pytest.fixture
+def netop(tmp_path, scratch_ns):
+    """A running operator with namespaced guests; all of it removed at the end."""
+    with running(NetOperator(tmp_path, scratch_ns)) as op:
+        yield op
 
 
 @pytest.fixture

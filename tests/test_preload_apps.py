@@ -26,10 +26,10 @@ import pytest
 
 from circuits.bench.apps import nginx_conf
 from circuits.operator.admin import request
-from guestnet_fixtures import APPS_CONFIG, WHY_NOT, NetOperator, scratch_ns  # noqa: F401
+from guestnet_fixtures import APPS_CONFIG, WHY_NOT, NetOperator, running, scratch_ns  # noqa: F401
 
 APP = str(Path(__file__).with_name("preload_app.py"))
-SERVER, CLIENT = "192.0.2.2", "192.0.2.1"
+SERVER = "192.0.2.2"  # guest b; the clients run as guest a (192.0.2.1)
 
 
 
@@ -118,14 +118,13 @@ def apps(tmp_path, request):
     """An operator with two namespaced guests (needs root: skipped otherwise)."""
     if WHY_NOT:
         pytest.skip(WHY_NOT)
-    op = NetOperator(tmp_path, request.getfixturevalue("scratch_ns"), template=APPS_CONFIG)
-    a = Apps(op, tmp_path)
-    try:
-        op.start()
-        yield a
-    finally:
-        a.stop()
-        op.cleanup()
+    with running(NetOperator(tmp_path, request.getfixturevalue("scratch_ns"),
+                             template=APPS_CONFIG)) as op:
+        a = Apps(op, tmp_path)
+        try:
+            yield a
+        finally:
+            a.stop()
 
 
 def sha256(path: Path) -> str:

@@ -24,27 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from circuits.bench import setup as setup_bench
 from circuits.operator import child
 from circuits.operator.admin import request
 
-CONFIG = """
-[operator]
-control_dir = "{dir}/guests"
-admin_socket = "{dir}/admin.sock"
-default_ring = "1 MiB"
-[[guests]]
-name = "client"
-addresses = ["10.9.0.1"]
-[guests.limits]
-setups_per_second = 1000000
-[[guests]]
-name = "server"
-addresses = ["10.9.0.2"]
-[[rules]]
-from = "client"
-to = "server"
-action = "allow"
-"""
+# `circuits bench setup`'s guests (client 10.9.0.1 may reach server 10.9.0.2), with an
+# admin socket (to see the servers listen) and rings the size of the programs' buffers.
+CONFIG = setup_bench.CONFIG.replace(
+    'default_ring = "64 KiB"',
+    'admin_socket = "{dir}/admin.sock"\ndefault_ring = "1 MiB"').replace(
+    'control_dir = "{dir}"', 'control_dir = "{dir}/guests"')
+assert "1 MiB" in CONFIG and "/guests" in CONFIG
 CIRCUIT_ADDR, TCP_ADDR = "10.9.0.2", "127.0.0.1"
 # The issue's targets: circuits / TCP at least this much.
 TARGETS = {"iperf3 Gbit/s": 3.0, "redis SET req/s": 1.5, "redis GET req/s": 1.5,
