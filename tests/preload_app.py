@@ -13,6 +13,8 @@
     preload_app.py connect HOST PORT [nonblock]    print the errno name connect gives
     preload_app.py recv-interrupted HOST PORT       block in recv until SIGALRM's handler raises
     preload_app.py unix                             AF_UNIX socketpair and listener round trips
+    preload_app.py execl-client HOST PORT           connect, send "hello", fork a child that
+        execl()s /bin/true, wait for it, close
     preload_app.py hash-server HOST PORT            read one connection to its end, print its sha256
     preload_app.py aio-server HOST PORT COUNT LOOP       asyncio echo server for COUNT clients
     preload_app.py aio-client HOST PORT SIZE CONNS LOOP  asyncio echo clients, checked by sha256
@@ -222,6 +224,18 @@ def run_loop(main, loop):
         asyncio.run(main())
 
 
+def execl_client(host, port):
+    import ctypes
+    sock = socket.create_connection((host, int(port)))  # close-on-exec, as Python makes them
+    sock.sendall(b"hello")
+    pid = os.fork()  # the child holds the circuit too, until its execl counts it out
+    if pid == 0:
+        ctypes.CDLL(None).execl(b"/bin/true", b"true", None)
+        os._exit(1)  # exec failed
+    os.waitpid(pid, 0)
+    sock.close()  # the last holder: the peer reads end of data
+
+
 def hash_server(host, port):
     with listener(host, port) as srv:
         print("listening", flush=True)
@@ -285,4 +299,5 @@ if __name__ == "__main__":
     {"echo-server": echo_server, "echo-client": echo_client, "connect": connect,
      "recv-interrupted": recv_interrupted, "unix": unix, "aio-server": aio_server,
      "fork-server": fork_server, "prefork-server": prefork_server,
-     "aio-client": aio_client, "hash-server": hash_server}[cmd](*args)
+     "aio-client": aio_client, "hash-server": hash_server,
+     "execl-client": execl_client}[cmd](*args)

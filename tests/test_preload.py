@@ -301,3 +301,17 @@ def test_listener_listens_again_after_an_operator_restart(operator, guests, serv
     one_client()
     srv.communicate(timeout=30)
     assert srv.returncode == 0
+
+
+def test_execl_counts_the_process_out_of_its_circuits(operator, guests):
+    """glibc's execl calls execve inside libc: the library wraps execl itself,
+    so the forked child's exec counts it out of the circuit, the parent's close
+    is the last and the peer reads end of data (not ECONNRESET)."""
+    server = guests("db", app("hash-server", "10.0.0.2", "7009"))
+    wait_listening(operator, "db", server)
+    client = guests("web", app("execl-client", "10.0.0.2", "7009"))
+    _, err = client.communicate(timeout=30)
+    assert client.returncode == 0, err
+    out, err = server.communicate(timeout=30)
+    assert server.returncode == 0, err
+    assert out.split()[-1] == hashlib.sha256(b"hello").hexdigest()
