@@ -15,6 +15,8 @@
     preload_app.py unix                             AF_UNIX socketpair and listener round trips
     preload_app.py execl-client HOST PORT           connect, send "hello", fork a child that
         execl()s /bin/true, wait for it, close
+    preload_app.py rcvtimeo HOST PORT               SO_RCVTIMEO 0.3 s, then a blocking recv that
+        nobody answers: prints "timed out SECONDS" and the option as read back
     preload_app.py hash-server HOST PORT            read one connection to its end, print its sha256
     preload_app.py aio-server HOST PORT COUNT LOOP       asyncio echo server for COUNT clients
     preload_app.py aio-client HOST PORT SIZE CONNS LOOP  asyncio echo clients, checked by sha256
@@ -236,6 +238,21 @@ def execl_client(host, port):
     sock.close()  # the last holder: the peer reads end of data
 
 
+def rcvtimeo(host, port):
+    import struct
+    import time
+    sock = socket.create_connection((host, int(port)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 300000))
+    t0 = time.monotonic()
+    try:
+        sock.recv(10)
+        print("recv returned")
+    except BlockingIOError:
+        print(f"timed out {time.monotonic() - t0:.2f}",
+              struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)))
+    sock.close()
+
+
 def hash_server(host, port):
     with listener(host, port) as srv:
         print("listening", flush=True)
@@ -300,4 +317,4 @@ if __name__ == "__main__":
      "recv-interrupted": recv_interrupted, "unix": unix, "aio-server": aio_server,
      "fork-server": fork_server, "prefork-server": prefork_server,
      "aio-client": aio_client, "hash-server": hash_server,
-     "execl-client": execl_client}[cmd](*args)
+     "execl-client": execl_client, "rcvtimeo": rcvtimeo}[cmd](*args)

@@ -315,3 +315,14 @@ def test_execl_counts_the_process_out_of_its_circuits(operator, guests):
     out, err = server.communicate(timeout=30)
     assert server.returncode == 0, err
     assert out.split()[-1] == hashlib.sha256(b"hello").hexdigest()
+
+
+def test_so_rcvtimeo_bounds_a_blocking_recv(operator, guests):
+    server = guests("db", app("hash-server", "10.0.0.2", "7010"))
+    wait_listening(operator, "db", server)
+    client = guests("web", app("rcvtimeo", "10.0.0.2", "7010"))
+    out, err = client.communicate(timeout=30)
+    words = out.split()
+    assert words[:2] == ["timed", "out"] and 0.25 <= float(words[2]) < 3, out + err
+    assert out.strip().endswith("(0, 300000)")  # read back as set
+    server.communicate(timeout=30)

@@ -22,6 +22,13 @@
 
 static int state_of(struct cp_sock *s) { return __atomic_load_n(&s->state, __ATOMIC_ACQUIRE); }
 
+/* When a blocking call gives up: SO_RCVTIMEO or SO_SNDTIMEO from now, or never. */
+static int64_t deadline_of(struct cp_sock *s, bool sending)
+{
+    int64_t t = s->timeo_ns[sending];
+    return t > 0 ? cp_now_ns() + t : CIRCUIT_FOREVER;
+}
+
 static int core_flags(struct cp_sock *s, int flags)
 {
     bool nonblock = (flags & MSG_DONTWAIT) || __atomic_load_n(&s->nonblock, __ATOMIC_RELAXED);
@@ -39,7 +46,7 @@ static long not_connected(struct cp_sock *s)
 static ssize_t peek(struct cp_sock *s, void *buf, size_t len, int cflags)
 {
     void *ptr;
-    ssize_t n = circuit_peek(s->c, cflags, CIRCUIT_FOREVER, &ptr);
+    ssize_t n = circuit_peek(s->c, cflags, deadline_of(s, false), &ptr);
     if (n > 0) {
         n = (size_t)n < len ? n : (ssize_t)len;
         memcpy(buf, ptr, (size_t)n);
@@ -55,7 +62,7 @@ ssize_t cp_recv(struct cp_sock *s, void *buf, size_t len, int flags)
         return 0;
     int cflags = core_flags(s, flags) | (flags & MSG_WAITALL ? CIRCUIT_ALL : 0);
     ssize_t n = flags & MSG_PEEK ? peek(s, buf, len, cflags)
-                                 : circuit_recv(s->c, buf, len, cflags, CIRCUIT_FOREVER);
+                                 : circuit_recv(s->c, buf, len, cflags, deadline_of(s, false));
     if (n == -ESHUTDOWN)
         return 0; /* end of data */
     if (n == -EAGAIN || n == -ETIMEDOUT) {
@@ -73,7 +80,7 @@ ssize_t cp_send(struct cp_sock *s, const void *buf, size_t len, int flags)
     if (!n) {
         /* Blocking: all of it, as the kernel does; non-blocking: what fits. */
         int cflags = core_flags(s, flags);
-        n = circuit_send(s->c, buf, len, cflags ? cflags : CIRCUIT_ALL, CIRCUIT_FOREVER);
+        n = circuit_send(s->c, buf, len, cflags ? cflags : CIRCUIT_ALL, deadline_of(s, true));
     }
     if (n == -EPIPE && !(flags & MSG_NOSIGNAL))
         raise(SIGPIPE);

@@ -190,6 +190,7 @@ struct cp_sock {
     uint32_t backlog;  /* CP_LISTENING: as asked, for listening again */
     bool lst_shut;     /* CP_LISTENING: shutdown() by the program: never listen again */
     struct { int rcvbuf, sndbuf, reuseaddr, reuseport, keepalive, nodelay; } opt;
+    int64_t timeo_ns[2]; /* SO_RCVTIMEO, SO_SNDTIMEO of blocking calls (0: none) */
     uint32_t rx_again, tx_again; /* EAGAINs of reads and writes: epoll's edges (atomic) */
     int *procs;          /* processes holding the circuit, in shared memory (fork.c) */
     uint32_t fork_seen;  /* fork.c's walk that last counted this socket */

@@ -615,6 +615,35 @@ static int emulated_option(struct cp_sock *s, int level, int name, int *value)
     return 0;
 }
 
+/* SO_RCVTIMEO and SO_SNDTIMEO: a timeval, kept as nanoseconds for blocking calls. */
+static bool is_timeout(int level, int name)
+{
+    return level == SOL_SOCKET && (name == SO_RCVTIMEO || name == SO_SNDTIMEO);
+}
+
+static int get_timeout(struct cp_sock *s, int name, void *val, socklen_t *len)
+{
+    int64_t ns = s->timeo_ns[name == SO_SNDTIMEO];
+    struct timeval tv = {.tv_sec = ns / 1000000000LL, .tv_usec = ns % 1000000000LL / 1000};
+    if (!val || !len || *len < sizeof(tv))
+        return -EINVAL;
+    memcpy(val, &tv, sizeof(tv));
+    *len = sizeof(tv);
+    return 0;
+}
+
+static int set_timeout(struct cp_sock *s, int name, const void *val, socklen_t len)
+{
+    struct timeval tv;
+    if (!val || len < sizeof(tv))
+        return -EINVAL;
+    memcpy(&tv, val, sizeof(tv));
+    if (tv.tv_sec < 0 || tv.tv_usec < 0 || tv.tv_usec >= 1000000)
+        return -EDOM; /* what the kernel says of a bad timeval */
+    s->timeo_ns[name == SO_SNDTIMEO] = (int64_t)tv.tv_sec * 1000000000LL + tv.tv_usec * 1000LL;
+    return 0;
+}
+
 CP_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
 {
     cp_init();
@@ -622,6 +651,11 @@ CP_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
     if (!s)
         return real.getsockopt(fd, level, name, val, len);
     int rc, value = 0;
+    if (is_timeout(level, name) && state_of(s) != CP_FRESH) {
+        rc = get_timeout(s, name, val, len);
+        cp_sock_put(s);
+        return (int)cp_ret(rc);
+    }
     if (level == SOL_SOCKET && name == SO_ERROR) {
         value = __atomic_exchange_n(&s->so_error, 0, __ATOMIC_ACQ_REL);
         rc = 0;
@@ -650,6 +684,11 @@ CP_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t
     int rc = 0;
     if (state_of(s) == CP_FRESH)
         rc = real.setsockopt(fd, level, name, val, len) < 0 ? -errno : 0;
+    if (is_timeout(level, name)) {
+        rc = rc ? rc : set_timeout(s, name, val, len);
+        cp_sock_put(s);
+        return (int)cp_ret(rc);
+    }
     int *kept = kept_option(s, level, name);
     if (!rc && kept && val && len >= sizeof(int))
         memcpy(kept, val, sizeof(int));
