@@ -326,3 +326,14 @@ def test_so_rcvtimeo_bounds_a_blocking_recv(operator, guests):
     assert words[:2] == ["timed", "out"] and 0.25 <= float(words[2]) < 3, out + err
     assert out.strip().endswith("(0, 300000)")  # read back as set
     server.communicate(timeout=30)
+
+
+def test_bind_to_port_0_listens_on_a_port_the_library_picks(operator, guests):
+    server = guests("db", app("echo-server", "10.0.0.2", "0"))
+    words = server.stdout.readline().split()
+    assert words[0] == "listening" and 49152 <= int(words[1]) <= 65535, server.communicate()
+    client = guests("batch", app("echo-client", "10.0.0.2", words[1], "blocking", "100000"))
+    out, err = client.communicate("\n", timeout=30)
+    assert out.split()[0] == "ok", err  # batch may reach any port of db
+    server.communicate(timeout=30)
+    assert server.returncode == 0

@@ -130,13 +130,36 @@ static int listener_epoll(int ctl)
     return lep < 0 ? -errno : lep;
 }
 
+#define EPHEMERAL_LOW 49152 /* the IANA dynamic range, for a listener bound to port 0 */
+#define EPHEMERAL_TRIES 64
+
+/*
+ * LISTEN on s->local; on port 0, the kernel would pick a free port: we pick
+ * one at random in the dynamic range and try another while the operator
+ * says it is in use.  s->local keeps the port that worked (getsockname).
+ */
+static int listen_somewhere(int ctl, struct cp_sock *s)
+{
+    if (s->local.port)
+        return cp_ctl_listen(ctl, &s->local, s->backlog);
+    unsigned seed = (unsigned)cp_now_ns() ^ (unsigned)getpid();
+    int err = -EADDRINUSE;
+    for (int i = 0; i < EPHEMERAL_TRIES && err == -EADDRINUSE; i++) {
+        s->local.port = (uint16_t)(EPHEMERAL_LOW + rand_r(&seed) % (65536 - EPHEMERAL_LOW));
+        err = cp_ctl_listen(ctl, &s->local, s->backlog);
+    }
+    if (err)
+        s->local.port = 0;
+    return err;
+}
+
 static int do_listen(int fd, struct cp_sock *s, int backlog)
 {
     if (state_of(s) == CP_LISTENING)
         return 0; /* the kernel lets a listener change its backlog; we keep ours */
     if (state_of(s) != CP_FRESH)
         return -EINVAL;
-    if (!s->bound) { /* the kernel would pick a port; we leave it to the operator to refuse */
+    if (!s->bound) { /* any address, and a port we pick */
         memset(&s->local, 0, sizeof(s->local));
         s->local.proto = CP_TCP;
     }
@@ -144,7 +167,7 @@ static int do_listen(int fd, struct cp_sock *s, int backlog)
     if (ctl < 0)
         return unreachable(ctl);
     s->backlog = backlog > 0 ? (uint32_t)backlog : 1;
-    int err = cp_ctl_listen(ctl, &s->local, s->backlog), lep = -1;
+    int err = listen_somewhere(ctl, s), lep = -1;
     if (!err)
         err = cp_ctl_send_accept(ctl, &s->local);
     if (!err && (lep = listener_epoll(ctl)) < 0)
