@@ -129,6 +129,8 @@ class Bench:
         if transport == "circuits":
             before = self.listeners()
             argv = self.guest("server", argv)
+        elif _tcp_open(port):  # someone else's server would answer for ours
+            raise RuntimeError(f"port {port} of {TCP_ADDR} is in use")
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.procs.append(proc)
         deadline = time.monotonic() + 20
