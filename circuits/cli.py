@@ -374,5 +374,26 @@ def bench_egress(rounds: int, mib: int, ring: int, as_json: bool) -> None:
     console.print(f"proxy stack CPU: [bold]{out['cpu_s_per_gb']:.2f}[/bold] s per GB")
 
 
+@bench.command("apps")
+@click.option("--rounds", default=3, show_default=True, help="Rounds; figures are medians.")
+@click.option("--quick", is_flag=True, help="1 s runs and 10,000 requests (smoke tests).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def bench_apps(rounds: int, quick: bool, as_json: bool) -> None:
+    """iperf3, redis-benchmark and wrk+nginx: over circuits vs loopback TCP."""
+    from circuits.bench import apps as apps_bench
+
+    console = Console(stderr=as_json)
+    try:
+        with console.status("measuring") as status:
+            figures = apps_bench.run(rounds=rounds, quick=quick,
+                                     progress=lambda msg: status.update(msg))
+    except RuntimeError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(apps_bench.as_json(figures), indent=2))
+    else:
+        apps_bench.print_apps(figures, console)
+
+
 if __name__ == "__main__":
     main()

@@ -7,6 +7,7 @@ host's ruleset is never touched).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import subprocess
@@ -110,17 +111,24 @@ action = "allow"
 """
 
 
-class NetOperator:
-    """An operator serving two namespaced guests (a, b) and a plain one (c)."""
+# The same guests without limits, for the unmodified programs of
+# tests/test_preload_apps.py: a (the client) may reach b (the server).
+APPS_CONFIG = GUESTS_CONFIG.replace('[guests.limits]\negress_rate = "1 MiB/s"\n', "")
+assert APPS_CONFIG != GUESTS_CONFIG
 
-    def __init__(self, root: Path, host_ns: str):
+
+class NetOperator:
+    """An operator serving two namespaced guests (a, b) and, with the default
+    template, a plain one (c)."""
+
+    def __init__(self, root: Path, host_ns: str, template: str = GUESTS_CONFIG):
         self.tag = tag()
         self.a, self.b, self.c = f"{self.tag}-a", f"{self.tag}-b", f"{self.tag}-c"
         self.host_ns = host_ns
         self.dir = root / "run"
         self.config = root / "guests.toml"
-        self.config.write_text(GUESTS_CONFIG.format(dir=self.dir, host=host_ns, a=self.a,
-                                                    b=self.b, c=self.c))
+        self.config.write_text(template.format(dir=self.dir, host=host_ns, a=self.a,
+                                               b=self.b, c=self.c))
         self.state = self.dir / "guestnet.json"
         self.proc = None
 
@@ -171,15 +179,21 @@ class NetOperator:
         remove_netns_named(f"circuits-{self.tag}")
 
 
-@pytest.fixture
-def netop(tmp_path, scratch_ns):
-    """A running operator with namespaced guests; all of it removed at the end."""
-    op = NetOperator(tmp_path, scratch_ns)
+@contextlib.contextmanager
+def running(op: NetOperator):
+    """op started; all of it (operator, namespaces) removed at the end."""
     try:
         op.start()
         yield op
     finally:
         op.cleanup()
+
+
+@pytest.fixture
+def netop(tmp_path, scratch_ns):
+    """A running operator with namespaced guests; all of it removed at the end."""
+    with running(NetOperator(tmp_path, scratch_ns)) as op:
+        yield op
 
 
 @pytest.fixture

@@ -13,6 +13,11 @@
     preload_app.py connect HOST PORT [nonblock]    print the errno name connect gives
     preload_app.py recv-interrupted HOST PORT       block in recv until SIGALRM's handler raises
     preload_app.py unix                             AF_UNIX socketpair and listener round trips
+    preload_app.py execl-client HOST PORT           connect, send "hello", fork a child that
+        execl()s /bin/true, wait for it, close
+    preload_app.py rcvtimeo HOST PORT               SO_RCVTIMEO 0.3 s, then a blocking recv that
+        nobody answers: prints "timed out SECONDS" and the option as read back
+    preload_app.py hash-server HOST PORT            read one connection to its end, print its sha256
     preload_app.py aio-server HOST PORT COUNT LOOP       asyncio echo server for COUNT clients
     preload_app.py aio-client HOST PORT SIZE CONNS LOOP  asyncio echo clients, checked by sha256
         LOOP: asyncio (epoll through the selectors module) | uvloop (libuv's epoll)
@@ -221,6 +226,44 @@ def run_loop(main, loop):
         asyncio.run(main())
 
 
+def execl_client(host, port):
+    import ctypes
+    sock = socket.create_connection((host, int(port)))  # close-on-exec, as Python makes them
+    sock.sendall(b"hello")
+    pid = os.fork()  # the child holds the circuit too, until its execl counts it out
+    if pid == 0:
+        ctypes.CDLL(None).execl(b"/bin/true", b"true", None)
+        os._exit(1)  # exec failed
+    os.waitpid(pid, 0)
+    sock.close()  # the last holder: the peer reads end of data
+
+
+def rcvtimeo(host, port):
+    import struct
+    import time
+    sock = socket.create_connection((host, int(port)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 300000))
+    t0 = time.monotonic()
+    try:
+        sock.recv(10)
+        print("recv returned")
+    except BlockingIOError:
+        print(f"timed out {time.monotonic() - t0:.2f}",
+              struct.unpack("ll", sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)))
+    sock.close()
+
+
+def hash_server(host, port):
+    with listener(host, port) as srv:
+        print("listening", flush=True)
+        conn, _ = srv.accept()
+        digest = hashlib.sha256()
+        with conn:
+            while data := conn.recv(65536):
+                digest.update(data)
+        print(digest.hexdigest(), flush=True)
+
+
 def aio_server(host, port, count, loop):
     async def main():
         done = asyncio.Event()
@@ -231,6 +274,7 @@ def aio_server(host, port, count, loop):
                 writer.write(data)
                 await writer.drain()
             writer.close()
+            await writer.wait_closed()  # flushed: the process may exit once the last is done
             left[0] -= 1
             if not left[0]:
                 done.set()
@@ -257,11 +301,13 @@ def aio_client(host, port, size, conns, loop):
             got += chunk
         await sender
         writer.close()
-        return hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+        same = hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+        return True if same else f"{len(got)} of {len(data)} bytes, first difference at " + str(
+            next((i for i, (x, y) in enumerate(zip(got, data)) if x != y), None))
 
     async def main():
         results = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(int(conns)))), 60)
-        print("ok" if all(results) else f"bad: {results}", flush=True)
+        print("ok" if all(r is True for r in results) else f"bad: {results}", flush=True)
     run_loop(main, loop)
 
 
@@ -270,4 +316,5 @@ if __name__ == "__main__":
     {"echo-server": echo_server, "echo-client": echo_client, "connect": connect,
      "recv-interrupted": recv_interrupted, "unix": unix, "aio-server": aio_server,
      "fork-server": fork_server, "prefork-server": prefork_server,
-     "aio-client": aio_client}[cmd](*args)
+     "aio-client": aio_client, "hash-server": hash_server,
+     "execl-client": execl_client, "rcvtimeo": rcvtimeo}[cmd](*args)

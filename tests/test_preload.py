@@ -23,6 +23,7 @@ from pathlib import Path
 import preload_app
 import pytest
 
+from circuits.operator import child
 from circuits.operator.admin import request
 from circuits.preload import library_path
 
@@ -227,12 +228,16 @@ def test_signal_interrupts_a_blocked_recv(operator, guests):
 
 
 @pytest.mark.parametrize("conns", [1, 3])
-def test_asyncio_on_both_ends(operator, guests, conns):
-    """asyncio's default loop waits in epoll: the library's epoll_* wrappers."""
-    server = guests("db", app("aio-server", "10.0.0.2", "7006", str(conns), "asyncio"))
+@pytest.mark.parametrize("server_loop,client_loop", [
+    ("asyncio", "asyncio"), ("uvloop", "uvloop"), ("asyncio", "uvloop"), ("uvloop", "asyncio")])
+def test_asyncio_on_both_ends(operator, guests, conns, server_loop, client_loop):
+    """asyncio's default loop waits in epoll: the library's epoll_* wrappers.
+    uvloop's libuv would submit epoll_ctl through io_uring: the library refuses
+    io_uring_setup, so libuv falls back to epoll_ctl, which it wraps."""
+    server = guests("db", app("aio-server", "10.0.0.2", "7006", str(conns), server_loop))
     wait_listening(operator, "db", server)
     client = guests("web", app("aio-client", "10.0.0.2", "7006", str(2 << 20), str(conns),
-                               "asyncio"))
+                               client_loop))
     out, err = client.communicate(timeout=60)
     assert out.strip() == "ok", err
     server.communicate(timeout=30)
@@ -265,3 +270,70 @@ def test_forking_servers(operator, guests, server):
     assert out.strip() == "eof", err
     _, err = srv.communicate(timeout=30)
     assert srv.returncode == 0, err
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("server", ["echo-server", "aio-server"])
+def test_listener_listens_again_after_an_operator_restart(operator, guests, server):
+    """The listener's control connection dies with the operator: the listening
+    descriptor must not poll readable for ever (no spinning while the operator
+    is away), and accept LISTENs again once it is back (tried each second)."""
+    argv = [server, "10.0.0.2", "7008", "2"] + (["asyncio"] if server == "aio-server" else [])
+    srv = guests("db", app(*argv))
+    wait_listening(operator, "db", srv)
+
+    def one_client():
+        client = guests("web", app("aio-client", "10.0.0.2", "7008", "100000", "1", "asyncio"))
+        out, err = client.communicate(timeout=30)
+        assert out.strip() == "ok", err
+
+    one_client()
+    child.stop(operator.proc)
+    before = cpu_seconds(srv.pid)
+    time.sleep(1.5)
+    assert cpu_seconds(srv.pid) - before < 0.5  # asleep, not spinning on a dead connection
+    operator.proc = child.start(str(operator.config))
+    wait_listening(operator, "db", srv)
+    one_client()
+    srv.communicate(timeout=30)
+    assert srv.returncode == 0
+
+
+def test_execl_counts_the_process_out_of_its_circuits(operator, guests):
+    """glibc's execl calls execve inside libc: the library wraps execl itself,
+    so the forked child's exec counts it out of the circuit, the parent's close
+    is the last and the peer reads end of data (not ECONNRESET)."""
+    server = guests("db", app("hash-server", "10.0.0.2", "7009"))
+    wait_listening(operator, "db", server)
+    client = guests("web", app("execl-client", "10.0.0.2", "7009"))
+    _, err = client.communicate(timeout=30)
+    assert client.returncode == 0, err
+    out, err = server.communicate(timeout=30)
+    assert server.returncode == 0, err
+    assert out.split()[-1] == hashlib.sha256(b"hello").hexdigest()
+
+
+def test_so_rcvtimeo_bounds_a_blocking_recv(operator, guests):
+    server = guests("db", app("hash-server", "10.0.0.2", "7010"))
+    wait_listening(operator, "db", server)
+    client = guests("web", app("rcvtimeo", "10.0.0.2", "7010"))
+    out, err = client.communicate(timeout=30)
+    words = out.split()
+    assert words[:2] == ["timed", "out"] and 0.25 <= float(words[2]) < 3, out + err
+    assert out.strip().endswith("(0, 300000)")  # read back as set
+    server.communicate(timeout=30)
+
+
+def test_bind_to_port_0_listens_on_a_port_the_library_picks(operator, guests):
+    server = guests("db", app("echo-server", "10.0.0.2", "0"))
+    words = server.stdout.readline().split()
+    assert words[0] == "listening" and 49152 <= int(words[1]) <= 65535, server.communicate()
+    client = guests("batch", app("echo-client", "10.0.0.2", words[1], "blocking", "100000"))
+    out, err = client.communicate("\n", timeout=30)
+    assert out.split()[0] == "ok", err  # batch may reach any port of db
+    server.communicate(timeout=30)
+    assert server.returncode == 0

@@ -125,7 +125,7 @@ static int take_fds(struct msghdr *mh, int fds[MAX_FDS])
             int fd;
             memcpy(&fd, CMSG_DATA(cm) + i * sizeof(int), sizeof(int));
             if (n < MAX_FDS)
-                fds[n++] = fd;
+                fds[n++] = cp_hide_fd(fd);
             else
                 real.close(fd), extra++;
         }
@@ -229,7 +229,7 @@ int cp_ctl_open(void)
     if (!path || strlen(path) >= sizeof(sun.sun_path))
         return -EINVAL;
     strcpy(sun.sun_path, path);
-    int fd = real.socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    int fd = cp_hide_fd(real.socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
     if (fd < 0)
         return -errno;
     if (real.connect(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0) {

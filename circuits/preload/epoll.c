@@ -39,6 +39,7 @@ struct reg {
     bool off;             /* EPOLLONESHOT, reported */
     uint32_t told;        /* EPOLLET: conditions reported and not gone since */
     uint32_t rx_gen, tx_gen; /* the socket's EAGAIN counts when last looked at */
+    uint64_t rx_mark;        /* bytes the peer had sent when EPOLLIN was last reported */
     struct reg *next;
 };
 
@@ -85,7 +86,7 @@ static struct ep *ep_get(int epfd, bool create, int *err)
     if (!e && create) {
         e = calloc(1, sizeof(*e));
         struct epoll_event ev = {.events = EPOLLIN, .data.u64 = INNER_DATA};
-        if (!e || (e->inner = real.epoll_create1(EPOLL_CLOEXEC)) < 0 ||
+        if (!e || (e->inner = cp_hide_fd(real.epoll_create1(EPOLL_CLOEXEC))) < 0 ||
             real.epoll_ctl(epfd, EPOLL_CTL_ADD, e->inner, &ev) < 0) {
             *err = e ? -errno : -ENOMEM;
             if (e && e->inner >= 0)
@@ -223,6 +224,16 @@ CP_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
     cp_init();
     struct cp_sock *s = cp_fd_get(fd);
     if (!s || !cp_computed(s)) { /* listeners and placeholders: the kernel's */
+        struct epoll_event plain;
+        /* A listener's descriptor is an epoll instance, which the kernel
+         * refuses EPOLLEXCLUSIVE for (nginx asks it): every waiter wakes,
+         * and one takes the circuit, as without it. */
+        if (s && ev && (ev->events & EPOLLEXCLUSIVE) &&
+            __atomic_load_n(&s->state, __ATOMIC_ACQUIRE) == CP_LISTENING) {
+            plain = *ev;
+            plain.events &= ~(uint32_t)EPOLLEXCLUSIVE;
+            ev = &plain;
+        }
         cp_sock_put(s);
         return real.epoll_ctl(epfd, op, fd, ev);
     }
@@ -250,8 +261,12 @@ static uint32_t edge(struct reg *r, uint32_t ready)
 {
     uint32_t rx = __atomic_load_n(&r->s->rx_again, __ATOMIC_ACQUIRE);
     uint32_t tx = __atomic_load_n(&r->s->tx_again, __ATOMIC_ACQUIRE);
-    if (rx != r->rx_gen)
-        r->told &= ~(uint32_t)EPOLLIN, r->rx_gen = rx;
+    /* New data is a new edge, as the kernel reports one per arrival: nginx
+     * takes a short read for drained and waits for the next edge, never
+     * reading to EAGAIN. */
+    uint64_t mark = (ready & EPOLLIN) ? cp_arrived(r->s) : r->rx_mark;
+    if (rx != r->rx_gen || mark != r->rx_mark)
+        r->told &= ~(uint32_t)EPOLLIN, r->rx_gen = rx, r->rx_mark = mark;
     if (tx != r->tx_gen)
         r->told &= ~(uint32_t)EPOLLOUT, r->tx_gen = tx;
     r->told &= ready; /* a condition that went away may be reported when it comes back */
@@ -343,6 +358,28 @@ CP_EXPORT int epoll_pwait(int epfd, struct epoll_event *ev, int max, int timeout
     if (!e)
         return real.epoll_pwait(epfd, ev, max, timeout, mask);
     int64_t deadline = timeout < 0 ? -1 : cp_now_ns() + (int64_t)timeout * 1000000LL;
+    int rc = wait_loop(e, ev, max, deadline, mask);
+    ep_put(e);
+    return (int)cp_ret(rc);
+}
+
+/* epoll_pwait2: the same, with a timespec (our waits have milliseconds). */
+CP_EXPORT int epoll_pwait2(int epfd, struct epoll_event *ev, int max, const struct timespec *ts,
+                           const sigset_t *mask)
+{
+    cp_init();
+    int err;
+    struct ep *e = max > 0 && ev ? ep_get(epfd, false, &err) : NULL;
+    if (!e) {
+        if (!real.epoll_pwait2)
+            return (int)cp_ret(-ENOSYS);
+        return real.epoll_pwait2(epfd, ev, max, ts, mask);
+    }
+    if (ts && (ts->tv_sec < 0 || ts->tv_nsec < 0 || ts->tv_nsec >= 1000000000L)) {
+        ep_put(e);
+        return (int)cp_ret(-EINVAL);
+    }
+    int64_t deadline = ts ? cp_now_ns() + (int64_t)ts->tv_sec * 1000000000LL + ts->tv_nsec : -1;
     int rc = wait_loop(e, ev, max, deadline, mask);
     ep_put(e);
     return (int)cp_ret(rc);

@@ -63,7 +63,7 @@ struct cp_sock *cp_sock_new(int family)
         return NULL;
     s->family = family;
     s->state = CP_FRESH;
-    s->ctl = -1;
+    s->ctl = -1, s->lep = -1, s->timer = -1;
     s->peer_bell = -1;
     pthread_mutex_init(&s->lock, NULL);
     return s;
@@ -128,6 +128,10 @@ void cp_sock_put(struct cp_sock *s)
     }
     if (s->ctl >= 0)
         real.close(s->ctl); /* the operator drops the listener with it */
+    if (s->lep >= 0)
+        real.close(s->lep);
+    if (s->timer >= 0)
+        real.close(s->timer);
     pthread_mutex_destroy(&s->lock);
     free(s);
 }

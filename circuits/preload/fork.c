@@ -29,6 +29,7 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
+#include <stdarg.h>
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -179,6 +180,63 @@ CP_EXPORT int execvpe(const char *file, char *const argv[], char *const envp[])
     if (!next)
         next = (__typeof__(next))dlsym(RTLD_NEXT, "execvpe");
     AROUND_EXEC(next(file, argv, envp));
+}
+
+/*
+ * The execl family: glibc's own execl, execlp and execle call execve inside
+ * libc, past our wrappers, so they are ours too: gather the arguments into
+ * an argv (on the stack, as glibc does) and go through the v forms above.
+ */
+#define EXECL_MAX_ARGS 4096
+
+/* Count the arguments after arg0, up to the NULL; -1 if there are too many. */
+static int count_args(va_list ap)
+{
+    int n = 1;
+    while (va_arg(ap, char *))
+        if (++n >= EXECL_MAX_ARGS)
+            return -1;
+    return n;
+}
+
+/* argv[0..n-1] from arg0 and ap, then NULL; with envp, execle's, which follows the NULL. */
+static char *const *fill_args(char **argv, int n, const char *arg0, va_list ap, bool envp)
+{
+    argv[0] = (char *)arg0;
+    for (int i = 1; i <= n; i++)
+        argv[i] = va_arg(ap, char *); /* argv[n] is the NULL itself */
+    return envp ? va_arg(ap, char *const *) : NULL;
+}
+
+#define EXECL_BODY(call, with_envp)                   \
+    va_list ap;                                       \
+    va_start(ap, arg0);                               \
+    int n = count_args(ap);                           \
+    va_end(ap);                                       \
+    if (n < 0) {                                      \
+        errno = E2BIG;                                \
+        return -1;                                    \
+    }                                                 \
+    char *argv[n + 1];                                \
+    va_start(ap, arg0);                               \
+    char *const *envp = fill_args(argv, n, arg0, ap, with_envp); \
+    va_end(ap);                                       \
+    (void)envp;                                       \
+    return call
+
+CP_EXPORT int execl(const char *path, const char *arg0, ...)
+{
+    EXECL_BODY(execv(path, argv), false);
+}
+
+CP_EXPORT int execlp(const char *file, const char *arg0, ...)
+{
+    EXECL_BODY(execvp(file, argv), false);
+}
+
+CP_EXPORT int execle(const char *path, const char *arg0, ...)
+{
+    EXECL_BODY(execve(path, argv, envp), true);
 }
 
 /* ---- exit ------------------------------------------------------------- */

@@ -15,11 +15,19 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/sendfile.h>
 #include <unistd.h>
 
 #include "preload.h"
 
 static int state_of(struct cp_sock *s) { return __atomic_load_n(&s->state, __ATOMIC_ACQUIRE); }
+
+/* When a blocking call gives up: SO_RCVTIMEO or SO_SNDTIMEO from now, or never. */
+static int64_t deadline_of(struct cp_sock *s, bool sending)
+{
+    int64_t t = s->timeo_ns[sending];
+    return t > 0 ? cp_now_ns() + t : CIRCUIT_FOREVER;
+}
 
 static int core_flags(struct cp_sock *s, int flags)
 {
@@ -38,7 +46,7 @@ static long not_connected(struct cp_sock *s)
 static ssize_t peek(struct cp_sock *s, void *buf, size_t len, int cflags)
 {
     void *ptr;
-    ssize_t n = circuit_peek(s->c, cflags, CIRCUIT_FOREVER, &ptr);
+    ssize_t n = circuit_peek(s->c, cflags, deadline_of(s, false), &ptr);
     if (n > 0) {
         n = (size_t)n < len ? n : (ssize_t)len;
         memcpy(buf, ptr, (size_t)n);
@@ -54,7 +62,7 @@ ssize_t cp_recv(struct cp_sock *s, void *buf, size_t len, int flags)
         return 0;
     int cflags = core_flags(s, flags) | (flags & MSG_WAITALL ? CIRCUIT_ALL : 0);
     ssize_t n = flags & MSG_PEEK ? peek(s, buf, len, cflags)
-                                 : circuit_recv(s->c, buf, len, cflags, CIRCUIT_FOREVER);
+                                 : circuit_recv(s->c, buf, len, cflags, deadline_of(s, false));
     if (n == -ESHUTDOWN)
         return 0; /* end of data */
     if (n == -EAGAIN || n == -ETIMEDOUT) {
@@ -72,7 +80,7 @@ ssize_t cp_send(struct cp_sock *s, const void *buf, size_t len, int flags)
     if (!n) {
         /* Blocking: all of it, as the kernel does; non-blocking: what fits. */
         int cflags = core_flags(s, flags);
-        n = circuit_send(s->c, buf, len, cflags ? cflags : CIRCUIT_ALL, CIRCUIT_FOREVER);
+        n = circuit_send(s->c, buf, len, cflags ? cflags : CIRCUIT_ALL, deadline_of(s, true));
     }
     if (n == -EPIPE && !(flags & MSG_NOSIGNAL))
         raise(SIGPIPE);
@@ -81,6 +89,15 @@ ssize_t cp_send(struct cp_sock *s, const void *buf, size_t len, int flags)
         return -EAGAIN;
     }
     return n;
+}
+
+uint64_t cp_arrived(struct cp_sock *s)
+{
+    void *ptr;
+    if (state_of(s) != CP_CONNECTED)
+        return 0;
+    ssize_t n = circuit_peek(s->c, CIRCUIT_NONBLOCK, CIRCUIT_FOREVER, &ptr);
+    return circuit_bytes_received(s->c) + (n > 0 ? (uint64_t)n : 0);
 }
 
 /* ---- vectors: one buffer at a time -------------------------------------- */
@@ -204,6 +221,39 @@ CP_EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
     ON_SOCKET(fd, send_msg(s, msg, flags), real.sendmsg(fd, msg, flags));
 }
 
+/*
+ * recvmmsg and sendmmsg: one message after another.  After the first, a
+ * receive no longer waits (the kernel's MSG_WAITFORONE, which a stream's
+ * timeout-less recvmmsg behaves like once data came) and a send stops at the
+ * first short or failed one; an error after some messages is not reported.
+ */
+static int each_msg(struct cp_sock *s, struct mmsghdr *v, unsigned n, int flags, bool sending)
+{
+    unsigned i = 0;
+    for (; i < n; i++) {
+        int f = i ? flags | (sending ? MSG_NOSIGNAL : MSG_DONTWAIT) : flags & ~MSG_WAITFORONE;
+        ssize_t r = sending ? send_msg(s, &v[i].msg_hdr, f) : recv_msg(s, &v[i].msg_hdr, f);
+        if (r < 0)
+            return i ? (int)i : (int)r;
+        v[i].msg_len = (unsigned)r;
+        if (r == 0 && !sending)
+            return (int)i + 1; /* end of data: nothing more will come */
+        if (sending && !r)
+            break;
+    }
+    return (int)i;
+}
+
+CP_EXPORT int recvmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags, struct timespec *timeout)
+{
+    ON_SOCKET(fd, each_msg(s, v, n, flags, false), real.recvmmsg(fd, v, n, flags, timeout));
+}
+
+CP_EXPORT int sendmmsg(int fd, struct mmsghdr *v, unsigned int n, int flags)
+{
+    ON_SOCKET(fd, each_msg(s, v, n, flags, true), real.sendmmsg(fd, v, n, flags));
+}
+
 /* ---- FORTIFY_SOURCE: the checks first, then the call ------------------ */
 
 static void overflow(void)
@@ -232,4 +282,60 @@ CP_EXPORT ssize_t __recvfrom_chk(int fd, void *buf, size_t len, size_t buflen, i
     if (len > buflen)
         overflow();
     return recvfrom(fd, buf, len, flags, addr, alen);
+}
+
+/* ---- sendfile: read from the file, write into the circuit --------------- */
+
+#define SENDFILE_CHUNK (64 * 1024)
+
+/*
+ * What sendfile(2) does to a socket, done by hand: the kernel cannot splice
+ * a file into a ring it does not know.  Bytes are read with pread at the
+ * file offset (ours, or the file's own position, which is then moved past
+ * what was sent, never past what the circuit took).  Blocking: all of it;
+ * non-blocking: what fits, EAGAIN only if nothing did.
+ */
+static ssize_t send_file(struct cp_sock *s, int in_fd, off_t *offset, size_t count)
+{
+    off_t off = offset ? *offset : lseek(in_fd, 0, SEEK_CUR);
+    if (off < 0)
+        return -errno;
+    char *buf = malloc(SENDFILE_CHUNK);
+    if (!buf)
+        return -ENOMEM;
+    ssize_t done = 0, err = 0;
+    while ((size_t)done < count) {
+        size_t want = count - (size_t)done < SENDFILE_CHUNK ? count - (size_t)done : SENDFILE_CHUNK;
+        ssize_t got = pread(in_fd, buf, want, off + done);
+        if (got <= 0) {
+            err = got < 0 ? -errno : 0;
+            break; /* end of file: what was sent is the answer */
+        }
+        ssize_t sent = cp_send(s, buf, (size_t)got, done ? MSG_NOSIGNAL : 0);
+        if (sent < 0) {
+            err = sent;
+            break;
+        }
+        done += sent;
+        if (sent < got)
+            break; /* the ring is full: a non-blocking socket says so next time */
+    }
+    free(buf);
+    if (done && offset)
+        *offset = off + done;
+    else if (done)
+        lseek(in_fd, off + done, SEEK_SET);
+    return done ? done : err;
+}
+
+CP_EXPORT ssize_t sendfile(int out_fd, int in_fd, off_t *offset, size_t count)
+{
+    ON_SOCKET(out_fd, send_file(s, in_fd, offset, count),
+              real.sendfile(out_fd, in_fd, offset, count));
+}
+
+/* off_t is 64 bits on every target we build for: the same call. */
+CP_EXPORT ssize_t sendfile64(int out_fd, int in_fd, off64_t *offset, size_t count)
+{
+    return sendfile(out_fd, in_fd, offset, count);
 }

@@ -15,6 +15,7 @@
  *   poll.c     poll, ppoll, select, pselect: readiness from ring state
  *   epoll.c    epoll_create, epoll_ctl, epoll_wait: the same, for epoll
  *   fork.c     fork, exec, exit: which processes hold a circuit
+ *   uring.c    io_uring refused, so libuv uses epoll_ctl and read/write
  *
  * Every circuit socket is backed by a real kernel descriptor on the number
  * the program sees: a placeholder socket of its family until it connects or
@@ -79,6 +80,11 @@ struct cp_real {
     int (*epoll_ctl)(int, int, int, struct epoll_event *);
     int (*epoll_wait)(int, struct epoll_event *, int, int);
     int (*epoll_pwait)(int, struct epoll_event *, int, int, const sigset_t *);
+    long (*syscall)(long, ...);
+    ssize_t (*sendfile)(int, int, off_t *, size_t);
+    int (*recvmmsg)(int, struct mmsghdr *, unsigned int, int, struct timespec *);
+    int (*sendmmsg)(int, struct mmsghdr *, unsigned int, int);
+    int (*epoll_pwait2)(int, struct epoll_event *, int, const struct timespec *, const sigset_t *);
 };
 
 extern struct cp_real real;
@@ -87,6 +93,9 @@ void cp_init(void);
 /* CIRCUITS_CONTROL is set: new TCP sockets become circuits. */
 bool cp_active(void);
 const char *cp_control_path(void);
+/* Move one of the library's own descriptors out of the program's way (to the
+ * upper half of the descriptor limit, close-on-exec); returns its number. */
+int cp_hide_fd(int fd);
 
 /* ---- log.c ----------------------------------------------------------- */
 
@@ -158,7 +167,7 @@ int cp_ctl_attach(const struct cp_circuit_msg *m, int fds[4], int side,
 
 enum cp_state {
     CP_FRESH,     /* a placeholder kernel socket; maybe bound */
-    CP_LISTENING, /* fd is a duplicate of our control connection */
+    CP_LISTENING, /* fd is a duplicate of lep, an epoll of our control connection */
     CP_CONNECTED, /* fd is a duplicate of the circuit's doorbell */
     CP_FAILED,    /* a non-blocking connect failed: so_error says why */
 };
@@ -175,8 +184,13 @@ struct cp_sock {
     struct circuit *c; /* CP_CONNECTED */
     int peer_bell;     /* the peer's doorbell end, for hang-up (owned by c) */
     uint64_t circuit_id;
-    int ctl;           /* CP_LISTENING: our own control connection */
+    int ctl;           /* CP_LISTENING: our own control connection (-1: lost, see lep) */
+    int lep;           /* CP_LISTENING: an epoll of ctl, on the program's descriptor */
+    int timer;         /* CP_LISTENING: retries listening again after the operator left */
+    uint32_t backlog;  /* CP_LISTENING: as asked, for listening again */
+    bool lst_shut;     /* CP_LISTENING: shutdown() by the program: never listen again */
     struct { int rcvbuf, sndbuf, reuseaddr, reuseport, keepalive, nodelay; } opt;
+    int64_t timeo_ns[2]; /* SO_RCVTIMEO, SO_SNDTIMEO of blocking calls (0: none) */
     uint32_t rx_again, tx_again; /* EAGAINs of reads and writes: epoll's edges (atomic) */
     int *procs;          /* processes holding the circuit, in shared memory (fork.c) */
     uint32_t fork_seen;  /* fork.c's walk that last counted this socket */
@@ -225,6 +239,8 @@ static inline long cp_ret(long rc)
 
 ssize_t cp_recv(struct cp_sock *s, void *buf, size_t len, int flags);
 ssize_t cp_send(struct cp_sock *s, const void *buf, size_t len, int flags);
+/* Bytes the peer has sent us so far (read or waiting): a new value is new data. */
+uint64_t cp_arrived(struct cp_sock *s);
 
 /* ---- poll.c, shared with epoll.c ------------------------------------- */
 

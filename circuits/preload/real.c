@@ -13,7 +13,10 @@
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <fcntl.h>
 #include <stdlib.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include "preload.h"
 
@@ -34,13 +37,44 @@ static void resolve_all(void)
     RESOLVE(recvmsg), RESOLVE(send), RESOLVE(sendto), RESOLVE(sendmsg), RESOLVE(poll);
     RESOLVE(ppoll), RESOLVE(select), RESOLVE(pselect), RESOLVE(epoll_create);
     RESOLVE(epoll_create1), RESOLVE(epoll_ctl), RESOLVE(epoll_wait), RESOLVE(epoll_pwait);
+    RESOLVE(syscall), RESOLVE(sendfile), RESOLVE(recvmmsg), RESOLVE(sendmmsg);
+    RESOLVE(epoll_pwait2); /* glibc 2.35 and later */
     if (!real.fcntl64) /* an older libc: fcntl is the 64-bit one */
         real.fcntl64 = real.fcntl;
+}
+
+/*
+ * Where the library's own descriptors go: the upper half of the descriptor
+ * limit.  A circuit costs the process three or four descriptors of ours
+ * (doorbells, memory) besides the one the program sees; left at the lowest
+ * free numbers they would crowd the program's range, and programs that size
+ * tables by their own count of connections (wrk: 3 per connection) find
+ * numbers beyond their tables and give up.  0: a limit too small to split.
+ */
+static int hide_base;
+
+static void hide_init(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur >= 512)
+        hide_base = (int)((rl.rlim_cur > (1 << 20) ? (1 << 20) : rl.rlim_cur) / 2);
+}
+
+int cp_hide_fd(int fd)
+{
+    if (fd < 0 || !hide_base || fd >= hide_base)
+        return fd;
+    int hi = real.fcntl(fd, F_DUPFD_CLOEXEC, hide_base);
+    if (hi < 0)
+        return fd; /* the upper half is full: the low number works as well */
+    real.close(fd);
+    return hi;
 }
 
 static void init_once(void)
 {
     resolve_all();
+    hide_init();
     cp_log_init(getenv("CIRCUITS_LOG"));
     const char *path = getenv("CIRCUITS_CONTROL");
     control_path = path && *path ? path : NULL;

@@ -13,8 +13,12 @@
  *            Non-blocking: the setup completes at once and the call says
  *            EINPROGRESS; SO_ERROR then tells how it went.
  *   listen   opens the socket's own control connection, LISTENs, sends one
- *            ACCEPT and dup3()s the connection onto the program's
- *            descriptor: it polls readable when the ACCEPT's reply is in.
+ *            ACCEPT, and dup3()s an epoll instance holding the connection
+ *            onto the program's descriptor: it polls readable when the
+ *            ACCEPT's reply is in.  The epoll stays while the connection
+ *            may change: if the operator restarts, accept listens again on
+ *            a new connection, and the program's poll and epoll
+ *            registrations, which are of the epoll's file, still hold.
  *   accept   takes that reply, sends the next ACCEPT (one is always
  *            outstanding), attaches the circuit and returns a duplicate of
  *            its doorbell as the new descriptor.
@@ -30,7 +34,9 @@
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/ioctl.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 #include "preload.h"
@@ -111,30 +117,71 @@ static int unreachable(int err)
     return -ENETUNREACH;
 }
 
+/* Our epoll that stands for a listener: readable when its control connection is. */
+static int listener_epoll(int ctl)
+{
+    int lep = cp_hide_fd(real.epoll_create1(EPOLL_CLOEXEC));
+    struct epoll_event ev = {.events = EPOLLIN};
+    if (lep >= 0 && real.epoll_ctl(lep, EPOLL_CTL_ADD, ctl, &ev) < 0) {
+        int err = -errno;
+        real.close(lep);
+        return err;
+    }
+    return lep < 0 ? -errno : lep;
+}
+
+#define EPHEMERAL_LOW 49152 /* the IANA dynamic range, for a listener bound to port 0 */
+#define EPHEMERAL_TRIES 64
+
+/*
+ * LISTEN on s->local; on port 0, the kernel would pick a free port: we pick
+ * one at random in the dynamic range and try another while the operator
+ * says it is in use.  s->local keeps the port that worked (getsockname).
+ */
+static int listen_somewhere(int ctl, struct cp_sock *s)
+{
+    if (s->local.port)
+        return cp_ctl_listen(ctl, &s->local, s->backlog);
+    unsigned seed = (unsigned)cp_now_ns() ^ (unsigned)getpid();
+    int err = -EADDRINUSE;
+    for (int i = 0; i < EPHEMERAL_TRIES && err == -EADDRINUSE; i++) {
+        s->local.port = (uint16_t)(EPHEMERAL_LOW + rand_r(&seed) % (65536 - EPHEMERAL_LOW));
+        err = cp_ctl_listen(ctl, &s->local, s->backlog);
+    }
+    if (err)
+        s->local.port = 0;
+    return err;
+}
+
 static int do_listen(int fd, struct cp_sock *s, int backlog)
 {
     if (state_of(s) == CP_LISTENING)
         return 0; /* the kernel lets a listener change its backlog; we keep ours */
     if (state_of(s) != CP_FRESH)
         return -EINVAL;
-    if (!s->bound) { /* the kernel would pick a port; we leave it to the operator to refuse */
+    if (!s->bound) { /* any address, and a port we pick */
         memset(&s->local, 0, sizeof(s->local));
         s->local.proto = CP_TCP;
     }
     int ctl = cp_ctl_open();
     if (ctl < 0)
         return unreachable(ctl);
-    int err = cp_ctl_listen(ctl, &s->local, backlog > 0 ? (uint32_t)backlog : 1);
+    s->backlog = backlog > 0 ? (uint32_t)backlog : 1;
+    int err = listen_somewhere(ctl, s), lep = -1;
     if (!err)
         err = cp_ctl_send_accept(ctl, &s->local);
-    if (!err && real.dup3(ctl, fd, cloexec_of(fd)) < 0)
+    if (!err && (lep = listener_epoll(ctl)) < 0)
+        err = lep;
+    if (!err && real.dup3(lep, fd, cloexec_of(fd)) < 0)
         err = -errno;
     if (err) {
         real.close(ctl);
+        if (lep >= 0)
+            real.close(lep);
         return err;
     }
     set_nonblock(fd, s->nonblock);
-    s->ctl = ctl;
+    s->ctl = ctl, s->lep = lep;
     __atomic_store_n(&s->state, CP_LISTENING, __ATOMIC_RELEASE);
     return 0;
 }
@@ -154,24 +201,84 @@ CP_EXPORT int listen(int fd, int backlog)
     return (int)cp_ret(rc);
 }
 
+#define RELISTEN_AFTER_S 1
+
+/* Try listening again once the timer fires: the listener's epoll wakes the program then. */
+static void relisten_later(struct cp_sock *s)
+{
+    if (s->timer < 0) {
+        s->timer = cp_hide_fd(timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK));
+        struct epoll_event ev = {.events = EPOLLIN};
+        if (s->timer >= 0)
+            real.epoll_ctl(s->lep, EPOLL_CTL_ADD, s->timer, &ev);
+    }
+    struct itimerspec in = {.it_value = {.tv_sec = RELISTEN_AFTER_S}};
+    if (s->timer >= 0)
+        timerfd_settime(s->timer, 0, &in, NULL);
+}
+
+/*
+ * The operator left (or restarted): drop the dead control connection, which
+ * would keep the listener readable for ever, and LISTEN again on a new one.
+ * 0: listening again; -EAGAIN: not yet (the operator is away, or another
+ * process holding this listener did it first: EADDRINUSE), tried again
+ * each second.
+ */
+static int relisten(struct cp_sock *s)
+{
+    uint64_t ticks;
+    if (s->ctl >= 0) {
+        real.epoll_ctl(s->lep, EPOLL_CTL_DEL, s->ctl, NULL);
+        real.close(s->ctl);
+        s->ctl = -1;
+        cp_warn("the operator closed the listener's control connection: listening again");
+    }
+    if (s->timer >= 0 && real.read(s->timer, &ticks, sizeof(ticks)) < 0)
+        ticks = 0; /* not fired yet: a try now is as good */
+    int ctl = cp_ctl_open();
+    int err = ctl < 0 ? ctl : cp_ctl_listen(ctl, &s->local, s->backlog);
+    struct epoll_event ev = {.events = EPOLLIN};
+    if (!err)
+        err = cp_ctl_send_accept(ctl, &s->local);
+    if (!err && real.epoll_ctl(s->lep, EPOLL_CTL_ADD, ctl, &ev) < 0)
+        err = -errno;
+    if (err) {
+        if (ctl >= 0)
+            real.close(ctl);
+        relisten_later(s);
+        return -EAGAIN;
+    }
+    s->ctl = ctl;
+    char a[CP_EP_STR];
+    cp_log("listening again on %s", cp_endpoint_str(&s->local, a));
+    return 0;
+}
+
 /* Wait for, and take, the reply to our outstanding ACCEPT; then send the next. */
 static int take_circuit(struct cp_sock *s, struct cp_circuit_msg *m, int fds[4])
 {
-    int err;
-    while ((err = cp_ctl_recv_circuit(s->ctl, false, m, fds)) == -EAGAIN) {
+    for (;;) {
+        int err = s->ctl >= 0 ? cp_ctl_recv_circuit(s->ctl, false, m, fds) : -ECONNABORTED;
+        if (err == -ECONNABORTED && s->lst_shut)
+            return -EINVAL; /* what the kernel says of accept on a socket shut down */
+        if (err == -ECONNABORTED) {
+            pthread_mutex_lock(&s->lock); /* threads accepting at once: one listens again */
+            err = relisten(s);
+            pthread_mutex_unlock(&s->lock);
+            if (!err)
+                continue;
+        }
+        if (err != -EAGAIN) {
+            if (err != -ENOENT) /* that reply used up our ACCEPT (even a malformed one) */
+                cp_ctl_send_accept(s->ctl, &s->local);
+            return err;
+        }
         if (__atomic_load_n(&s->nonblock, __ATOMIC_RELAXED))
             return -EAGAIN;
-        struct pollfd p = {.fd = s->ctl, .events = POLLIN};
+        struct pollfd p = {.fd = s->lep, .events = POLLIN};
         if (real.poll(&p, 1, -1) < 0)
             return -errno; /* EINTR: a signal handler ran, as the kernel says */
     }
-    if (err == -ECONNABORTED) {
-        cp_warn("the operator closed the listener's control connection");
-        return -EINVAL; /* what the kernel says of accept on a socket that no longer listens */
-    }
-    if (err != -ENOENT) /* that reply used up our ACCEPT (even a malformed one): ask again */
-        cp_ctl_send_accept(s->ctl, &s->local);
-    return err;
 }
 
 static int do_accept(struct cp_sock *s, struct sockaddr *addr, socklen_t *len, int flags)
@@ -315,8 +422,11 @@ CP_EXPORT int shutdown(int fd, int how)
     int rc = 0;
     if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR)
         rc = -EINVAL;
-    else if (state_of(s) == CP_LISTENING)
-        real.shutdown(s->ctl, SHUT_RDWR); /* wakes a blocked accept, which says EINVAL */
+    else if (state_of(s) == CP_LISTENING) {
+        s->lst_shut = true;
+        if (s->ctl >= 0)
+            real.shutdown(s->ctl, SHUT_RDWR); /* wakes a blocked accept, which says EINVAL */
+    }
     else if (state_of(s) != CP_CONNECTED)
         rc = -ENOTCONN;
     else {
@@ -528,6 +638,35 @@ static int emulated_option(struct cp_sock *s, int level, int name, int *value)
     return 0;
 }
 
+/* SO_RCVTIMEO and SO_SNDTIMEO: a timeval, kept as nanoseconds for blocking calls. */
+static bool is_timeout(int level, int name)
+{
+    return level == SOL_SOCKET && (name == SO_RCVTIMEO || name == SO_SNDTIMEO);
+}
+
+static int get_timeout(struct cp_sock *s, int name, void *val, socklen_t *len)
+{
+    int64_t ns = s->timeo_ns[name == SO_SNDTIMEO];
+    struct timeval tv = {.tv_sec = ns / 1000000000LL, .tv_usec = ns % 1000000000LL / 1000};
+    if (!val || !len || *len < sizeof(tv))
+        return -EINVAL;
+    memcpy(val, &tv, sizeof(tv));
+    *len = sizeof(tv);
+    return 0;
+}
+
+static int set_timeout(struct cp_sock *s, int name, const void *val, socklen_t len)
+{
+    struct timeval tv;
+    if (!val || len < sizeof(tv))
+        return -EINVAL;
+    memcpy(&tv, val, sizeof(tv));
+    if (tv.tv_sec < 0 || tv.tv_usec < 0 || tv.tv_usec >= 1000000)
+        return -EDOM; /* what the kernel says of a bad timeval */
+    s->timeo_ns[name == SO_SNDTIMEO] = (int64_t)tv.tv_sec * 1000000000LL + tv.tv_usec * 1000LL;
+    return 0;
+}
+
 CP_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
 {
     cp_init();
@@ -535,6 +674,11 @@ CP_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
     if (!s)
         return real.getsockopt(fd, level, name, val, len);
     int rc, value = 0;
+    if (is_timeout(level, name) && state_of(s) != CP_FRESH) {
+        rc = get_timeout(s, name, val, len);
+        cp_sock_put(s);
+        return (int)cp_ret(rc);
+    }
     if (level == SOL_SOCKET && name == SO_ERROR) {
         value = __atomic_exchange_n(&s->so_error, 0, __ATOMIC_ACQ_REL);
         rc = 0;
@@ -563,6 +707,11 @@ CP_EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t
     int rc = 0;
     if (state_of(s) == CP_FRESH)
         rc = real.setsockopt(fd, level, name, val, len) < 0 ? -errno : 0;
+    if (is_timeout(level, name)) {
+        rc = rc ? rc : set_timeout(s, name, val, len);
+        cp_sock_put(s);
+        return (int)cp_ret(rc);
+    }
     int *kept = kept_option(s, level, name);
     if (!rc && kept && val && len >= sizeof(int))
         memcpy(kept, val, sizeof(int));

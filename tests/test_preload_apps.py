@@ -1,0 +1,264 @@
+"""Unmodified programs from Debian's packages on circuits.
+
+Each server and its client run in two different namespaced guests of one
+operator (`netns = true`: the guest's namespace has no route anywhere, so a
+connection that works went through the operator), under `circuits run
+--guest`, which preloads libcircuits_preload.so.  Each test also reads the
+live circuits from the operator's admin API while the client runs and checks
+that the bytes crossed them.  The servers are our own instances, on the
+guests' addresses, with their configuration and files in the test's tmp dir
+(never the services the packages install).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from circuits.bench.apps import nginx_conf
+from circuits.operator.admin import request
+from guestnet_fixtures import APPS_CONFIG, WHY_NOT, NetOperator, running, scratch_ns  # noqa: F401
+
+APP = str(Path(__file__).with_name("preload_app.py"))
+SERVER = "192.0.2.2"  # guest b; the clients run as guest a (192.0.2.1)
+
+
+
+def needs(*programs: str):
+    missing = [p for p in programs if not shutil.which(p)]
+    return pytest.mark.skipif(bool(missing), reason=f"not installed (make deps): {missing}")
+
+
+class Apps:
+    """Programs started as guests of one operator; all killed at the end."""
+
+    def __init__(self, op: NetOperator, tmp: Path):
+        self.op, self.tmp, self.procs = op, tmp, []
+
+    def argv(self, guest: str, argv: list[str]) -> list[str]:
+        return [sys.executable, "-m", "circuits", "run", "--guest", guest,
+                "--config", str(self.op.config), "--", *argv]
+
+    def server(self, argv: list[str], **kw) -> subprocess.Popen:
+        proc = subprocess.Popen(self.argv(self.op.b, argv), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, **kw)
+        self.procs.append(proc)
+        self.wait_listening(proc)
+        return proc
+
+    def client(self, argv: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(self.op.a, argv), capture_output=True, text=True,
+                              timeout=timeout, **kw)
+
+    def admin(self, cmd: str):
+        answer = request(str(self.op.dir / "admin.sock"), cmd)
+        assert answer["ok"], answer
+        return answer["result"]
+
+    def wait_listening(self, proc: subprocess.Popen, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(g["name"] == self.op.b and g["listeners"] for g in self.admin("guests")):
+            assert proc.poll() is None, f"the server exited: {proc.communicate()}"
+            assert time.monotonic() < deadline, "the server never listened"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            proc.communicate()
+
+
+class Watch:
+    """Sample the operator's live circuits (every 50 ms) while a client runs:
+    the most bytes seen each way on each circuit from guest a to guest b."""
+
+    def __init__(self, apps: Apps):
+        self.apps, self.seen = apps, {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for c in self.apps.admin("circuits"):
+                if c["from"].startswith(self.apps.op.a + " ") and c["to"].startswith(self.apps.op.b):
+                    old = self.seen.get(c["id"], (0, 0))
+                    self.seen[c["id"]] = (max(old[0], c["bytes_from_to"]),
+                                          max(old[1], c["bytes_to_from"]))
+            self.stop.wait(0.05)
+
+    def __enter__(self) -> "Watch":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def crossed(self) -> tuple[int, int]:
+        """Bytes seen client -> server and server -> client, over all circuits."""
+        return (sum(s[0] for s in self.seen.values()), sum(s[1] for s in self.seen.values()))
+
+
+@pytest.fixture
+def apps(tmp_path, request):
+    """An operator with two namespaced guests (needs root: skipped otherwise)."""
+    if WHY_NOT:
+        pytest.skip(WHY_NOT)
+    with running(NetOperator(tmp_path, request.getfixturevalue("scratch_ns"),
+                             template=APPS_CONFIG)) as op:
+        a = Apps(op, tmp_path)
+        try:
+            yield a
+        finally:
+            a.stop()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---- curl and python http.server -----------------------------------------
+
+@needs("curl")
+def test_curl_downloads_from_http_server(apps, tmp_path):
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "blob").write_bytes(os.urandom(8 << 20))
+    apps.server([sys.executable, "-m", "http.server", "--bind", SERVER, "7001",
+                 "--directory", str(www)])
+    with Watch(apps) as w:
+        got = apps.client(["curl", "-sS", "--limit-rate", "8M", "-o", str(tmp_path / "got"),
+                           f"http://{SERVER}:7001/blob"])
+    assert got.returncode == 0, got.stderr
+    assert sha256(tmp_path / "got") == sha256(www / "blob")
+    assert w.crossed()[1] > 1 << 20
+
+
+# ---- redis ----------------------------------------------------------------
+
+@pytest.fixture
+def redis(apps, tmp_path):
+    apps.server(["redis-server", "--bind", SERVER, "--port", "7002", "--save", "",
+                 "--appendonly", "no", "--dir", str(tmp_path), "--protected-mode", "no"])
+
+
+@needs("redis-server", "redis-cli")
+def test_redis_cli_set_and_get(apps, redis):
+    cli = ["redis-cli", "-h", SERVER, "-p", "7002"]
+    assert apps.client([*cli, "SET", "greeting", "over circuits"]).stdout.strip() == "OK"
+    with Watch(apps) as w:  # GET ten times on one connection, 0.1 s apart: the watch sees it
+        got = apps.client([*cli, "-r", "10", "-i", "0.1", "GET", "greeting"])
+    assert got.stdout.split("\n")[:10] == ["over circuits"] * 10, got.stderr
+    assert all(n > 0 for n in w.crossed())
+
+
+@needs("redis-server", "redis-benchmark")
+@pytest.mark.parametrize("pipeline", [1, 16])
+def test_redis_benchmark(apps, redis, pipeline):
+    with Watch(apps) as w:
+        got = apps.client(["redis-benchmark", "-h", SERVER, "-p", "7002", "-c", "50",
+                           "-n", str(20000 * pipeline), "-P", str(pipeline), "-t", "set,get", "-q"])
+    assert got.returncode == 0, got.stderr
+    rates = dict(re.findall(r"^(SET|GET): ([\d.]+) requests per second", got.stdout, re.M))
+    assert set(rates) == {"SET", "GET"} and all(float(r) > 0 for r in rates.values()), got.stdout
+    assert len(w.seen) >= 10 and all(n > 0 for n in w.crossed())
+
+
+# ---- nginx, wrk and curl ----------------------------------------------------
+
+@pytest.fixture
+def nginx(apps, tmp_path):
+    d = tmp_path / "nginx"
+    conf = nginx_conf(d, SERVER, 7003)
+    (d / "www" / "blob").write_bytes(os.urandom(8 << 20))
+    apps.server(["nginx", "-p", str(d), "-e", str(d / "error.log"), "-c", str(conf)])
+    return d
+
+
+@needs("nginx", "wrk")
+def test_nginx_two_workers_with_wrk(apps, nginx):
+    with Watch(apps) as w:
+        got = apps.client(["wrk", "-t2", "-c50", "-d2s", f"http://{SERVER}:7003/"])
+    assert got.returncode == 0, got.stderr
+    requests = int(re.search(r"(\d+) requests in", got.stdout).group(1))
+    assert requests > 100 and "Socket errors" not in got.stdout and "Non-2xx" not in got.stdout, \
+        got.stdout
+    assert len(w.seen) >= 50 and all(n > 0 for n in w.crossed())
+
+
+@needs("nginx", "curl")
+def test_curl_downloads_from_nginx(apps, nginx, tmp_path):
+    with Watch(apps) as w:
+        got = apps.client(["curl", "-sS", "--limit-rate", "8M", "-o", str(tmp_path / "got"),
+                           f"http://{SERVER}:7003/blob"])
+    assert got.returncode == 0, got.stderr
+    assert sha256(tmp_path / "got") == sha256(nginx / "www" / "blob")  # sendfile, by the library
+    assert w.crossed()[1] > 1 << 20
+
+
+# ---- iperf3 -----------------------------------------------------------------
+
+@needs("iperf3")
+@pytest.mark.parametrize("reverse", [False, True], ids=["upload", "download"])
+def test_iperf3(apps, reverse):
+    apps.server(["iperf3", "-s", "-B", SERVER, "-p", "7004", "-1"])
+    with Watch(apps) as w:
+        got = apps.client(["iperf3", "-c", SERVER, "-p", "7004", "-t", "2", "--json",
+                           *(["-R"] if reverse else [])])
+    assert got.returncode == 0, got.stdout[-2000:] + got.stderr
+    end = json.loads(got.stdout)["end"]
+    assert end["sum_received"]["bytes"] > 1 << 20
+    up, down = w.crossed()
+    assert (down if reverse else up) > 1 << 20
+
+
+# ---- socat and nc relaying stdin ---------------------------------------------
+
+@pytest.mark.parametrize("relay", [
+    pytest.param(["socat", "-u", "-", f"TCP:{SERVER}:7005"], marks=needs("socat"), id="socat"),
+    pytest.param(["nc", "-N", SERVER, "7005"], marks=needs("nc"), id="nc")])
+def test_relay_stdin_to_a_hashing_server(apps, relay):
+    blob = os.urandom(4 << 20)
+    server = apps.server([sys.executable, APP, "hash-server", SERVER, "7005"])
+    with Watch(apps) as w:
+        client = subprocess.Popen(apps.argv(apps.op.a, relay), stdin=subprocess.PIPE,
+                                  stderr=subprocess.PIPE)
+        for i in range(0, len(blob), 256 << 10):  # paced (~1 s): the watch sees the circuit
+            client.stdin.write(blob[i:i + (256 << 10)])
+            client.stdin.flush()
+            time.sleep(0.06)
+        client.stdin.close()
+        err = client.stderr.read()
+        assert client.wait(30) == 0, err
+    out, err = server.communicate(timeout=30)
+    assert out.split()[-1] == hashlib.sha256(blob).hexdigest(), err
+    assert w.crossed()[0] > 1 << 20
+
+
+# ---- circuits bench apps --------------------------------------------------------
+
+@needs("iperf3", "redis-server", "redis-benchmark", "nginx", "wrk")
+def test_bench_apps_quick_prints_every_figure():
+    out = subprocess.run([sys.executable, "-m", "circuits", "bench", "apps", "--quick",
+                          "--rounds", "1", "--json"], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    figures = {f["name"]: f for f in json.loads(out.stdout)["figures"]}
+    assert set(figures) == {"iperf3 Gbit/s", "redis SET req/s", "redis GET req/s",
+                            "nginx+wrk req/s"}
+    for f in figures.values():
+        assert f["circuits"] > 0 and f["tcp"] > 0 and f["ratio"] > 0, f
+        assert f["target"] in (1.5, 3.0)
