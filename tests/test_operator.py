@@ -298,6 +298,11 @@ def test_ctl_circuits_shows_bytes_from_the_ring_and_metrics(operator):
     while "circuits: none" not in ctl(operator, "circuits").stdout:
         assert time.monotonic() < deadline, "a closed circuit stayed in the table"
         time.sleep(0.05)
+    # What the ended circuit carried stays counted.
+    metrics = ctl(operator, "metrics").stdout
+    assert 'circuits_bytes_sent_total{guest="web"} 1000' in metrics
+    assert 'circuits_bytes_sent_total{guest="db"} 1000' in metrics
+    assert 'circuits_open_circuits{guest="db"} 0' in metrics
 
 
 def test_reload_tightens_and_revokes(operator):

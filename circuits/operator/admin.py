@@ -172,6 +172,10 @@ class AdminServer:
                [({"guest": g}, n) for g, n in open_by.items()])
         family("sent_bytes", "gauge", "Bytes sent through open circuits, by sending guest.",
                [({"guest": g}, n) for g, n in sent_by.items()])
+        family("bytes_sent_total", "counter",
+               "Bytes sent through circuits, open and ended, by sending guest.",
+               [({"guest": g}, n + op.counters.get(("sent_bytes", g), 0))
+                for g, n in sent_by.items()])
         for name, kind, help_, rows in guestnet.metric_families(op.guestnet):
             family(name, kind, help_, rows)
         return "\n".join(out) + "\n"

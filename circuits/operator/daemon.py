@@ -448,8 +448,8 @@ class Operator:
                 "proto": "tcp" if remote.proto == p.TCP else "udp",
                 "verdict": "allow" if allow else "deny", "rule": rule, **extra}) + "\n")
 
-    def _count(self, metric: str, guest: str) -> None:
-        self.counters[(metric, guest)] = self.counters.get((metric, guest), 0) + 1
+    def _count(self, metric: str, guest: str, n: int = 1) -> None:
+        self.counters[(metric, guest)] = self.counters.get((metric, guest), 0) + n
 
     def _listener_for(self, guest: str, ep: p.Endpoint) -> Listener | None:
         return (self.listeners.get((guest, ep.address, ep.port, ep.proto))
@@ -538,6 +538,8 @@ class Operator:
         if record.side_gone(side):
             if self.circuits.pop(record.circuit_id, None) is not None:
                 self._use(record, -1)
+                for guest, sent in zip(record.guests, record.sent()):
+                    self._count("sent_bytes", guest, sent)  # totals outlive their circuits
             record.close()
 
 
