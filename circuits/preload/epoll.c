@@ -45,6 +45,7 @@ struct reg {
 
 struct ep {
     int epfd, inner, refs;
+    bool hangup; /* atomic: the inner set saw a hang-up; ask the kernel about peers once */
     pthread_mutex_t lock; /* the registrations */
     struct reg *regs;
     struct ep *next;
@@ -275,9 +276,12 @@ static uint32_t edge(struct reg *r, uint32_t ready)
     return fresh ? ready : 0;
 }
 
-static uint32_t ready_of(struct reg *r)
+/* A peer's death shows as a hang-up in the inner set (drop_inner notes it):
+ * until one does, readiness is the ring's alone, with no system call per
+ * circuit per look (a poll(2) each made epoll loops of many circuits slow). */
+static uint32_t ready_of(struct reg *r, bool ask_kernel)
 {
-    return (uint16_t)cp_revents(r->s, (short)(r->events & 0xffff));
+    return (uint16_t)cp_revents(r->s, (short)(r->events & 0xffff), ask_kernel);
 }
 
 /* Report ready circuits; with `arm`, arm those that are not ready. */
@@ -285,10 +289,16 @@ static int collect(struct ep *e, struct epoll_event *out, int max, bool arm)
 {
     int n = 0;
     pthread_mutex_lock(&e->lock);
-    for (struct reg *r = e->regs; r && n < max; r = r->next) {
+    bool ask = __atomic_exchange_n(&e->hangup, false, __ATOMIC_ACQ_REL);
+    for (struct reg *r = e->regs; r; r = r->next) {
         if (r->off)
             continue;
-        uint32_t ready = ready_of(r);
+        if (n >= max) { /* no room to report: just learn of vanished peers */
+            if (ask)
+                ready_of(r, true);
+            continue;
+        }
+        uint32_t ready = ready_of(r, ask);
         if (arm && !ready)
             cp_arm(r->s, (short)(r->events & 0xffff));
         if (ready && (r->events & EPOLLET))
@@ -315,8 +325,13 @@ static int drop_inner(struct ep *e, struct epoll_event *ev, int k)
             ev[kept++] = ev[i];
     }
     struct epoll_event junk[64];
-    while (inner && real.epoll_wait(e->inner, junk, 64, 0) == 64)
-        ;
+    int got = 64;
+    while (inner && got == 64) {
+        got = real.epoll_wait(e->inner, junk, 64, 0);
+        for (int i = 0; i < got; i++)
+            if (junk[i].events & (EPOLLHUP | EPOLLERR | EPOLLRDHUP))
+                __atomic_store_n(&e->hangup, true, __ATOMIC_RELEASE);
+    }
     return kept;
 }
 

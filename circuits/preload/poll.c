@@ -35,12 +35,14 @@ bool cp_computed(struct cp_sock *s)
     return st == CP_CONNECTED || st == CP_FAILED;
 }
 
-short cp_revents(struct cp_sock *s, short events)
+/* ask_kernel: also ask whether the peer vanished (a poll(2)); a caller that
+ * watches the peer's hang-up itself passes false until it fires. */
+short cp_revents(struct cp_sock *s, short events, bool ask_kernel)
 {
     short r = 0;
     if (__atomic_load_n(&s->state, __ATOMIC_ACQUIRE) == CP_FAILED)
         return (short)((POLLOUT | POLLERR | POLLHUP) & (events | POLLERR | POLLHUP));
-    int m = circuit_poll(s->c);
+    int m = ask_kernel ? circuit_poll(s->c) : circuit_poll_known(s->c);
     if (m & CIRCUIT_READABLE || s->rd_shut)
         r |= POLLIN | POLLRDNORM;
     if (m & CIRCUIT_WRITABLE && !s->wr_shut)
@@ -67,7 +69,7 @@ static int compute_all(struct pollfd *fds, struct cp_sock **socks, nfds_t n)
 {
     int ready = 0;
     for (nfds_t i = 0; i < n; i++)
-        if (cp_computed(socks[i]) && (fds[i].revents = cp_revents(socks[i], fds[i].events)))
+        if (cp_computed(socks[i]) && (fds[i].revents = cp_revents(socks[i], fds[i].events, true)))
             ready++;
     return ready;
 }

@@ -247,7 +247,7 @@ uint64_t cp_arrived(struct cp_sock *s);
 /* A connected (or failed) circuit socket: its readiness is ours to compute. */
 bool cp_computed(struct cp_sock *s);
 /* Its readiness now, as poll bits (the same values as epoll's), within events. */
-short cp_revents(struct cp_sock *s, short events);
+short cp_revents(struct cp_sock *s, short events, bool ask_kernel);
 /* Make its doorbell ring when what events asks for may have come. */
 void cp_arm(struct cp_sock *s, short events);
 int64_t cp_now_ns(void);

@@ -125,6 +125,13 @@ size_t circuit_max_dgram(const struct circuit *c);
 int circuit_poll(struct circuit *c);
 
 /*
+ * As circuit_poll(), without asking the kernel whether the peer vanished
+ * (no system call): for pollers that watch the peer's hang-up themselves
+ * (peer_bell in an epoll set) and call circuit_poll() once it fires.
+ */
+int circuit_poll_known(struct circuit *c);
+
+/*
  * Make our doorbell tell the truth for poll-style callers: after this, it is
  * readable if data or an end is waiting now, and it turns readable as soon
  * as either arrives.  Costs a syscall or two; callers that sleep inside the

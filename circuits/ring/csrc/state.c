@@ -180,6 +180,15 @@ int circuit_readiness(struct circuit *c)
     return mask;
 }
 
+int circuit_poll_known(struct circuit *c)
+{
+    if (circuit_enter(c))
+        return CIRCUIT_READABLE | CIRCUIT_WRITABLE | CIRCUIT_HANGUP;
+    int mask = circuit_readiness(c);
+    circuit_exit(c);
+    return mask;
+}
+
 int circuit_poll(struct circuit *c)
 {
     if (circuit_enter(c))
