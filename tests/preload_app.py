@@ -253,6 +253,30 @@ def rcvtimeo(host, port):
     sock.close()
 
 
+def epoll_park(host, port):
+    """Interest deleted and added again (as redis-benchmark does per request),
+    and deleted for good while data arrives: no event for it, no spinning."""
+    import select
+    import time
+    sock = socket.create_connection((host, int(port)))
+    ep = select.epoll()
+    for round_ in range(3):
+        ep.register(sock.fileno(), select.EPOLLIN)
+        sock.sendall(b"x")
+        assert ep.poll(5) == [(sock.fileno(), select.EPOLLIN)], round_
+        assert sock.recv(10) == b"x"
+        ep.unregister(sock.fileno())
+    sock.sendall(b"y")  # its echo comes back while nobody is interested
+    cpu = time.process_time()
+    quiet = [ep.poll(0.3) for _ in range(3)]
+    cpu = time.process_time() - cpu
+    ep.register(sock.fileno(), select.EPOLLIN)  # level-triggered: the waiting echo
+    back = ep.poll(5)
+    print("ok" if quiet == [[], [], []] and back == [(sock.fileno(), select.EPOLLIN)]
+          and sock.recv(10) == b"y" else f"bad {quiet} {back}", f"{cpu:.3f}", flush=True)
+    sock.close()
+
+
 def hash_server(host, port):
     with listener(host, port) as srv:
         print("listening", flush=True)
@@ -317,4 +341,4 @@ if __name__ == "__main__":
      "recv-interrupted": recv_interrupted, "unix": unix, "aio-server": aio_server,
      "fork-server": fork_server, "prefork-server": prefork_server,
      "aio-client": aio_client, "hash-server": hash_server,
-     "execl-client": execl_client, "rcvtimeo": rcvtimeo}[cmd](*args)
+     "execl-client": execl_client, "rcvtimeo": rcvtimeo, "epoll-park": epoll_park}[cmd](*args)

@@ -337,3 +337,16 @@ def test_bind_to_port_0_listens_on_a_port_the_library_picks(operator, guests):
     assert out.split()[0] == "ok", err  # batch may reach any port of db
     server.communicate(timeout=30)
     assert server.returncode == 0
+
+
+def test_epoll_interest_deleted_and_added_again(operator, guests):
+    """A deleted interest is parked for a quick re-add; while deleted it
+    reports nothing, and a doorbell ringing for it does not make the set spin."""
+    server = guests("db", app("echo-server", "10.0.0.2", "7011"))
+    wait_listening(operator, "db", server)
+    client = guests("batch", app("epoll-park", "10.0.0.2", "7011"))
+    out, err = client.communicate(timeout=30)
+    assert out.split()[:1] == ["ok"], out + err
+    cpu = out.split()[1]
+    assert float(cpu) < 0.3  # 0.9 s of waiting, not of spinning
+    server.communicate(timeout=30)
