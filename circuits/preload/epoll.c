@@ -184,6 +184,7 @@ void cp_epoll_closed(int fd, bool was_circuit)
  * no system call (it cost two each way).  A parked registration that wakes
  * the set for nothing is removed for good (drop_parked).
  */
+/* (Re)start a registration with the program's events and data. */
 static void unpark(struct reg *r, const struct epoll_event *ev)
 {
     r->events = ev->events, r->data = ev->data;
@@ -222,9 +223,8 @@ static int add(struct ep *e, int fd, struct cp_sock *s, const struct epoll_event
     struct reg *r = calloc(1, sizeof(*r));
     if (!r)
         return -ENOMEM;
-    *r = (struct reg){.fd = fd, .s = s, .events = ev->events, .data = ev->data};
-    r->rx_gen = __atomic_load_n(&s->rx_again, __ATOMIC_ACQUIRE);
-    r->tx_gen = __atomic_load_n(&s->tx_again, __ATOMIC_ACQUIRE);
+    *r = (struct reg){.fd = fd, .s = s};
+    unpark(r, ev); /* the same start as a registration that comes back */
     if (__atomic_load_n(&s->state, __ATOMIC_ACQUIRE) == CP_CONNECTED) {
         struct epoll_event bell = {.events = EPOLLIN | EPOLLET}, hup = {.events = EPOLLET};
         if (real.epoll_ctl(e->inner, EPOLL_CTL_ADD, fd, &bell) < 0) {

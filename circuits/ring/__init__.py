@@ -1,8 +1,8 @@
 """The circuit data plane: shared-memory rings behind a socket-shaped endpoint.
 
 ``pair()`` makes two connected endpoints (for tests, benchmarks, and one
-process handing an end to another); the operator makes circuits the same
-way with ``create()`` and hands each side its descriptors.
+process handing an end to another); the operator makes circuits with
+``endpoint_fds()`` and hands each side its descriptors.
 """
 from __future__ import annotations
 
