@@ -348,6 +348,19 @@ def test_open_circuit_and_memory_limits(operator):
         assert e.value.errno == errno.ENOBUFS
 
 
+def test_a_guest_at_its_limit_connects_again_once_its_circuits_end(operator):
+    """The operator collects ended circuits in batches, yet a circuit that
+    ended a moment ago frees its place at once: no pause between rounds."""
+    with circuits.listen(("10.0.0.2", 7006), backlog=100, control=operator("db")) as lst:
+        for _ in range(4):
+            held = [circuits.connect(("10.0.0.2", 7006), control=operator("tiny"))
+                    for _ in range(5)]  # tiny's limit
+            for conn in held:
+                lst.accept()[0].close()
+                conn.close()
+        assert "circuits: 0" in ctl(operator, "status").stdout
+
+
 def test_a_dead_guest_loses_its_listeners_and_its_peers_see_a_reset(operator, tmp_path):
     """SIGKILL a listening guest holding a live circuit: the circuit resets at
     once for its peer, and its listener is gone."""

@@ -107,14 +107,14 @@ class AdminServer:
         if cmd == "status":
             return {"config": op.config.path, "uptime_s": round(time.time() - op.started, 1),
                     "guests": len(op.config.guests), "connections": len(op.conns),
-                    "listeners": len(op.listeners), "circuits": len(op.circuits),
+                    "listeners": len(op.listeners), "circuits": len(op.live_circuits()),
                     "proxystack": self._proxystack(), "errors": guestnet.problems(op.guestnet)}
         if cmd == "hosts":
             return hosts_file(op.config)
         if cmd == "guests":
             return [self._guest(g) for g in op.config.guests.values()]
         if cmd == "circuits":
-            return [r.describe() for r in op.circuits.values()]
+            return [r.describe() for r in op.live_circuits().values()]
         if cmd == "check":
             v = op.policy.check(req["from"], ipaddress.ip_address(req["to"]), int(req["port"]),
                                 req.get("proto", "tcp"))
@@ -141,7 +141,7 @@ class AdminServer:
         return {"name": g.name, "addresses": [str(a) for a in g.addresses], "control": g.control,
                 "connections": sum(c.guest.name == g.name for c in op.conns),
                 "listeners": sum(k[0] == g.name for k in op.listeners),
-                "circuits": sum(g.name in r.guests for r in op.circuits.values())}
+                "circuits": sum(g.name in r.guests for r in op.live_circuits().values())}
 
     def metrics(self) -> str:
         """Prometheus text format."""
@@ -162,7 +162,7 @@ class AdminServer:
                [({"guest": g}, op.counters.get(("denials", g), 0)) for g in guests])
         open_by = {g: 0 for g in guests}
         sent_by = {g: 0 for g in guests}
-        for r in op.circuits.values():
+        for r in op.live_circuits().values():
             snap = r.inspector.snapshot()
             for side in (0, 1):
                 if r.guests[side] in open_by:

@@ -25,13 +25,14 @@ from circuits.operator import guests as guestnet
 from circuits.operator.config import PROXY_IDENTITY, Config, ConfigError, Guest, Limits, load
 from circuits.operator.policy import Policy
 from circuits.operator.proxy import ProxyLink, Supervisor
-from circuits.operator.table import Record
+from circuits.operator.table import Record, Table
 from circuits.ring import DATA_OFFSET, CircuitSpec, endpoint_fds
 
 log = logging.getLogger("circuits.operator")
 EPHEMERAL = range(49152, 65536)
 MAX_CONNECTIONS = 256  # control connections per guest
 MAX_ACCEPTS = 64  # ACCEPT requests waiting per listener
+REAP_AFTER = 0.2  # seconds from a first hang-up to the sweep that collects it and those after
 
 
 class Refused(Exception):
@@ -149,7 +150,8 @@ class Operator:
         self.next_circuit = time.time_ns() // 1000
         self.next_port: dict[str, int] = {}
         self.setups: dict[str, deque[float]] = {}
-        self.circuits: dict[int, Record] = {}
+        self.table = Table()
+        self._reaping: asyncio.TimerHandle | None = None
         self.usage: dict[str, list[int]] = {}  # guest -> [open circuits, circuit memory]
         self.counters: dict[tuple[str, str], int] = {}  # (metric, guest) -> count
         self.started = time.time()
@@ -171,6 +173,7 @@ class Operator:
         os.makedirs(self.config.control_dir, exist_ok=True)
         for guest in self.config.guests.values():
             self._serve_control(guest, 0o660)
+        loop.add_reader(self.table.fileno(), self._hung_up)
         if self.config.proxystack.enabled:
             # Root only: whoever connects here may open host sockets.
             self._serve_control(Guest(PROXY_IDENTITY, (), self.config.proxystack.control,
@@ -197,12 +200,10 @@ class Operator:
             self.supervisor.stop()
         for conn in list(self.conns):
             self.drop(conn)
-        for record in self.circuits.values():
-            for fd in record.rings:
-                if fd >= 0:
-                    self.loop.remove_reader(fd)
-            record.close()  # the circuits themselves go on: we only let go
-        self.circuits.clear()
+        self.loop.remove_reader(self.table.fileno())
+        if self._reaping is not None:
+            self._reaping.cancel()
+        self.table.close()  # the circuits themselves go on: we only let go
         self.usage.clear()
         if self.audit:
             self.audit.close()
@@ -257,7 +258,7 @@ class Operator:
         self.config, self.policy = config, Policy(config)
         revoked = 0
         if config.revoke:
-            for record in list(self.circuits.values()):
+            for record in list(self.live_circuits().values()):
                 if record.guests[0] == PROXY_IDENTITY:
                     continue  # published ingress: allowed by [[publish]], not by rules
                 remote = record.endpoints[1]
@@ -484,12 +485,18 @@ class Operator:
     def _check_limits(self, size: int, *guests: Guest) -> None:
         """Open circuits (EMFILE) and circuit memory (ENOBUFS), for each guest."""
         cost = 2 * size + DATA_OFFSET
+        if any(self._over(g, cost) for g in guests):
+            self.reap()  # ended circuits not collected yet still count: collect them
         for g in guests:
             count, memory = self.usage.get(g.name, (0, 0))
             if count >= g.limits.circuits:
                 raise Refused(errno.EMFILE, f"guest {g.name}: {g.limits.circuits} circuits open")
             if memory + cost > g.limits.memory:
                 raise Refused(errno.ENOBUFS, f"guest {g.name}: circuit memory limit reached")
+
+    def _over(self, guest: Guest, cost: int) -> bool:
+        count, memory = self.usage.get(guest.name, (0, 0))
+        return count >= guest.limits.circuits or memory + cost > guest.limits.memory
 
     def _make_circuit(self, conn: GuestConn, request: int, ring_size: int, local: p.Endpoint,
                       remote: p.Endpoint, listener: Listener, names: tuple[str, str]) -> None:
@@ -518,10 +525,8 @@ class Operator:
         """Keep the memory and each side's ringing end (fds[2]) for accounting."""
         record = Record(cid, guests, endpoints, os.dup(fds0[0]), [os.dup(fds0[2]), os.dup(fds1[2])],
                         memory=memory)
-        self.circuits[cid] = record
+        self.table.add(record)
         self._use(record, +1)
-        for side, fd in enumerate(record.rings):
-            self.loop.add_reader(fd, self._side_gone, record, side)
 
     def _use(self, record: Record, sign: int) -> None:
         """Count a circuit in (or out of) its guests' usage, once per guest."""
@@ -530,17 +535,29 @@ class Operator:
             use[0] += sign
             use[1] += sign * record.memory
 
-    def _side_gone(self, record: Record, side: int) -> None:
-        """A side's bell closed (the ringing end we hold hangs up)."""
-        if record.side_alive(side):
-            return
-        self.loop.remove_reader(record.rings[side])
-        if record.side_gone(side):
-            if self.circuits.pop(record.circuit_id, None) is not None:
-                self._use(record, -1)
-                for guest, sent in zip(record.guests, record.sent()):
-                    self._count("sent_bytes", guest, sent)  # totals outlive their circuits
+    def live_circuits(self) -> dict[int, Record]:
+        """The circuits with a side still there, by id (ended ones collected first)."""
+        self.reap()
+        return self.table.records
+
+    def reap(self) -> None:
+        """Collect the circuits whose two sides are gone: out of their guests'
+        usage, their byte counts into the running totals, their fds closed."""
+        for record in self.table.sweep():
+            self._use(record, -1)
+            for guest, sent in zip(record.guests, record.sent()):
+                self._count("sent_bytes", guest, sent)  # totals outlive their circuits
             record.close()
+
+    def _hung_up(self) -> None:
+        """A side hung up: sweep a moment later, with whatever ends by then."""
+        self.loop.remove_reader(self.table.fileno())
+        self._reaping = self.loop.call_later(REAP_AFTER, self._sweep_and_watch)
+
+    def _sweep_and_watch(self) -> None:
+        self._reaping = None
+        self.reap()
+        self.loop.add_reader(self.table.fileno(), self._hung_up)
 
 
 def _open_audit(path: str):

@@ -4,16 +4,23 @@ For each circuit the operator keeps the memory object (mapped read-only, to
 read states and byte counts) and a duplicate of each side's ringing end,
 whose hang-up tells when that side is gone.  It keeps neither side's bell:
 holding one would hide that side's death from its peer.
+
+Ended circuits are found in batches, not one by one: every ringing end sits
+in one epoll set asking for nothing but its hang-up, and `Table.sweep`
+collects the hung-up ends when the operator looks (a moment after the set
+becomes readable, and before any answer that counts circuits).  Watching
+each end on the event loop instead cost two registrations, two wake-ups and
+two callbacks per circuit, a large part of a setup's cost.
 """
 from __future__ import annotations
 
 import os
+import select
 import socket
 import time
 from dataclasses import dataclass, field
 
 from circuits import protocol as p
-from circuits.ring import ring_end_alive
 from circuits.ring.inspect import Inspector, sent_counts
 
 
@@ -34,11 +41,6 @@ class Record:
         if self._inspector is None:
             self._inspector = Inspector(self.memfd)
         return self._inspector
-
-    def side_alive(self, side: int) -> bool:
-        """Called when side's ringing end is readable: hung up, or bytes a
-        guest wrote into its own bell (drained here, never taken for death)."""
-        return ring_end_alive(self.rings[side])
 
     def side_gone(self, side: int) -> bool:
         """Forget side `side`; True when both sides are gone."""
@@ -83,3 +85,48 @@ class Record:
                 "age_s": round(time.time() - self.created, 3),
                 "bytes_from_to": snap.sent[0], "bytes_to_from": snap.sent[1],
                 "states": list(snap.states)}
+
+
+class Table:
+    """The live circuits by id, and the epoll set of their ringing ends."""
+
+    def __init__(self) -> None:
+        self.records: dict[int, Record] = {}
+        self._ends = select.epoll()
+        self._sides: dict[int, tuple[Record, int]] = {}  # ringing end -> its record, side
+
+    def fileno(self) -> int:
+        """Readable when some side has hung up since the last sweep."""
+        return self._ends.fileno()
+
+    def add(self, record: Record) -> None:
+        self.records[record.circuit_id] = record
+        for side, fd in enumerate(record.rings):
+            # No events asked for: a hang-up (EPOLLHUP) is always reported, and
+            # bytes a guest writes into its own bell are never taken for one.
+            self._ends.register(fd, 0)
+            self._sides[fd] = (record, side)
+
+    def sweep(self) -> list[Record]:
+        """Forget the sides that hung up; the circuits both of whose sides are
+        gone leave the table and are returned (still open: close them)."""
+        ended = []
+        while True:
+            events = self._ends.poll(0, 1024)
+            for fd, _ in events:
+                record, side = self._sides.pop(fd)
+                # Unregister before closing: the guest still holds the description.
+                self._ends.unregister(fd)
+                if record.side_gone(side):
+                    del self.records[record.circuit_id]
+                    ended.append(record)
+            if len(events) < 1024:
+                return ended
+
+    def close(self) -> None:
+        """Let go of every circuit (they go on without us) and of the set."""
+        for record in self.records.values():
+            record.close()
+        self.records.clear()
+        self._sides.clear()
+        self._ends.close()
