@@ -361,6 +361,24 @@ def test_a_guest_at_its_limit_connects_again_once_its_circuits_end(operator):
         assert "circuits: 0" in ctl(operator, "status").stdout
 
 
+def test_the_operator_lets_go_of_ended_circuits_by_itself(operator):
+    """Nobody asks anything: the operator's descriptors for 300 ended circuits
+    (more than one sweep's batch) are closed within a moment all the same."""
+    fds = lambda: len(os.listdir(f"/proc/{operator.proc.pid}/fd"))  # noqa: E731
+    with circuits.listen(("10.0.0.2", 7007), backlog=400, control=operator("db")) as lst:
+        before = fds()
+        held = [circuits.connect(("10.0.0.2", 7007), ring_size=4096, control=operator("web"))
+                for _ in range(300)]
+        accepted = [lst.accept()[0] for _ in held]
+        assert fds() >= before + 3 * 300  # the memory and both ringing ends, each
+        for conn in held + accepted:
+            conn.close()
+        deadline = time.monotonic() + 5
+        while fds() > before + 1:  # + web's control connection, made by the first connect
+            assert time.monotonic() < deadline, f"{fds() - before - 1} descriptors kept"
+            time.sleep(0.05)
+
+
 def test_a_dead_guest_loses_its_listeners_and_its_peers_see_a_reset(operator, tmp_path):
     """SIGKILL a listening guest holding a live circuit: the circuit resets at
     once for its peer, and its listener is gone."""

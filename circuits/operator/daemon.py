@@ -33,6 +33,7 @@ EPHEMERAL = range(49152, 65536)
 MAX_CONNECTIONS = 256  # control connections per guest
 MAX_ACCEPTS = 64  # ACCEPT requests waiting per listener
 REAP_AFTER = 0.2  # seconds from a first hang-up to the sweep that collects it and those after
+REAP_BATCH = 64  # hung-up sides collected between other work
 
 
 class Refused(Exception):
@@ -151,7 +152,7 @@ class Operator:
         self.next_port: dict[str, int] = {}
         self.setups: dict[str, deque[float]] = {}
         self.table = Table()
-        self._reaping: asyncio.TimerHandle | None = None
+        self._reaping: asyncio.Handle | None = None
         self.usage: dict[str, list[int]] = {}  # guest -> [open circuits, circuit memory]
         self.counters: dict[tuple[str, str], int] = {}  # (metric, guest) -> count
         self.started = time.time()
@@ -540,14 +541,17 @@ class Operator:
         self.reap()
         return self.table.records
 
-    def reap(self) -> None:
-        """Collect the circuits whose two sides are gone: out of their guests'
-        usage, their byte counts into the running totals, their fds closed."""
-        for record in self.table.sweep():
+    def reap(self, most: int = 0) -> bool:
+        """Collect the circuits whose two sides are gone (from at most `most`
+        hung-up sides; 0: all): out of their guests' usage, their byte counts
+        into the running totals, their fds closed.  True if some may remain."""
+        ended, more = self.table.sweep(most)
+        for record in ended:
             self._use(record, -1)
             for guest, sent in zip(record.guests, record.sent()):
                 self._count("sent_bytes", guest, sent)  # totals outlive their circuits
             record.close()
+        return more
 
     def _hung_up(self) -> None:
         """A side hung up: sweep a moment later, with whatever ends by then."""
@@ -555,9 +559,12 @@ class Operator:
         self._reaping = self.loop.call_later(REAP_AFTER, self._sweep_and_watch)
 
     def _sweep_and_watch(self) -> None:
+        """A bounded batch at a time, so a storm of endings never stalls setups."""
         self._reaping = None
-        self.reap()
-        self.loop.add_reader(self.table.fileno(), self._hung_up)
+        if self.reap(REAP_BATCH):
+            self._reaping = self.loop.call_soon(self._sweep_and_watch)
+        else:
+            self.loop.add_reader(self.table.fileno(), self._hung_up)
 
 
 def _open_audit(path: str):

@@ -107,12 +107,14 @@ class Table:
             self._ends.register(fd, 0)
             self._sides[fd] = (record, side)
 
-    def sweep(self) -> list[Record]:
-        """Forget the sides that hung up; the circuits both of whose sides are
-        gone leave the table and are returned (still open: close them)."""
+    def sweep(self, most: int = 0) -> tuple[list[Record], bool]:
+        """Forget the sides that hung up (at most `most`, 0: all); the circuits
+        both of whose sides are gone leave the table and are returned, still
+        open (close them), with whether hung-up sides may remain."""
         ended = []
+        batch = most or 1024
         while True:
-            events = self._ends.poll(0, 1024)
+            events = self._ends.poll(0, batch)
             for fd, _ in events:
                 record, side = self._sides.pop(fd)
                 # Unregister before closing: the guest still holds the description.
@@ -120,8 +122,8 @@ class Table:
                 if record.side_gone(side):
                     del self.records[record.circuit_id]
                     ended.append(record)
-            if len(events) < 1024:
-                return ended
+            if len(events) < batch or most:
+                return ended, len(events) == batch
 
     def close(self) -> None:
         """Let go of every circuit (they go on without us) and of the set."""
