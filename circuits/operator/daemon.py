@@ -26,7 +26,7 @@ from circuits.operator.config import PROXY_IDENTITY, Config, ConfigError, Guest,
 from circuits.operator.policy import Policy
 from circuits.operator.proxy import ProxyLink, Supervisor
 from circuits.operator.table import Record, Table
-from circuits.ring import DATA_OFFSET, CircuitSpec, endpoint_fds
+from circuits.ring import DATA_OFFSET, CircuitSpec, Made, make
 
 log = logging.getLogger("circuits.operator")
 EPHEMERAL = range(49152, 65536)
@@ -47,10 +47,12 @@ class Refused(Exception):
 @dataclass
 class Pending:
     """A circuit waiting in a backlog: the listening side's Circuit message
-    (its fields, less the request it will answer) and fds."""
+    (its fields, less the request it will answer), its fds, and which of them
+    is its bell (ours to close once handed over; the others are the record's)."""
 
     fields: tuple
     fds: list[int]
+    bell: int
 
 
 @dataclass
@@ -66,7 +68,7 @@ class Listener:
     def drop(self) -> None:
         """Close every circuit still waiting: its connector sees the hang-up."""
         while self.queue:
-            p.close_all(self.queue.popleft().fds)
+            os.close(self.queue.popleft().bell)
 
 
 class GuestConn:
@@ -334,7 +336,7 @@ class Operator:
             pending = listener.queue.popleft()
             request = listener.accepts.popleft()
             listener.conn.reply(p.Circuit(*pending.fields, request=request), pending.fds)
-            p.close_all(pending.fds)
+            os.close(pending.bell)
 
     def close(self, conn: GuestConn, msg: p.Close) -> None:
         conn.reply(p.Ok(request=msg.request))
@@ -372,11 +374,10 @@ class Operator:
         size = self._ring_size(msg.ring_size, guest)
         self._check_limits(size, guest)
         kind = p.STREAM if remote.proto == p.TCP else p.DGRAM
-        fds0, fds1 = endpoint_fds(CircuitSpec("stream" if kind == p.STREAM else "dgram", 0,
-                                              (size, size)))
+        made = make(CircuitSpec("stream" if kind == p.STREAM else "dgram", 0, (size, size)))
         cid, self.next_circuit = self.next_circuit, self.next_circuit + 1
         local = self._source_endpoint(guest, remote)
-        self._track(cid, (guest.name, PROXY_IDENTITY), (local, remote), fds0, fds1,
+        self._track(cid, (guest.name, PROXY_IDENTITY), (local, remote), made,
                     memory=2 * size + DATA_OFFSET)
         mine = p.Circuit(cid, kind, 0, size, size, local, remote, request=msg.request)
 
@@ -384,17 +385,17 @@ class Operator:
             try:
                 conn.reply(mine if isinstance(reply, p.Ok) else
                            p.Error(reply.code, reply.reason, request=msg.request),
-                           fds0 if isinstance(reply, p.Ok) else ())
+                           made.side(0) if isinstance(reply, p.Ok) else ())
             finally:
-                p.close_all(fds0)
+                os.close(made.bells[0])
         try:
             self.proxy.link.egress(self._egress_message(guest, cid, kind, size, local, remote),
-                                   fds1, done)
+                                   made.side(1), done)
         except OSError as e:
-            p.close_all(fds0)
+            os.close(made.bells[0])
             raise Refused(errno.ENETUNREACH, f"the proxy stack cannot be asked: {e}") from None
         finally:
-            p.close_all(fds1)
+            os.close(made.bells[1])
 
     def _egress_message(self, guest: Guest, cid: int, kind: int, size: int, local: p.Endpoint,
                         remote: p.Endpoint) -> p.Egress:
@@ -507,25 +508,25 @@ class Operator:
         size = self._ring_size(ring_size or listener.ring_size, *guests)
         self._check_limits(size, *guests)
         kind = p.STREAM if remote.proto == p.TCP else p.DGRAM
-        spec = CircuitSpec("stream" if kind == p.STREAM else "dgram", 0, (size, size))
-        fds0, fds1 = endpoint_fds(spec)
+        made = make(CircuitSpec("stream" if kind == p.STREAM else "dgram", 0, (size, size)))
         cid, self.next_circuit = self.next_circuit, self.next_circuit + 1
         mine = p.Circuit(cid, kind, 0, size, size, local, remote, request=request)
-        self._track(cid, names, (local, remote), fds0, fds1, memory=2 * size + DATA_OFFSET)
-        listener.queue.append(Pending((cid, kind, 1, size, size, remote, local), fds1))
+        self._track(cid, names, (local, remote), made, memory=2 * size + DATA_OFFSET)
+        listener.queue.append(Pending((cid, kind, 1, size, size, remote, local), made.side(1),
+                                      made.bells[1]))
         # The listening side first: it has more to do (wake, attach, read)
         # before the connector's first bytes get an answer.
         self._deliver(listener)
         try:
-            conn.reply(mine, fds0)
+            conn.reply(mine, made.side(0))
         finally:
-            p.close_all(fds0)
+            os.close(made.bells[0])
 
-    def _track(self, cid: int, guests: tuple[str, str], endpoints: tuple, fds0: list[int],
-               fds1: list[int], memory: int) -> None:
-        """Keep the memory and each side's ringing end (fds[2]) for accounting."""
-        record = Record(cid, guests, endpoints, os.dup(fds0[0]), [os.dup(fds0[2]), os.dup(fds1[2])],
-                        memory=memory)
+    def _track(self, cid: int, guests: tuple[str, str], endpoints: tuple, made: Made,
+               memory: int) -> None:
+        """Keep the memory and each side's ringing end for accounting: the
+        record owns them from here (the sides are handed the same numbers)."""
+        record = Record(cid, guests, endpoints, made.memfd, list(made.rings), memory=memory)
         self.table.add(record)
         self._use(record, +1)
 

@@ -2,17 +2,19 @@
 
 ``pair()`` makes two connected endpoints (for tests, benchmarks, and one
 process handing an end to another); the operator makes circuits with
-``endpoint_fds()`` and hands each side its descriptors.
+``make()`` and hands each side its descriptors (``endpoint_fds()`` gives
+each side descriptors of its own, for owners that close them).
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from circuits.ring._ring import ffi, lib
 from circuits.ring.endpoint import Circuit, CircuitSpec, Kind, ViewError
 
-__all__ = ["Circuit", "CircuitSpec", "Kind", "ViewError", "create", "endpoint_fds", "pair", "ring_end_alive",
-           "MIN_RING", "MAX_RING", "DATA_OFFSET"]
+__all__ = ["Circuit", "CircuitSpec", "Kind", "Made", "ViewError", "create", "endpoint_fds", "make",
+           "pair", "ring_end_alive", "MIN_RING", "MAX_RING", "DATA_OFFSET"]
 
 MIN_RING: int = lib.CIRCUIT_MIN_RING
 MAX_RING: int = lib.CIRCUIT_MAX_RING
@@ -37,6 +39,32 @@ def endpoint_fds(spec: CircuitSpec) -> tuple[list[int], list[int]]:
     if rc < 0:
         raise OSError(-rc, f"cannot create circuit {spec}: {os.strerror(-rc)}")
     return list(side0), list(side1)
+
+
+@dataclass(frozen=True)
+class Made:
+    """A new circuit's five descriptors, as a creator that sends them holds
+    them (circuit_make in csrc/endpoints.c).  Side s is handed ``side(s)``;
+    close ``bells[s]`` once it has it (no one but side s may hold its bell),
+    and keep ``memfd`` and ``rings`` (``rings[s]`` hangs up when side s is
+    gone) or close them."""
+
+    memfd: int
+    bells: tuple[int, int]
+    rings: tuple[int, int]
+
+    def side(self, s: int) -> list[int]:
+        """[memfd, bell, self_bell, peer_bell] for side s (docs/circuit-format.md 2)."""
+        return [self.memfd, self.bells[s], self.rings[s], self.rings[1 - s]]
+
+
+def make(spec: CircuitSpec) -> Made:
+    """A new circuit's descriptors, none duplicated: see Made."""
+    m = ffi.new("struct circuit_made *")
+    rc = lib.circuit_make(spec.params(), m)
+    if rc < 0:
+        raise OSError(-rc, f"cannot create circuit {spec}: {os.strerror(-rc)}")
+    return Made(m.memfd, (m.bell[0], m.bell[1]), (m.ring[0], m.ring[1]))
 
 
 def ring_end_alive(fd: int) -> bool:

@@ -34,6 +34,8 @@ struct circuit_fds { int bell; int self_bell; int peer_bell; };
 uint64_t circuit_object_size(const struct circuit_params *p);
 int circuit_create(const struct circuit_params *p);
 int circuit_create_endpoints(const struct circuit_params *p, int side0[4], int side1[4]);
+struct circuit_made { int memfd; int bell[2]; int ring[2]; };
+int circuit_make(const struct circuit_params *p, struct circuit_made *m);
 int circuit_ring_end_alive(int fd);
 int circuit_attach(int memfd, const struct circuit_fds *fds,
                    const struct circuit_params *p, int side, struct circuit **out);

@@ -2,7 +2,8 @@
  * test_endpoints.c - circuit_create_endpoints(): both sides' descriptors in
  * one call, wired as bell.c says (each side rings the other and itself),
  * the mirror mapping of the one-span attach, and circuit_ring_end_alive()
- * telling a creator when a side is gone.
+ * telling a creator when a side is gone; circuit_make(), the same circuit
+ * in five descriptors for a creator that sends them.
  */
 #include <stdbool.h>
 
@@ -110,11 +111,49 @@ static void test_ring_end_alive_until_the_side_is_gone(void)
     OK("ring end alive until the side is gone");
 }
 
+static void test_make_hands_both_sides_the_shared_descriptors(void)
+{
+    struct circuit_params p = {.kind = CIRCUIT_STREAM, .size = {4096, 4096}};
+    struct circuit_made m;
+    CHECK_EQ(circuit_make(&p, &m), 0);
+    int all[5] = {m.memfd, m.bell[0], m.ring[0], m.bell[1], m.ring[1]};
+    for (int i = 0; i < 5; i++) {
+        CHECK(fcntl(all[i], F_GETFD) & FD_CLOEXEC);
+        for (int j = 0; j < i; j++)
+            CHECK(all[i] != all[j]);
+    }
+    /* side s is sent [memfd, bell[s], ring[s], ring[1-s]]; what it receives
+     * are copies (SCM_RIGHTS), which attach then owns */
+    int s0[4] = {dup(m.memfd), dup(m.bell[0]), dup(m.ring[0]), dup(m.ring[1])};
+    int s1[4] = {dup(m.memfd), dup(m.bell[1]), dup(m.ring[1]), dup(m.ring[0])};
+    struct circuit *a = attach_side(s0, &p, 0), *b = attach_side(s1, &p, 1);
+    char in[5];
+    CHECK_EQ(circuit_send(a, "hello", 5, CIRCUIT_NONBLOCK, -1), 5);
+    CHECK_EQ(circuit_recv(b, in, 5, CIRCUIT_NONBLOCK, -1), 5);
+    CHECK(memcmp(in, "hello", 5) == 0);
+    CHECK_EQ(circuit_send(b, "olleh", 5, CIRCUIT_NONBLOCK, -1), 5);
+    CHECK_EQ(circuit_recv(a, in, 5, CIRCUIT_NONBLOCK, -1), 5);
+    CHECK(memcmp(in, "olleh", 5) == 0);
+    circuit_free(a);
+    circuit_free(b);
+    /* a side's bell closed (it is gone): its ringing end hangs up, the other's not */
+    close(m.bell[0]);
+    CHECK_EQ(circuit_ring_end_alive(m.ring[0]), 0);
+    CHECK_EQ(circuit_ring_end_alive(m.ring[1]), 1);
+    close(m.bell[1]);
+    CHECK_EQ(circuit_ring_end_alive(m.ring[1]), 0);
+    close(m.memfd);
+    close(m.ring[0]);
+    close(m.ring[1]);
+    OK("make hands both sides the shared descriptors");
+}
+
 int main(void)
 {
     alarm(30);
     test_descriptors_are_new_and_cloexec();
     test_bytes_cross_both_ways_over_the_wrap();
     test_ring_end_alive_until_the_side_is_gone();
+    test_make_hands_both_sides_the_shared_descriptors();
     return 0;
 }

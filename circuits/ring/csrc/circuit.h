@@ -69,6 +69,20 @@ int circuit_create(const struct circuit_params *p);
 int circuit_create_endpoints(const struct circuit_params *p, int side0[4], int side1[4]);
 
 /*
+ * The same circuit with five descriptors, as a creator that sends them holds
+ * them: side s is handed [memfd, bell[s], ring[s], ring[1-s]].  The creator
+ * closes bell[s] once side s has it (X_s must have no other holder) and may
+ * keep the rest, ring[s] being side s's ringing end (its hang-up: s is
+ * gone).  Returns 0 or -errno (nothing is left open on failure).
+ */
+struct circuit_made {
+    int memfd;
+    int bell[2]; /* X_s: side s's alone once handed over */
+    int ring[2]; /* Y_s: side s rings itself with it, side 1-s rings s with it */
+};
+int circuit_make(const struct circuit_params *p, struct circuit_made *m);
+
+/*
  * For a creator holding a duplicate of a side's self_bell: 0 once that side
  * is gone (its bell closed), 1 while it lives.  Drains what is queued, and
  * never blocks.
