@@ -77,7 +77,7 @@ class Circuit:
         rc = lib.circuit_attach(memfd, fds, spec.params(), spec.side, out)
         if rc < 0:
             _raise(rc)
-        self._c = ffi.gc(out[0], _finalizer(os.getpid()))
+        self._c = ffi.gc(out[0], _finalizer(_pid))
         self._memfd = memfd
         self._fds = (bell, self_bell, peer_bell)
         self.spec = spec
@@ -408,12 +408,25 @@ class Circuit:
         return f"<Circuit {self.spec.kind} side={self.spec.side} {state}>"
 
 
+# This process's id, kept across forks: os.getpid() is a system call, and
+# a setup would make two of them.
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 def _finalizer(owner_pid: int):
     """Free an endpoint that nobody closed.  In the process that made it, that
     closes the circuit, as a forgotten socket is closed; in a forked child it
     only lets go (the parent's endpoint lives on)."""
     def free(c) -> None:
-        if os.getpid() != owner_pid:
+        if _pid != owner_pid:
             lib.circuit_detach(c)
         lib.circuit_free(c)
     return free
