@@ -8,6 +8,7 @@ another exception.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import struct
 from dataclasses import dataclass, field
@@ -43,29 +44,49 @@ class Endpoint:
     port: int
     proto: int = TCP
 
+    # Endpoints are immutable and a guest names the same few again and again:
+    # each conversion is cached, saving address objects on every setup.
+
     def pack(self) -> bytes:
-        addr = self.address
-        packed = V4_MAPPED + addr.packed if addr.version == 4 else addr.packed
-        return ENDPOINT.pack(packed, self.port, self.proto, 0)
+        return _pack_endpoint(self)
 
     @classmethod
     def unpack(cls, raw: bytes) -> Endpoint:
-        packed, port, proto, reserved = ENDPOINT.unpack(raw)
-        if proto not in (TCP, UDP) or reserved:
-            raise ProtocolError(f"bad endpoint: proto {proto}, reserved {reserved}")
-        if packed[:12] == V4_MAPPED:  # the IPv4 form: most endpoints, decoded cheaply
-            return cls(ipaddress.IPv4Address(packed[12:]), port, proto)
-        return cls(ipaddress.IPv6Address(packed), port, proto)
+        return _unpack_endpoint(raw)
 
     @classmethod
     def parse(cls, address: str, port: int, proto: int = TCP) -> Endpoint:
         """From text, as applications give it ("10.0.0.2", "fd00::2")."""
-        return cls(ipaddress.ip_address(address), port, proto)
+        if type(address) is not str or type(port) is not int:  # the cache wants these
+            return cls(ipaddress.ip_address(address), port, proto)
+        return _parse_endpoint(address, port, proto)
 
     def __str__(self) -> str:
         name = "tcp" if self.proto == TCP else "udp"
         host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
         return f"{name}://{host}:{self.port}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _pack_endpoint(ep: Endpoint) -> bytes:
+    addr = ep.address
+    packed = V4_MAPPED + addr.packed if addr.version == 4 else addr.packed
+    return ENDPOINT.pack(packed, ep.port, ep.proto, 0)
+
+
+@functools.lru_cache(maxsize=4096)  # a bad one raises, and exceptions are not cached
+def _unpack_endpoint(raw: bytes) -> Endpoint:
+    packed, port, proto, reserved = ENDPOINT.unpack(raw)
+    if proto not in (TCP, UDP) or reserved:
+        raise ProtocolError(f"bad endpoint: proto {proto}, reserved {reserved}")
+    if packed[:12] == V4_MAPPED:  # the IPv4 form: most endpoints, decoded cheaply
+        return Endpoint(ipaddress.IPv4Address(packed[12:]), port, proto)
+    return Endpoint(ipaddress.IPv6Address(packed), port, proto)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_endpoint(address: str, port: int, proto: int) -> Endpoint:
+    return Endpoint(ipaddress.ip_address(address), port, proto)
 
 
 @dataclass(frozen=True)
