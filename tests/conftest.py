@@ -9,6 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Tests assert behaviour, not speed: no per-example deadline, which a busy
+# machine (CI's, or one shared with other work) would turn into failures.
+settings.register_profile("circuits", deadline=None)
+settings.load_profile("circuits")
 
 from circuits.operator import child
 from circuits.ring import Circuit
