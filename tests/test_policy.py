@@ -48,6 +48,21 @@ def test_verdicts(policy, src, dst, port, proto, allow, rule):
     assert (v.rule.index + 1 if v.rule else None) == rule
 
 
+def test_remembered_verdicts_are_the_rules_verdicts(monkeypatch):
+    """Verdicts are cached per question; asked again (or after the cache
+    starts over) the answer is what the rules say."""
+    import circuits.operator.policy as policy_module
+    monkeypatch.setattr(policy_module, "MAX_CACHED", 8)
+    fresh = Policy(load(EXAMPLE))
+    questions = [(src, ip(dst), port, proto) for src in ("web", "db", "batch")
+                 for dst in ("10.0.0.1", "10.0.0.2", "198.51.100.9")
+                 for port in (53, 5432, 8080) for proto in ("tcp", "udp")]
+    for _ in range(2):
+        for q in questions:
+            assert fresh.check(*q) == fresh._judge(*q)
+    assert len(fresh._verdicts) <= 8
+
+
 def test_first_match_wins_and_default_allow():
     cfg = parse("""
 [operator]

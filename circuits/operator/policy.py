@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from circuits.operator.config import Config, IPAddress, Rule
 
+MAX_CACHED = 65536  # verdicts kept
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -30,6 +32,9 @@ class Policy:
         self.config = config
         self.owner: dict[IPAddress, str] = {
             addr: g.name for g in config.guests.values() for addr in g.addresses}
+        # Verdicts by (source, address, port, proto): a policy never changes
+        # (a reload makes a new one), and setups repeat the same few questions.
+        self._verdicts: dict[tuple, Verdict] = {}
 
     def guest_at(self, address: IPAddress) -> str | None:
         """The guest an address belongs to, or None for the outside world."""
@@ -39,6 +44,15 @@ class Policy:
 
     def check(self, source: str, address: IPAddress, port: int, proto: str) -> Verdict:
         """May guest `source` open a `proto` connection to address:port?"""
+        key = (source, address, port, proto)
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            if len(self._verdicts) >= MAX_CACHED:
+                self._verdicts.clear()  # bounded: a guest scanning ports cannot grow it
+            verdict = self._verdicts[key] = self._judge(source, address, port, proto)
+        return verdict
+
+    def _judge(self, source: str, address: IPAddress, port: int, proto: str) -> Verdict:
         dest = self.guest_at(address)
         for rule in self.config.rules:
             if self._matches(rule, source, dest, address, port, proto):
