@@ -124,6 +124,11 @@ def test_getent_resolves_through_the_proxy_stack_and_host_files_stay(dns):
     # the guest's /etc/hosts names the guests (circuits ctl hosts)
     out = run(dns, dns.n, "getent", "hosts", dns.m)
     assert out.stdout.split() == ["10.0.1.2", dns.m], out.stderr
+    # the relay went with the program
+    deadline = time.monotonic() + 5
+    while subprocess.run(["pgrep", "-f", f"--guest {dns.n} "]).returncode == 0:
+        assert time.monotonic() < deadline, "a DNS relay outlived its program"
+        time.sleep(0.05)
 
 
 def test_curl_fetches_by_name_from_outside(dns):
@@ -156,3 +161,12 @@ def test_plain_udp_socket_echoes_through_egress(dns):
     assert got["truncation"]["msg_trunc"] and got["truncation"]["data"] == "x" * 10
     assert got["too_big"] == 90 and got["other_peer"] == 106
     assert wait_sent(dns, dns.n, before + 70000) >= before + 70000
+
+
+def test_a_flow_the_proxy_stack_closed_when_idle_is_connected_again_by_the_next_send(dns):
+    dns.serve("udp-echo", 53)
+    out = run(dns, dns.n, sys.executable, str(UDP_APP), "idle", OUTSIDE_IP, "53")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"first": True, "ended": 111, "again": True}  # ECONNREFUSED
+    allowed = [a for a in audit(dns) if a["from"] == dns.n and a["verdict"] == "allow"]
+    assert len(allowed) == 2  # two circuits, one per flow

@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ import circuits
 from circuits.operator.admin import request
 
 UDP_APP = Path(__file__).with_name("udp_app.py")
+RESOLVER_C = Path(__file__).with_name("udp_resolver.c")
 DB = "10.0.0.2"
 SMALL_RING = 16384  # the listener's rings: datagrams beyond 16376 bytes cannot fit
 
@@ -101,6 +104,7 @@ def test_connected_udp_socket_keeps_datagram_boundaries_between_guests(operator,
                                  "buf": "y" * 10}
     assert got["vectors"] == {"n": 6 + suffix, "first": "abc",
                               "rest": "def" + f"|{got['sockname'][0]}:{got['sockname'][1]}"}
+    assert got["epoll"] == [True, True, True]
     assert got["empty"] == 11  # EAGAIN: non-blocking, nothing waiting
     assert got["unspec"] == 0 and got["after_unspec"] == 89  # EDESTADDRREQ once dissolved
     assert echo.bytes_in >= sum([1, 100, 1500, 9000, 60000])
@@ -146,3 +150,20 @@ def test_policy_denied_udp_connect_is_eacces_and_audited(operator, echoes):
     audit = (Path(operator("db")).parent / "audit.jsonl").read_text().splitlines()
     denials = [json.loads(line) for line in audit if '"deny"' in line and "7006" in line]
     assert denials, audit[-5:]
+
+
+@pytest.mark.skipif(not shutil.which("cc"), reason="no C compiler")
+def test_glibc_resolver_and_getaddrinfo_calls_through_the_plt(operator, echoes, tmp_path):
+    """What send_dg and the RFC 3484 sort do, made by a program of our own:
+    glibc's copies call libc-internal functions, which the DNS relay serves."""
+    exe = tmp_path / "udp_resolver"
+    subprocess.run(["cc", "-O1", "-Wall", "-o", str(exe), str(RESOLVER_C)], check=True)
+    echoes(7007), echoes(7008)
+    out = subprocess.run([sys.executable, "-m", "circuits", "run", "--guest", "batch", "--config",
+                          str(operator.config), "--", str(exe), DB, "7007", "7008"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout == "ok\n", out.stdout + out.stderr
+    deadline = time.monotonic() + 10
+    while udp := [c for c in admin(operator, "circuits") if "udp://" in json.dumps(c)]:
+        assert time.monotonic() < deadline, udp  # every circuit ends with the program
+        time.sleep(0.05)

@@ -3,6 +3,7 @@
     python udp_app.py echo HOST PORT          connect(), then the checks below
     python udp_app.py sendto HOST PORT        the same without connect(): sendto
     python udp_app.py reconnect HOST PORT1 PORT2
+    python udp_app.py idle HOST PORT          an echo, 2.5 s idle, an echo
     python udp_app.py send-one HOST PORT      one datagram, no answer awaited
 
 The peer is an echo that answers each datagram with the datagram, "|" and
@@ -20,6 +21,7 @@ import socket
 import struct
 import sys
 import termios
+import time
 
 SIZES = [1, 100, 1500, 9000, 60000]
 
@@ -67,6 +69,20 @@ def vectors(s: socket.socket) -> dict:
     return {"n": n, "first": a.decode(), "rest": bytes(b[: n - 3]).decode()}
 
 
+def epoll_readiness(s: socket.socket) -> list:
+    """epoll: writable at once, readable once the echo is back, not before."""
+    ep = select.epoll()
+    ep.register(s.fileno(), select.EPOLLIN | select.EPOLLOUT)
+    first = [e for _, e in ep.poll(5)]
+    ep.modify(s.fileno(), select.EPOLLIN)
+    idle = ep.poll(0.05)
+    s.send(b"e")
+    later = [e for _, e in ep.poll(10)]
+    s.recv(100)
+    ep.close()
+    return [first == [select.EPOLLOUT], idle == [], later == [select.EPOLLIN]]
+
+
 def unspec(s: socket.socket) -> int:
     """connect(AF_UNSPEC) through libc, as glibc's getaddrinfo does: 0 or errno."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -89,6 +105,7 @@ def role_echo(host: str, port: int, use_sendto: bool) -> dict:
     if not use_sendto:
         out["truncation"] = truncation(s)
         out["vectors"] = vectors(s)
+        out["epoll"] = epoll_readiness(s)
     s.setblocking(False)
     out["empty"] = errno_of(lambda: s.recv(100))
     out["unspec"] = unspec(s)
@@ -107,6 +124,17 @@ def role_reconnect(host: str, port1: int, port2: int) -> dict:
     return {"first": first, "second": second, "peer": list(s.getpeername())}
 
 
+def role_idle(host: str, port: int) -> dict:
+    """The peer ends an idle flow (the proxy stack's udp_idle_timeout): a
+    receive says so, and the next send connects again."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect((host, port))
+    first = echoed(s, b"before")
+    time.sleep(2.5)
+    ended = errno_of(lambda: s.recv(100))
+    return {"first": first["ok"], "ended": ended, "again": echoed(s, b"after")["ok"]}
+
+
 def role_send_one(host: str, port: int) -> dict:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -122,6 +150,8 @@ if __name__ == "__main__":
     ports = [int(p) for p in sys.argv[3:]]
     if role in ("echo", "sendto"):
         result = role_echo(host, ports[0], role == "sendto")
+    elif role == "idle":
+        result = role_idle(host, ports[0])
     elif role == "reconnect":
         result = role_reconnect(host, *ports)
     else:
