@@ -31,7 +31,8 @@ UDP_APP = Path(__file__).with_name("udp_app.py")
 NAME = "www.outside.test"
 HTTP_PORT = 8081
 
-# Two namespaced guests with the outside's resolver: n may use it, m may not.
+# Two namespaced guests with the outside's resolver: n may use it, m may not;
+# and p, a plain guest (the host's network namespace) that may use it.
 DNS_CONFIG = CONFIG.replace('''[[rules]]
 from = "web"''', '''[[guests]]
 name = "{tag}-n"
@@ -44,6 +45,18 @@ name = "{tag}-m"
 addresses = ["10.0.1.2"]
 netns = true
 resolver = ["{outside_ip}"]
+
+[[guests]]
+name = "{tag}-p"
+addresses = ["10.0.1.3"]
+resolver = "{outside_ip}"
+
+[[rules]]
+from = "{tag}-p"
+to = "{outside_ip}/32"
+proto = "udp"
+ports = [53]
+action = "allow"
 
 [[rules]]
 from = "{tag}-n"
@@ -64,7 +77,7 @@ def dns(tmp_path):
     try:
         w.make_network()
         w.start()
-        w.n, w.m = f"{w.tag}-n", f"{w.tag}-m"
+        w.n, w.m, w.p = f"{w.tag}-n", f"{w.tag}-m", f"{w.tag}-p"
         yield w
     finally:
         w.cleanup()
@@ -170,3 +183,14 @@ def test_a_flow_the_proxy_stack_closed_when_idle_is_connected_again_by_the_next_
     assert json.loads(out.stdout) == {"first": True, "ended": 111, "again": True}  # ECONNREFUSED
     allowed = [a for a in audit(dns) if a["from"] == dns.n and a["verdict"] == "allow"]
     assert len(allowed) == 2  # two circuits, one per flow
+
+
+def test_a_plain_guest_resolves_through_its_relay_too(dns):
+    """No namespace: the relay binds on the host's loopback, the lookup still
+    goes through a circuit and the proxy stack (the host itself has no route
+    to the outside namespace)."""
+    start_dnsmasq(dns)
+    out = run(dns, dns.p, "getent", "hosts", NAME)
+    assert out.stdout.split() == [OUTSIDE_IP, NAME], out.stderr
+    assert any(a["from"] == dns.p and a["proto"] == "udp" and a["verdict"] == "allow"
+               for a in audit(dns))

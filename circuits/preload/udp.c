@@ -67,12 +67,13 @@ static void retire(struct cp_sock *s, struct circuit *old)
     /* Pairs with the reference a call takes before it loads s->c: either
      * that call sees the new circuit, or we see its reference. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    struct retired *r;
-    if (__atomic_load_n(&s->refs, __ATOMIC_SEQ_CST) <= 2 || !(r = malloc(sizeof(*r)))) {
-        if (__atomic_load_n(&s->refs, __ATOMIC_SEQ_CST) <= 2)
-            circuit_free(old);
-        return; /* out of memory with a call in flight: leak it rather than pull it away */
+    if (__atomic_load_n(&s->refs, __ATOMIC_SEQ_CST) <= 2) { /* the table's and ours */
+        circuit_free(old);
+        return;
     }
+    struct retired *r = malloc(sizeof(*r));
+    if (!r)
+        return; /* out of memory with a call in flight: leak it rather than pull it away */
     r->c = old, r->next = s->retired;
     s->retired = r;
 }
