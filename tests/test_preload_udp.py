@@ -167,3 +167,39 @@ def test_glibc_resolver_and_getaddrinfo_calls_through_the_plt(operator, echoes, 
     while udp := [c for c in admin(operator, "circuits") if "udp://" in json.dumps(c)]:
         assert time.monotonic() < deadline, udp  # every circuit ends with the program
         time.sleep(0.05)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system time of pid (and of the program circuits run became)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_server(operator, guest: str, host: str, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "circuits", "run", "--guest", guest, "--config",
+                             str(operator.config), "--", sys.executable, str(UDP_APP), "serve",
+                             host, str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "ready", proc.communicate(timeout=10)
+    return proc
+
+
+def test_a_bound_udp_server_of_one_guest_serves_another_guests_sockets(operator):
+    server = start_server(operator, "db", "0.0.0.0", 7010)
+    try:
+        got = run_app(operator, "batch", "echo", DB, "7010")
+        first = run_app(operator, "batch", "reconnect", DB, "7010", "7010")  # a second peer
+        idle = cpu_seconds(server.pid)
+        time.sleep(1)
+        idle = cpu_seconds(server.pid) - idle  # its peers gone, the server sleeps
+    finally:
+        server.kill()
+        _, err = server.communicate(timeout=10)
+    assert all(e["ok"] and e["peer"] == [DB, 7010] for e in got["echo"]), got["echo"]
+    assert got["truncation"]["msg_trunc"] and got["vectors"]["first"] == "abc"
+    assert first["first"]["ok"] and first["second"]["ok"]
+    told = json.loads(err.splitlines()[0])
+    assert told["fionread"] == told["len"] == 1  # the first datagram, one byte
+    assert told["sockname"] == ["0.0.0.0", 7010] and told["acceptconn"] == 0
+    assert told["peername"] == 107  # ENOTCONN: a server is not connected
+    assert idle < 0.1, f"the idle server used {idle} s of CPU in 1 s"

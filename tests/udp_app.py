@@ -5,6 +5,7 @@
     python udp_app.py reconnect HOST PORT1 PORT2
     python udp_app.py idle HOST PORT          an echo, 2.5 s idle, an echo
     python udp_app.py send-one HOST PORT      one datagram, no answer awaited
+    python udp_app.py serve HOST PORT         a UDP echo server (bind and recvfrom)
 
 The peer is an echo that answers each datagram with the datagram, "|" and
 the sender's address (tests/outside.py udp-echo, or the test's own echo).
@@ -135,6 +136,30 @@ def role_idle(host: str, port: int) -> dict:
     return {"first": first["ok"], "ended": ended, "again": echoed(s, b"after")["ok"]}
 
 
+def role_serve(host: str, port: int) -> None:
+    """A UDP echo server: bind, then answer each datagram with it, "|" and its
+    sender, as outside.py's udp-echo; waits in select on a non-blocking socket
+    and reports FIONREAD and SO_ACCEPTCONN once, on stderr."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((host, port))
+    s.setblocking(False)
+    print("ready", flush=True)
+    told = False
+    while True:
+        select.select([s], [], [])
+        waiting = struct.unpack("i", fcntl.ioctl(s, termios.FIONREAD, b"\0" * 4))[0]
+        try:
+            data, peer = s.recvfrom(65536)
+        except BlockingIOError:
+            continue
+        if not told:
+            print(json.dumps({"fionread": waiting, "len": len(data), "sockname": s.getsockname(),
+                              "acceptconn": s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN),
+                              "peername": errno_of(s.getpeername)}), file=sys.stderr, flush=True)
+            told = True
+        s.sendto(data + f"|{peer[0]}:{peer[1]}".encode(), peer)
+
+
 def role_send_one(host: str, port: int) -> dict:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -150,6 +175,8 @@ if __name__ == "__main__":
     ports = [int(p) for p in sys.argv[3:]]
     if role in ("echo", "sendto"):
         result = role_echo(host, ports[0], role == "sendto")
+    elif role == "serve":
+        role_serve(host, ports[0])
     elif role == "idle":
         result = role_idle(host, ports[0])
     elif role == "reconnect":

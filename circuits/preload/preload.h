@@ -203,6 +203,7 @@ struct cp_sock {
     bool implicit;        /* UDP: connected by sendto, not connect (getpeername: ENOTCONN) */
     struct cp_endpoint peer; /* UDP: the address the program connected or sent to */
     void *retired;        /* UDP: replaced circuits a call may still use (udp.c) */
+    void *server;         /* UDP bound to a port: its peers (udpserver.c) */
 };
 
 struct cp_sock *cp_sock_new(int family);
@@ -250,6 +251,10 @@ ssize_t cp_send(struct cp_sock *s, const void *buf, size_t len, int flags);
 /* Bytes the peer has sent us so far (read or waiting): a new value is new data. */
 uint64_t cp_arrived(struct cp_sock *s);
 
+/* Ask the operator for a circuit of `kind` to ep: 0, the CIRCUIT message,
+ * its descriptors and the attached circuit (side 0), or -errno. */
+int cp_ask_circuit(const struct cp_endpoint *ep, uint32_t kind, struct cp_circuit_msg *m,
+                   int fds[4], struct circuit **c);
 /* Ask the operator for a circuit to ep and put it on fd (s->lock held). */
 int cp_connect_circuit(int fd, struct cp_sock *s, const struct cp_endpoint *ep);
 /* Leave fd's descriptor as it was at socket(): a kernel placeholder. */
@@ -268,8 +273,30 @@ ssize_t cp_udp_recv(struct cp_sock *s, void *buf, size_t len, int flags, struct 
                     socklen_t *alen);
 ssize_t cp_udp_send(struct cp_sock *s, const void *buf, size_t len, int flags,
                     const struct sockaddr *addr, socklen_t alen);
-/* The last reference is gone: unmap the circuits a re-connect replaced. */
-void cp_udp_free_retired(struct cp_sock *s);
+/* The last reference is gone: end a UDP server, unmap replaced circuits. */
+void cp_udp_free(struct cp_sock *s);
+/* A circuit replaced or dropped: unmapped now, or when no call can hold it. */
+void cp_udp_retire(struct cp_sock *s, struct circuit *old);
+/* The next datagram of c into msg, as recvmsg says it (without the name). */
+ssize_t cp_udp_take(struct cp_sock *s, struct circuit *c, struct msghdr *msg, int flags);
+/* msg as one datagram into c, to the peer `to`; as sendmsg says it. */
+ssize_t cp_udp_put_msg(struct cp_sock *s, struct circuit *c, const struct msghdr *msg,
+                       int flags, const struct cp_endpoint *to);
+/* The UDP endpoint a program names; 0 or -errno. */
+int cp_udp_endpoint(struct cp_sock *s, const struct sockaddr *addr, socklen_t len,
+                    struct cp_endpoint *ep);
+
+/* ---- udpserver.c: a bound UDP socket serving many peers ---------------- */
+
+/* LISTEN on s->local and put the server's epoll on fd (s->lock held). */
+int cp_udp_serve(int fd, struct cp_sock *s);
+/* End serving: every peer's circuit, the listener (s->lock held). */
+void cp_udp_unserve(struct cp_sock *s);
+ssize_t cp_udp_server_recvmsg(struct cp_sock *s, struct msghdr *msg, int flags);
+ssize_t cp_udp_server_sendmsg(struct cp_sock *s, const struct msghdr *msg, int flags,
+                              const struct cp_endpoint *to);
+/* FIONREAD: the size of the datagram a receive would take now, or 0. */
+int cp_udp_server_next_size(struct cp_sock *s);
 
 /* ---- poll.c, shared with epoll.c ------------------------------------- */
 

@@ -102,8 +102,13 @@ CP_EXPORT int bind(int fd, const struct sockaddr *addr, socklen_t len)
     if (!rc && !bypass) {
         s->local = ep;
         s->bound = true;
+        s->local.proto = s->dgram ? CP_UDP : CP_TCP;
+        if (s->dgram && ep.port) /* a UDP server: its peers come as circuits (udpserver.c) */
+            rc = cp_udp_serve(fd, s);
+        s->bound = !rc;
         char a[CP_EP_STR];
-        cp_log("fd %d: bound to %s", fd, cp_endpoint_str(&ep, a));
+        cp_log("fd %d: bound to %s%s", fd, cp_endpoint_str(&ep, a),
+               rc ? ": failed" : s->dgram && ep.port ? ", serving UDP" : "");
     }
     pthread_mutex_unlock(&s->lock);
     cp_sock_put(s);
@@ -349,10 +354,10 @@ static bool answered(int err)
     return err != -EPROTO && err != -ETIMEDOUT && err != -ECONNABORTED && err != -EINTR;
 }
 
-int cp_connect_circuit(int fd, struct cp_sock *s, const struct cp_endpoint *ep)
+int cp_ask_circuit(const struct cp_endpoint *ep, uint32_t kind, struct cp_circuit_msg *mp,
+                   int fds[4], struct circuit **c)
 {
     struct cp_circuit_msg m;
-    int fds[4];
     int ctl = cp_ctl_get();
     if (ctl < 0)
         return unreachable(ctl);
@@ -364,10 +369,19 @@ int cp_connect_circuit(int fd, struct cp_sock *s, const struct cp_endpoint *ep)
         err = cp_ctl_connect(ctl, ep, &m, fds);
     }
     cp_ctl_put(ctl, answered(err));
-    if (err)
-        return err;
+    if (!err)
+        err = cp_ctl_attach(&m, fds, 0, kind, c);
+    *mp = m;
+    return err;
+}
+
+int cp_connect_circuit(int fd, struct cp_sock *s, const struct cp_endpoint *ep)
+{
+    struct cp_circuit_msg m;
+    int fds[4];
     struct circuit *c;
-    if ((err = cp_ctl_attach(&m, fds, 0, s->dgram ? CIRCUIT_DGRAM : CIRCUIT_STREAM, &c)))
+    int err = cp_ask_circuit(ep, s->dgram ? CIRCUIT_DGRAM : CIRCUIT_STREAM, &m, fds, &c);
+    if (err)
         return err;
     if (real.dup3(fds[1], fd, cloexec_of(fd)) < 0) {
         err = -errno;
@@ -585,6 +599,8 @@ CP_EXPORT int ioctl(int fd, unsigned long request, ...)
         real.ioctl(fd, request, arg);
     } else if (state_of(s) == CP_CONNECTED) {
         *(int *)arg = readable_bytes(s);
+    } else if (state_of(s) == CP_LISTENING && s->dgram) {
+        *(int *)arg = cp_udp_server_next_size(s);
     } else {
         rc = state_of(s) == CP_LISTENING ? -EINVAL : 0;
         if (!rc)
@@ -654,7 +670,7 @@ static int emulated_option(struct cp_sock *s, int level, int name, int *value)
     else if (level == SOL_SOCKET && name == SO_PROTOCOL)
         *value = s->dgram ? IPPROTO_UDP : IPPROTO_TCP;
     else if (level == SOL_SOCKET && name == SO_ACCEPTCONN)
-        *value = state == CP_LISTENING;
+        *value = state == CP_LISTENING && !s->dgram;
     else
         return -ENOPROTOOPT;
     return 0;

@@ -61,8 +61,7 @@ bool cp_udp_kind(int domain, int type, int protocol)
 
 /* ---- the circuit under the socket ---------------------------------------- */
 
-/* Unmap a replaced circuit now if no other call can be using it, else later. */
-static void retire(struct cp_sock *s, struct circuit *old)
+void cp_udp_retire(struct cp_sock *s, struct circuit *old)
 {
     /* Pairs with the reference a call takes before it loads s->c: either
      * that call sees the new circuit, or we see its reference. */
@@ -78,8 +77,9 @@ static void retire(struct cp_sock *s, struct circuit *old)
     s->retired = r;
 }
 
-void cp_udp_free_retired(struct cp_sock *s)
+void cp_udp_free(struct cp_sock *s)
 {
+    cp_udp_unserve(s);
     for (struct retired *r = s->retired, *next; r; r = next) {
         next = r->next;
         circuit_free(r->c);
@@ -105,6 +105,13 @@ static bool holds(int fd, struct cp_sock *s)
 static void dissolve(struct cp_sock *s)
 {
     int state = state_of(s);
+    if (state == CP_LISTENING) { /* a server becomes a client */
+        cp_udp_unserve(s);
+        if (holds(s->fd, s))
+            cp_placeholder(s->fd, s);
+        __atomic_store_n(&s->state, CP_FRESH, __ATOMIC_RELEASE);
+        return;
+    }
     if (state == CP_FAILED)
         __atomic_store_n(&s->state, CP_FRESH, __ATOMIC_RELEASE);
     if (state != CP_CONNECTED)
@@ -140,12 +147,11 @@ static int join(struct cp_sock *s, const struct cp_endpoint *ep, bool implicit)
         return err;
     s->peer = *ep, s->implicit = implicit;
     if (old)
-        retire(s, old);
+        cp_udp_retire(s, old);
     return 0;
 }
 
-/* The address a program names, as an endpoint of UDP; 0 or -errno. */
-static int udp_endpoint(struct cp_sock *s, const struct sockaddr *addr, socklen_t len,
+int cp_udp_endpoint(struct cp_sock *s, const struct sockaddr *addr, socklen_t len,
                         struct cp_endpoint *ep)
 {
     int err = cp_endpoint_from(addr, len, s->family, ep);
@@ -168,7 +174,7 @@ int cp_udp_connect(int fd, struct cp_sock *s, const struct sockaddr *addr, sockl
         return 0;
     }
     struct cp_endpoint ep;
-    int err = udp_endpoint(s, addr, len, &ep);
+    int err = cp_udp_endpoint(s, addr, len, &ep);
     if (err)
         return err;
     pthread_mutex_lock(&s->lock);
@@ -191,7 +197,7 @@ static bool same_peer(const struct cp_endpoint *a, const struct cp_endpoint *b)
 static int aim(struct cp_sock *s, const struct sockaddr *addr, socklen_t len)
 {
     struct cp_endpoint ep;
-    int err = udp_endpoint(s, addr, len, &ep);
+    int err = cp_udp_endpoint(s, addr, len, &ep);
     if (err)
         return err;
     pthread_mutex_lock(&s->lock);
@@ -277,32 +283,41 @@ static ssize_t take(struct cp_sock *s, struct circuit *c, const struct iovec *io
     return err ? err : full;
 }
 
-ssize_t cp_udp_recvmsg(struct cp_sock *s, struct msghdr *msg, int flags)
+ssize_t cp_udp_take(struct cp_sock *s, struct circuit *c, struct msghdr *msg, int flags)
 {
-    if (state_of(s) != CP_CONNECTED) /* a bound server socket is not supported yet */
-        return state_of(s) == CP_FAILED ? -__atomic_exchange_n(&s->so_error, 0, __ATOMIC_ACQ_REL)
-                                        : -ENOTCONN;
     ssize_t room = iov_total(msg->msg_iov, msg->msg_iovlen);
     if (room < 0)
         return room;
-    if (s->rd_shut)
-        return 0;
-    ssize_t full = take(s, s->c, msg->msg_iov, msg->msg_iovlen, (size_t)room, flags);
+    ssize_t full = take(s, c, msg->msg_iov, msg->msg_iovlen, (size_t)room, flags);
     if (full == -EAGAIN || full == -ETIMEDOUT) {
         __atomic_add_fetch(&s->rx_again, 1, __ATOMIC_RELEASE);
         return -EAGAIN;
     }
     if (full == -ESHUTDOWN || full == -EBADF)
-        return -ECONNREFUSED; /* the peer ended the flow; a send connects again */
+        return -ECONNREFUSED; /* the peer ended the flow */
     if (full < 0)
         return full;
-    if (msg->msg_name)
-        cp_endpoint_to(&s->remote, s->family, msg->msg_name, &msg->msg_namelen);
-    else
-        msg->msg_namelen = 0;
     msg->msg_controllen = 0; /* no ancillary data travels on a circuit */
     msg->msg_flags = full > room ? MSG_TRUNC : 0;
     return flags & MSG_TRUNC || full <= room ? full : room;
+}
+
+ssize_t cp_udp_recvmsg(struct cp_sock *s, struct msghdr *msg, int flags)
+{
+    int state = state_of(s);
+    if (state == CP_LISTENING)
+        return cp_udp_server_recvmsg(s, msg, flags);
+    if (state != CP_CONNECTED) /* neither connected nor bound to a port: no peer can send */
+        return state == CP_FAILED ? -__atomic_exchange_n(&s->so_error, 0, __ATOMIC_ACQ_REL)
+                                  : -ENOTCONN;
+    if (s->rd_shut)
+        return 0;
+    ssize_t n = cp_udp_take(s, s->c, msg, flags); /* ECONNREFUSED: a send connects again */
+    if (n >= 0 && msg->msg_name)
+        cp_endpoint_to(&s->remote, s->family, msg->msg_name, &msg->msg_namelen);
+    else if (n >= 0)
+        msg->msg_namelen = 0;
+    return n;
 }
 
 /* Put one datagram of `total` bytes from the vector into the ring. */
@@ -322,40 +337,53 @@ static ssize_t put(struct cp_sock *s, struct circuit *c, const struct iovec *iov
     return err ? err : (ssize_t)total;
 }
 
-static size_t udp_max(struct cp_sock *s)
+ssize_t cp_udp_put_msg(struct cp_sock *s, struct circuit *c, const struct msghdr *msg,
+                       int flags, const struct cp_endpoint *to)
 {
-    size_t ring = circuit_max_dgram(s->c);
-    size_t udp = cp_endpoint_is_v4(&s->peer) ? UDP_MAX_V4 : UDP_MAX_V6;
-    return ring < udp ? ring : udp;
+    ssize_t total = iov_total(msg->msg_iov, msg->msg_iovlen);
+    if (total < 0)
+        return total;
+    size_t ring = circuit_max_dgram(c);
+    size_t udp = cp_endpoint_is_v4(to) ? UDP_MAX_V4 : UDP_MAX_V6;
+    if ((size_t)total > ring || (size_t)total > udp)
+        return -EMSGSIZE;
+    ssize_t n = put(s, c, msg->msg_iov, msg->msg_iovlen, (size_t)total, flags);
+    if (n == -EAGAIN || n == -ETIMEDOUT) {
+        __atomic_add_fetch(&s->tx_again, 1, __ATOMIC_RELEASE);
+        return -EAGAIN;
+    }
+    return n;
+}
+
+/* A server's datagram goes to the peer it names. */
+static ssize_t serve_one(struct cp_sock *s, const struct msghdr *msg, int flags)
+{
+    struct cp_endpoint to;
+    int err = msg->msg_name ? cp_udp_endpoint(s, msg->msg_name, msg->msg_namelen, &to)
+                            : -EDESTADDRREQ;
+    return err ? err : cp_udp_server_sendmsg(s, msg, flags, &to);
 }
 
 ssize_t cp_udp_sendmsg(struct cp_sock *s, const struct msghdr *msg, int flags)
 {
     if (msg->msg_controllen)
         return -EOPNOTSUPP; /* IP_PKTINFO and the like cannot cross a circuit */
-    ssize_t total = iov_total(msg->msg_iov, msg->msg_iovlen);
-    int err = total < 0 ? (int)total : 0;
-    if (!err && msg->msg_name)
+    if (state_of(s) == CP_LISTENING)
+        return serve_one(s, msg, flags);
+    int err = 0;
+    if (msg->msg_name)
         err = aim(s, msg->msg_name, msg->msg_namelen);
-    else if (!err && state_of(s) != CP_CONNECTED)
+    else if (state_of(s) != CP_CONNECTED)
         err = state_of(s) == CP_FAILED ? -ECONNREFUSED : -EDESTADDRREQ;
     if (err)
         return err;
     if (s->wr_shut)
         return -EPIPE;
-    if ((size_t)total > udp_max(s))
-        return -EMSGSIZE;
     struct circuit *c = s->c;
-    ssize_t n = put(s, c, msg->msg_iov, msg->msg_iovlen, (size_t)total, flags);
+    ssize_t n = cp_udp_put_msg(s, c, msg, flags, &s->peer);
     if ((n == -EPIPE || n == -EBADF) && !(err = rejoin(s, c)))
-        n = put(s, s->c, msg->msg_iov, msg->msg_iovlen, (size_t)total, flags);
-    if (err)
-        return err;
-    if (n == -EAGAIN || n == -ETIMEDOUT) {
-        __atomic_add_fetch(&s->tx_again, 1, __ATOMIC_RELEASE);
-        return -EAGAIN;
-    }
-    return n;
+        n = cp_udp_put_msg(s, s->c, msg, flags, &s->peer);
+    return err ? err : n;
 }
 
 ssize_t cp_udp_recv(struct cp_sock *s, void *buf, size_t len, int flags, struct sockaddr *addr,
