@@ -203,3 +203,21 @@ def test_a_bound_udp_server_of_one_guest_serves_another_guests_sockets(operator)
     assert told["sockname"] == ["0.0.0.0", 7010] and told["acceptconn"] == 0
     assert told["peername"] == 107  # ENOTCONN: a server is not connected
     assert idle < 0.1, f"the idle server used {idle} s of CPU in 1 s"
+
+
+def test_a_bound_udp_server_sends_first_to_a_new_peer(operator, echoes):
+    """sendto from a bound socket to an address that never sent to it: a new
+    circuit, whose answers recvfrom takes like any peer's."""
+    echo = echoes(7011)
+    script = ("import socket\n"
+              "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+              "s.bind(('0.0.0.0', 7012))\n"
+              f"s.sendto(b'first', ('{DB}', 7011))\n"
+              "s.settimeout(10)\n"
+              "data, peer = s.recvfrom(100)\n"
+              "print(data.decode().split('|')[0], peer[0], peer[1])\n")
+    out = subprocess.run([sys.executable, "-m", "circuits", "run", "--guest", "batch", "--config",
+                          str(operator.config), "--", sys.executable, "-c", script],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["first", DB, "7011"], out.stderr
+    assert echo.bytes_in == 5

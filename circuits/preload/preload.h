@@ -251,6 +251,8 @@ ssize_t cp_send(struct cp_sock *s, const void *buf, size_t len, int flags);
 /* Bytes the peer has sent us so far (read or waiting): a new value is new data. */
 uint64_t cp_arrived(struct cp_sock *s);
 
+/* The operator cannot be reached (err): say so on stderr; -ENETUNREACH. */
+int cp_unreachable(int err);
 /* Ask the operator for a circuit of `kind` to ep: 0, the CIRCUIT message,
  * its descriptors and the attached circuit (side 0), or -errno. */
 int cp_ask_circuit(const struct cp_endpoint *ep, uint32_t kind, struct cp_circuit_msg *m,

@@ -119,7 +119,7 @@ CP_EXPORT int bind(int fd, const struct sockaddr *addr, socklen_t len)
     return (int)cp_ret(rc);
 }
 
-static int unreachable(int err)
+int cp_unreachable(int err)
 {
     cp_warn("cannot reach the operator at %s: %s (no fall-back to the kernel's network)",
             cp_control_path(), strerror(-err));
@@ -174,7 +174,7 @@ static int do_listen(int fd, struct cp_sock *s, int backlog)
     }
     int ctl = cp_ctl_open();
     if (ctl < 0)
-        return unreachable(ctl);
+        return cp_unreachable(ctl);
     s->backlog = backlog > 0 ? (uint32_t)backlog : 1;
     int err = listen_somewhere(ctl, s), lep = -1;
     if (!err)
@@ -360,12 +360,12 @@ int cp_ask_circuit(const struct cp_endpoint *ep, uint32_t kind, struct cp_circui
     struct cp_circuit_msg m;
     int ctl = cp_ctl_get();
     if (ctl < 0)
-        return unreachable(ctl);
+        return cp_unreachable(ctl);
     int err = cp_ctl_connect(ctl, ep, &m, fds);
     if (err == -ECONNABORTED) { /* a pooled connection to an operator since restarted */
         cp_ctl_put(ctl, false);
         if ((ctl = cp_ctl_open()) < 0)
-            return unreachable(ctl);
+            return cp_unreachable(ctl);
         err = cp_ctl_connect(ctl, ep, &m, fds);
     }
     cp_ctl_put(ctl, answered(err));

@@ -129,7 +129,7 @@ int cp_udp_serve(int fd, struct cp_sock *s)
 {
     int ctl = cp_ctl_open();
     if (ctl < 0)
-        return -ENETUNREACH;
+        return cp_unreachable(ctl);
     s->server = calloc(1, sizeof(struct cp_udp_server));
     int lep = cp_hide_fd(real.epoll_create1(EPOLL_CLOEXEC));
     struct epoll_event ev = {.events = EPOLLIN};
@@ -193,12 +193,14 @@ static ssize_t look(struct cp_sock *s, struct msghdr *msg, int flags, struct cp_
             drop_peer(s, i); /* slot i now holds another peer, or none */
             continue;
         }
-        t->next = (unsigned)i + 1;
         if (n != -EAGAIN) {
             *from = t->peers[i].addr;
+            if (!(flags & MSG_PEEK)) /* a peek leaves that datagram the next to take */
+                t->next = (unsigned)i + 1;
             return n;
         }
         circuit_arm_read(t->peers[i].c);
+        t->next = (unsigned)i + 1;
         tried++;
     }
     return -EAGAIN;
