@@ -29,6 +29,9 @@
  * again to the same address, and a receive meanwhile says ECONNREFUSED (a
  * connected UDP socket's word for "nobody answers there any more").
  *
+ * A socket bound to a port is a server of many peers instead: udpserver.c,
+ * to which the data calls here hand it.
+ *
  * A replaced circuit may still be in use by another thread's call on the
  * same socket: it is ended at once but unmapped only when no call can hold
  * it (the socket's last reference, or at once when nobody else holds one).
@@ -152,7 +155,7 @@ static int join(struct cp_sock *s, const struct cp_endpoint *ep, bool implicit)
 }
 
 int cp_udp_endpoint(struct cp_sock *s, const struct sockaddr *addr, socklen_t len,
-                        struct cp_endpoint *ep)
+                    struct cp_endpoint *ep)
 {
     int err = cp_endpoint_from(addr, len, s->family, ep);
     ep->proto = CP_UDP;
