@@ -221,3 +221,37 @@ def test_a_bound_udp_server_sends_first_to_a_new_peer(operator, echoes):
                          capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["first", DB, "7011"], out.stderr
     assert echo.bytes_in == 5
+
+
+@pytest.mark.skipif(not shutil.which("nc"), reason="netcat-openbsd: make deps")
+def test_unmodified_nc_udp_listener_talks_with_a_guest(operator):
+    """OpenBSD nc -u -l peeks at the first datagram and connects to its sender:
+    the server adopts that peer's circuit, the datagram still in it."""
+    server = subprocess.Popen([sys.executable, "-m", "circuits", "run", "--guest", "db",
+                               "--config", str(operator.config), "--", "nc", "-u", "-l", DB,
+                               "7020"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    script = ("import socket, time\n"
+              "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+              "s.settimeout(10)\n"
+              "for _ in range(100):\n"
+              "    try:\n"
+              f"        s.connect(('{DB}', 7020))\n"
+              "        break\n"
+              "    except ConnectionRefusedError:\n"  # nc not listening yet
+              "        time.sleep(0.1)\n"
+              "s.send(b'hello from batch\\n')\n"
+              "print(s.recv(100).decode(), end='', flush=True)\n")
+    try:
+        client = subprocess.Popen([sys.executable, "-m", "circuits", "run", "--guest", "batch",
+                                   "--config", str(operator.config), "--", sys.executable, "-c",
+                                   script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        assert server.stdout.readline() == "hello from batch\n"
+        server.stdin.write("hello from nc\n")
+        server.stdin.flush()
+        out, err = client.communicate(timeout=30)
+        assert out == "hello from nc\n", err
+    finally:
+        server.kill()
+        server.communicate(timeout=10)

@@ -292,6 +292,10 @@ int cp_udp_endpoint(struct cp_sock *s, const struct sockaddr *addr, socklen_t le
 
 /* LISTEN on s->local and put the server's epoll on fd (s->lock held). */
 int cp_udp_serve(int fd, struct cp_sock *s);
+/* connect() of a server to one of its peers: that peer's circuit becomes the
+ * socket's (datagrams already in it stay), the others end; -ENOENT if addr
+ * is no peer (s->lock held). */
+int cp_udp_adopt(struct cp_sock *s, const struct cp_endpoint *addr);
 /* End serving: every peer's circuit, the listener (s->lock held). */
 void cp_udp_unserve(struct cp_sock *s);
 ssize_t cp_udp_server_recvmsg(struct cp_sock *s, struct msghdr *msg, int flags);

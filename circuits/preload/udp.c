@@ -137,6 +137,9 @@ static void dissolve(struct cp_sock *s)
 /* Connect s (s->lock held) to ep: a new circuit on s->fd, the old one retired. */
 static int join(struct cp_sock *s, const struct cp_endpoint *ep, bool implicit)
 {
+    /* nc -u -l and socat UDP-LISTEN peek at the first datagram, then connect to its sender */
+    if (state_of(s) == CP_LISTENING && holds(s->fd, s) && !cp_udp_adopt(s, ep))
+        return 0;
     dissolve(s);
     if (!holds(s->fd, s))
         return -EBADF; /* connected through a number since closed: see docs/preload.md */

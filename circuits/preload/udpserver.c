@@ -39,6 +39,7 @@ struct peer {
     struct cp_endpoint addr; /* the peer, as recvfrom names it */
     struct circuit *c;
     int bell, peer_bell;
+    uint64_t id; /* the operator's circuit id */
 };
 
 struct cp_udp_server {
@@ -58,7 +59,7 @@ static void watch(struct cp_sock *s, struct peer *p)
 }
 
 /* Add a circuit to the table (s->lock held); it is closed if there is no room. */
-static int add_peer(struct cp_sock *s, struct circuit *c, int bell, int peer_bell,
+static int add_peer(struct cp_sock *s, struct circuit *c, int fds[4], uint64_t id,
                     const struct cp_endpoint *addr)
 {
     struct cp_udp_server *t = s->server;
@@ -72,19 +73,26 @@ static int add_peer(struct cp_sock *s, struct circuit *c, int bell, int peer_bel
         t->peers = more, t->cap = cap;
     }
     struct peer *p = &t->peers[t->n++];
-    *p = (struct peer){.addr = *addr, .c = c, .bell = bell, .peer_bell = peer_bell};
+    *p = (struct peer){.addr = *addr, .c = c, .bell = fds[1], .peer_bell = fds[3], .id = id};
     watch(s, p);
     return 0;
 }
 
-/* End peer i's circuit and take it out of the table (s->lock held). */
-static void drop_peer(struct cp_sock *s, int i)
+/* Take peer i out of the table (s->lock held), its circuit as it is. */
+static struct peer unwatch(struct cp_sock *s, int i)
 {
     struct cp_udp_server *t = s->server;
     struct peer p = t->peers[i];
     real.epoll_ctl(s->lep, EPOLL_CTL_DEL, p.bell, NULL);
     real.epoll_ctl(s->lep, EPOLL_CTL_DEL, p.peer_bell, NULL);
     t->peers[i] = t->peers[--t->n];
+    return p;
+}
+
+/* End peer i's circuit and take it out of the table (s->lock held). */
+static void drop_peer(struct cp_sock *s, int i)
+{
+    struct peer p = unwatch(s, i);
     circuit_close(p.c);
     cp_udp_retire(s, p.c);
 }
@@ -119,7 +127,7 @@ static void take_new_peers(struct cp_sock *s)
         struct circuit *c;
         if (err || cp_ctl_attach(&m, fds, 1, CIRCUIT_DGRAM, &c))
             continue;
-        add_peer(s, c, fds[1], fds[3], &m.remote);
+        add_peer(s, c, fds, m.id, &m.remote);
     }
 }
 
@@ -150,6 +158,32 @@ int cp_udp_serve(int fd, struct cp_sock *s)
     }
     s->ctl = ctl, s->lep = lep;
     __atomic_store_n(&s->state, CP_LISTENING, __ATOMIC_RELEASE);
+    return 0;
+}
+
+int cp_udp_adopt(struct cp_sock *s, const struct cp_endpoint *addr)
+{
+    struct cp_udp_server *t = s->server;
+    struct peer *found = t ? find_peer(t, addr) : NULL;
+    if (!found)
+        return -ENOENT;
+    struct peer p = unwatch(s, (int)(found - t->peers));
+    int cloexec = real.fcntl(s->fd, F_GETFD) & FD_CLOEXEC ? O_CLOEXEC : 0;
+    if (real.dup3(p.bell, s->fd, cloexec) < 0) {
+        int err = -errno;
+        circuit_free(p.c);
+        return err;
+    }
+    int fl = real.fcntl(s->fd, F_GETFL); /* the doorbell's file: O_NONBLOCK as the program set it */
+    if (fl >= 0)
+        real.fcntl(s->fd, F_SETFL, s->nonblock ? fl | O_NONBLOCK : fl & ~O_NONBLOCK);
+    cp_udp_unserve(s);
+    s->c = p.c, s->peer_bell = p.peer_bell, s->circuit_id = p.id, s->procs = cp_procs_new();
+    s->remote = s->peer = p.addr, s->implicit = false;
+    __atomic_store_n(&s->state, CP_CONNECTED, __ATOMIC_RELEASE);
+    char a[CP_EP_STR];
+    cp_log("fd %d: udp server connected to its peer %s, circuit %llu", s->fd,
+           cp_endpoint_str(addr, a), (unsigned long long)p.id);
     return 0;
 }
 
@@ -239,7 +273,7 @@ static int circuit_to(struct cp_sock *s, const struct cp_endpoint *addr, struct 
     if (!p) {
         struct cp_circuit_msg m;
         int fds[4], err = cp_ask_circuit(addr, CIRCUIT_DGRAM, &m, fds, c);
-        if (err || (err = add_peer(s, *c, fds[1], fds[3], addr)))
+        if (err || (err = add_peer(s, *c, fds, m.id, addr)))
             return err;
         p = &((struct cp_udp_server *)s->server)->peers[((struct cp_udp_server *)s->server)->n - 1];
     }
