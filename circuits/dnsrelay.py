@@ -13,7 +13,9 @@ socket) to the real resolver.  The operator's policy decides, as for any
 UDP connect of the guest, and the proxy stack carries it; nothing reaches
 the resolver but through them.
 
-One circuit per query (each is audited); a refused query (no rule allows
+One circuit per query (each is audited); queries over TCP (glibc asks again
+over TCP when an answer came truncated) go through a stream circuit per
+connection, which needs a TCP rule for port 53 too.  A refused query (no rule allows
 UDP port 53 to the resolver) is answered REFUSED at once, a failed one
 SERVFAIL, so the program's resolver moves on without waiting out its
 timeout.  The relay lives as long as the program `circuits run` became
@@ -48,13 +50,17 @@ def local_addresses(n: int) -> list[str]:
 
 def bind_all(addresses: list[str]) -> list[socket.socket]:
     """The relay's sockets, bound before the program starts: its first query
-    finds them there."""
+    finds them there.  For each address a UDP socket, then a TCP listener
+    (glibc asks again over TCP when an answer came truncated)."""
     socks = []
     try:
         for a in addresses:
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            socks.append(s)
-            s.bind((a, DNS_PORT))
+            for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                s = socket.socket(socket.AF_INET, kind)
+                socks.append(s)
+                s.bind((a, DNS_PORT))
+                if kind == socket.SOCK_STREAM:
+                    s.listen(16)
     except OSError:
         for s in socks:
             s.close()
@@ -84,7 +90,8 @@ class Relay:
 
     def __init__(self, socks: list[socket.socket], resolvers: list[IPv4Address | IPv6Address],
                  control: str):
-        self.pairs = {s.fileno(): (s, str(r)) for s, r in zip(socks, resolvers)}
+        pairs = zip(socks[0::2], socks[1::2], resolvers)  # bind_all's order
+        self.pairs = {s.fileno(): (s, str(r)) for udp, tcp, r in pairs for s in (udp, tcp)}
         self.control = control
         self.slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
 
@@ -96,10 +103,16 @@ class Relay:
                 return
             for fd in ready:
                 sock, resolver = self.pairs[fd]
-                query, client = sock.recvfrom(MAX_QUERY)
+                if sock.type == socket.SOCK_STREAM:
+                    conn, _ = sock.accept()
+                    work, args = self._stream, (conn, resolver)
+                else:
+                    query, client = sock.recvfrom(MAX_QUERY)
+                    work, args = self._one, (sock, resolver, query, client)
                 if self.slots.acquire(blocking=False):
-                    threading.Thread(target=self._one, args=(sock, resolver, query, client),
-                                     daemon=True).start()
+                    threading.Thread(target=work, args=args, daemon=True).start()
+                elif sock.type == socket.SOCK_STREAM:
+                    conn.close()  # too many at once: the client tries the next server
 
     def _one(self, sock: socket.socket, resolver: str, query: bytes, client) -> None:
         try:
@@ -108,6 +121,24 @@ class Relay:
                 sock.sendto(reply, client)
         except OSError:
             pass  # the client is gone: nothing to tell it
+        finally:
+            self.slots.release()
+
+    def _stream(self, client: socket.socket, resolver: str) -> None:
+        """DNS over TCP: each length-prefixed query of the client goes through
+        a stream circuit to the resolver, and its answer back, in turn."""
+        try:
+            with client, circuits.connect((resolver, DNS_PORT), control=self.control) as conn:
+                client.settimeout(ANSWER_TIMEOUT)
+                conn.settimeout(ANSWER_TIMEOUT)
+                while query := _message(client.recv):
+                    conn.sendall(query)
+                    answer = _message(conn.recv)
+                    if not answer:
+                        return
+                    client.sendall(answer)
+        except OSError:
+            pass  # refused by the policy, timed out, or gone: the client sees the close
         finally:
             self.slots.release()
 
@@ -127,6 +158,20 @@ class Relay:
                 return None  # as a lost datagram: the client asks again
             except OSError:
                 return error_reply(query, SERVFAIL)
+
+
+def _message(recv) -> bytes:
+    """One DNS-over-TCP message (its 2-byte length, then that much), or b""
+    at the end of the stream."""
+    data = b""
+    for need in (2, None):
+        want = struct.unpack("!H", data)[0] + 2 if need is None else need
+        while len(data) < want:
+            more = recv(want - len(data))
+            if not more:
+                return b""
+            data += more
+    return data
 
 
 def start(socks: list[socket.socket], resolvers, control: str) -> None:

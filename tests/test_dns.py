@@ -30,6 +30,7 @@ pytestmark = [requires_netns,
 UDP_APP = Path(__file__).with_name("udp_app.py")
 NAME = "www.outside.test"
 HTTP_PORT = 8081
+BIG, BIG_COUNT = "big.outside.test", 60  # 60 A records: about 1 KB, truncated over UDP
 
 # Two namespaced guests with the outside's resolver: n may use it, m may not;
 # and p, a plain guest (the host's network namespace) that may use it.
@@ -84,12 +85,14 @@ def dns(tmp_path):
 
 
 def start_dnsmasq(w: World) -> subprocess.Popen:
-    """dnsmasq in the outside namespace: one name, nothing from any file, no pid file."""
+    """dnsmasq in the outside namespace: NAME, and BIG with more addresses than a
+    512-byte UDP answer holds; nothing from any file, no pid file."""
     proc = subprocess.Popen(
         ["ip", "netns", "exec", w.outside, "dnsmasq", "--keep-in-foreground", "--no-resolv",
          "--no-hosts", "--conf-file=/dev/null", "--pid-file", "--port", "53",
          "--listen-address", OUTSIDE_IP, "--bind-interfaces", "--log-facility=-",
-         "--log-queries", f"--host-record={NAME},{OUTSIDE_IP}"],
+         "--log-queries", f"--host-record={NAME},{OUTSIDE_IP}",
+         *(f"--host-record={BIG},198.18.1.{i}" for i in range(1, BIG_COUNT + 1))],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     w.servers.append(proc)
     for line in proc.stderr:
@@ -194,3 +197,17 @@ def test_a_plain_guest_resolves_through_its_relay_too(dns):
     assert out.stdout.split() == [OUTSIDE_IP, NAME], out.stderr
     assert any(a["from"] == dns.p and a["proto"] == "udp" and a["verdict"] == "allow"
                for a in audit(dns))
+
+
+def test_an_answer_too_big_for_udp_comes_again_over_tcp(dns):
+    """glibc asks without EDNS: an answer over 512 bytes comes truncated, and it
+    asks again over TCP, which the relay sends through a stream circuit.  (getent
+    ahostsv4 asks getaddrinfo with AI_ADDRCONFIG, which the preload library drops:
+    the namespace shows no IPv4 address but loopback.)"""
+    start_dnsmasq(dns)
+    out = run(dns, dns.n, "getent", "ahostsv4", BIG)
+    assert out.returncode == 0, (out.stderr, audit(dns))
+    got = {line.split()[0] for line in out.stdout.splitlines()}
+    assert got == {f"198.18.1.{i}" for i in range(1, BIG_COUNT + 1)}
+    tcp = [a for a in audit(dns) if a["from"] == dns.n and a["proto"] == "tcp"]
+    assert any(a["port"] == 53 and a["verdict"] == "allow" for a in tcp), tcp

@@ -15,6 +15,9 @@
  *   poll.c     poll, ppoll, select, pselect: readiness from ring state
  *   epoll.c    epoll_create, epoll_ctl, epoll_wait: the same, for epoll
  *   udp.c      UDP sockets as datagram circuits: connect, re-connect, data
+ *   udpserver.c  a UDP socket bound to a port: a server of many peers
+ *   resolve.c  getaddrinfo without AI_ADDRCONFIG (a guest's addresses are
+ *              its circuits', which its kernel does not show)
  *   fork.c     fork, exec, exit: which processes hold a circuit
  *   uring.c    io_uring refused, so libuv uses epoll_ctl and read/write
  *
