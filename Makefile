@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # the nft command is for tests that play an admin, and for people); and the
 # unmodified programs the preload library's tests and `circuits bench apps` run.
 APT_PACKAGES := build-essential python3-dev python3-venv libffi-dev nftables libnftables1 curl \
-                redis-server redis-tools nginx-light wrk iperf3 socat netcat-openbsd
+                redis-server redis-tools nginx-light wrk iperf3 socat netcat-openbsd dnsmasq-base
 STAMP := $(VENV)/.installed
 
 .PHONY: setup deps demo test ctest bench clean

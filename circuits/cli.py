@@ -60,7 +60,9 @@ def run(guest: str, config_path: str, no_preload: bool, command: tuple[str, ...]
     preload library in LD_PRELOAD, which makes its TCP sockets circuits.
 
     A guest with `netns = true` runs inside its network namespace, without
-    CAP_NET_RAW, CAP_NET_ADMIN and CAP_SYS_ADMIN (docs/guests.md)."""
+    CAP_NET_RAW, CAP_NET_ADMIN and CAP_SYS_ADMIN (docs/guests.md).  A guest
+    with a resolver sees its own /etc/resolv.conf and /etc/hosts, in a
+    mount namespace of its own (docs/policy.md, "Resolver")."""
     import os
 
     from circuits.client import Control
@@ -78,12 +80,44 @@ def run(guest: str, config_path: str, no_preload: bool, command: tuple[str, ...]
             env = preload_env(env)
         except FileNotFoundError as e:
             raise click.ClickException(str(e)) from None
+    relay = _give_guest_files(config, guest) if config.guests[guest].resolvers else None
     if config.guests[guest].netns:
         _confine(config, guest)
+    if relay is not None:
+        _start_relay(config, guest, relay)
     try:
         os.execvpe(command[0], list(command), env)
     except OSError as e:
         raise click.ClickException(f"cannot run {command[0]}: {e.strerror}") from None
+
+
+def _give_guest_files(config, guest: str) -> list[str]:
+    """A private mount namespace with the guest's resolv.conf (naming the
+    loopback addresses its DNS relay will take) and hosts; a clean error if
+    that cannot be (it needs root), never the host's files."""
+    from circuits.dnsrelay import local_addresses
+    from circuits.guestnet.etcfiles import give_guest_files
+
+    g = config.guests[guest]
+    addresses = local_addresses(len(g.resolvers))
+    try:
+        give_guest_files(config, g, addresses)
+    except OSError as e:
+        raise click.ClickException(f"cannot give guest {guest} its resolver ({e}); it needs"
+                                   " root (CAP_SYS_ADMIN), or no resolver for the guest") from None
+    return addresses
+
+
+def _start_relay(config, guest: str, addresses: list[str]) -> None:
+    """The DNS relay, in the guest's network (after _confine), for the program."""
+    from circuits import dnsrelay
+
+    g = config.guests[guest]
+    try:
+        socks = dnsrelay.bind_all(addresses)
+    except OSError as e:
+        raise click.ClickException(f"cannot bind guest {guest}'s DNS relay: {e}") from None
+    dnsrelay.start(socks, list(g.resolvers), g.control)
 
 
 def _confine(config, guest: str) -> None:

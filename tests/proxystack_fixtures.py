@@ -16,7 +16,7 @@ import pytest
 
 from circuits.operator import child
 from circuits.operator.admin import request
-from guestnet_fixtures import requires_netns, sh, tag  # noqa: F401 - re-exported
+from guestnet_fixtures import remove_netns_named, requires_netns, sh, tag  # noqa: F401 - re-exported
 
 OUTSIDE = Path(__file__).with_name("outside.py")
 HOST_IP, OUTSIDE_IP = "198.18.0.1", "198.18.0.2"
@@ -96,14 +96,15 @@ action = "allow"
 class World:
     """The host and outside namespaces, the operator, and outside servers."""
 
-    def __init__(self, root: Path, restarts: int = 5):
+    def __init__(self, root: Path, restarts: int = 5, template: str = CONFIG):
         self.tag = tag()
         self.host, self.outside = f"cxp-{self.tag}-host", f"cxp-{self.tag}-out"
         self.dir = root / "run"
         self.config = root / "proxy.toml"
-        self.config.write_text(CONFIG.format(dir=self.dir, host=self.host, host_ip=HOST_IP,
-                                             outside_ip=OUTSIDE_IP, published=PUBLISHED,
-                                             restarts=restarts, source_ip=SOURCE_IP))
+        self.config.write_text(template.format(dir=self.dir, host=self.host, host_ip=HOST_IP,
+                                               outside_ip=OUTSIDE_IP, published=PUBLISHED,
+                                               restarts=restarts, source_ip=SOURCE_IP,
+                                               tag=self.tag))
         self.proc: subprocess.Popen | None = None
         self.servers: list[subprocess.Popen] = []
 
@@ -166,6 +167,7 @@ class World:
             child.stop(self.proc)
         for ns in (self.host, self.outside):
             sh("ip", "netns", "del", ns, check=False)
+        remove_netns_named(f"circuits-{self.tag}")  # namespaced guests, if the operator left any
 
 
 def _world(root: Path, **kw):

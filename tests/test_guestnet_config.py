@@ -56,3 +56,26 @@ def test_a_default_mark_clash_says_how_to_fix_it():
     with pytest.raises(ConfigError) as e:
         parse(guests(f'name = "db"\nmark = {taken}', 'name = "web"'))
     assert "set mark = ... to choose" in str(e.value)
+
+
+def test_resolver_of_the_operator_is_every_guests_unless_one_sets_its_own():
+    cfg = parse(guests('name = "web"', 'name = "db"\nresolver = ["192.0.2.53", "2001:db8::53"]',
+                       'name = "batch"\nresolver = []', operator='resolver = "198.51.100.53"'))
+    assert [str(a) for a in cfg.guests["web"].resolvers] == ["198.51.100.53"]
+    assert [str(a) for a in cfg.guests["db"].resolvers] == ["192.0.2.53", "2001:db8::53"]
+    assert cfg.guests["batch"].resolvers == ()  # none: circuits run leaves /etc alone
+    assert parse(guests('name = "web"')).guests["web"].resolvers == ()
+
+
+@pytest.mark.parametrize("text,line,what", [
+    (guests('name = "web"\nresolver = "dns.example"'), 4,
+     "guest 'web': resolver: 'dns.example' is not an IP address"),
+    (guests('name = "web"\nresolver = 53'), 4, "must be an IP address or a list of at most 3"),
+    (guests('name = "web"', operator='resolver = ["1.1.1.1", "1.0.0.1", "8.8.8.8", "9.9.9.9"]'),
+     2, "[operator] resolver must be an IP address or a list of at most 3"),
+])
+def test_bad_resolvers_are_refused_with_their_line(text, line, what):
+    with pytest.raises(ConfigError) as e:
+        parse(text, "g.toml")
+    assert e.value.line == line, str(e.value)
+    assert what in str(e.value)

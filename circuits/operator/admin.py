@@ -18,19 +18,12 @@ import time
 from circuits.operator import guests as guestnet
 from circuits.operator.config import ConfigError
 from circuits.operator.daemon import Operator
+from circuits.operator.hosts import hosts_file
 
 log = logging.getLogger("circuits.operator")
 MAX_CLIENTS = 16  # admin connections served at once
 MAX_REQUEST = 64 * 1024
 CLIENT_TIMEOUT = 2.0  # seconds for a client to ask, and to take its answer
-
-
-def hosts_file(config) -> str:
-    """/etc/hosts lines: each guest's addresses under its name."""
-    lines = ["# guests of the circuits operator " + config.path]
-    for g in config.guests.values():
-        lines += [f"{a}\t{g.name}" for a in g.addresses]
-    return "\n".join(lines) + "\n"
 
 
 class AdminServer:

@@ -22,6 +22,7 @@ UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 # A guest's default SO_MARK: "CR" in the high half, 16 bits of its name's CRC
 # below, so it stays the same whatever the order of the file (docs/policy.md).
 MARK_BASE = 0x43520000
+MAX_RESOLVERS = 3  # what glibc's resolver reads from resolv.conf (MAXNS)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -66,6 +67,10 @@ class Guest:
     netns: bool = False  # in its own network namespace, with no network but circuits
     mark: int = 0  # the SO_MARK of the proxy stack's sockets for this guest
     stack: Stack = field(default_factory=Stack)
+    # Nameservers for the guest's /etc/resolv.conf under `circuits run` (its
+    # own `resolver`, else [operator] resolver); reached over UDP circuits,
+    # so only where a rule allows UDP port 53 (docs/policy.md, "Resolver").
+    resolvers: tuple[IPAddress, ...] = ()
 
 
 def available_congestion() -> frozenset[str] | None:
@@ -209,7 +214,7 @@ class _Checker:
         self.only(data, {"operator", "groups", "guests", "rules", "proxystack", "publish"}, "")
         op = data.get("operator", {})
         self.only(op, {"default", "default_ring", "control_dir", "admin_socket", "audit_log",
-                       "revoke", "host_netns"}, "operator")
+                       "revoke", "host_netns", "resolver"}, "operator")
         default = op.get("default", "deny")
         if default not in ("allow", "deny"):
             self.fail(self.lines.of("operator", 0, "default"),
@@ -219,7 +224,9 @@ class _Checker:
         revoke = op.get("revoke", False)
         if not isinstance(revoke, bool):
             self.fail(self.lines.of("operator", 0, "revoke"), "revoke must be true or false")
-        guests = self.guests(data.get("guests", []), control_dir)
+        resolvers = self.resolvers(op.get("resolver", []), self.lines.of("operator", 0, "resolver"),
+                                   "[operator] resolver")
+        guests = self.guests(data.get("guests", []), control_dir, resolvers)
         groups = self.groups(data.get("groups", {}), guests)
         rules = tuple(self.rule(i, r, guests, groups) for i, r in enumerate(data.get("rules", [])))
         host_netns = op.get("host_netns", "")
@@ -278,13 +285,28 @@ class _Checker:
             self.fail(at("guest"), f"publish {i + 1}: no guest is called {e['guest']!r}")
         return Publish(at(), address, port, proto, e["guest"], guest_port)
 
-    def guests(self, items: list, control_dir: str) -> dict[str, Guest]:
+    def resolvers(self, value, line: int, what: str) -> tuple[IPAddress, ...]:
+        """An address, or a list of at most MAX_RESOLVERS; [] for none."""
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or len(items) > MAX_RESOLVERS:
+            self.fail(line, f"{what} must be an IP address or a list of at most {MAX_RESOLVERS},"
+                      f" not {value!r}")
+        out = []
+        for a in items:
+            try:
+                out.append(ipaddress.ip_address(a))
+            except ValueError:
+                self.fail(line, f"{what}: {a!r} is not an IP address")
+        return tuple(out)
+
+    def guests(self, items: list, control_dir: str,
+               resolvers: tuple[IPAddress, ...] = ()) -> dict[str, Guest]:
         guests: dict[str, Guest] = {}
         owner: dict[IPAddress, str] = {}
         for i, g in enumerate(items):
             at = lambda key=None, i=i: self.lines.of("guests", i, key)  # noqa: E731
-            self.only(g, {"name", "addresses", "control", "limits", "netns", "mark", "stack"},
-                      "guests", i)
+            self.only(g, {"name", "addresses", "control", "limits", "netns", "mark", "stack",
+                          "resolver"}, "guests", i)
             name = g.get("name")
             if not isinstance(name, str) or not NAME.match(name):
                 self.fail(at("name"), f"guest name {name!r}: lower-case letters, digits and -,"
@@ -309,7 +331,10 @@ class _Checker:
                 self.fail(at("netns"), f"guest {name!r}: netns must be true or false")
             guests[name] = Guest(name, tuple(addresses), control, self.limits(g.get("limits", {}), i),
                                  netns, self.mark(g, name, guests, at("mark")),
-                                 self.stack(g.get("stack", {}), i, name))
+                                 self.stack(g.get("stack", {}), i, name),
+                                 self.resolvers(g["resolver"], at("resolver"),
+                                                f"guest {name!r}: resolver")
+                                 if "resolver" in g else resolvers)
         return guests
 
     def mark(self, g: dict, name: str, guests: dict[str, Guest], line: int) -> int:

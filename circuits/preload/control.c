@@ -331,11 +331,12 @@ int cp_ctl_recv_circuit(int fd, bool wait, struct cp_circuit_msg *c, int fds[4])
     return err ? err : circuit_reply(&m, got, nfds, c, fds);
 }
 
-int cp_ctl_attach(const struct cp_circuit_msg *m, int fds[4], int side, struct circuit **out)
+int cp_ctl_attach(const struct cp_circuit_msg *m, int fds[4], int side, uint32_t kind,
+                  struct circuit **out)
 {
     struct circuit_params p = {.kind = m->kind, .size = {m->size[0], m->size[1]}};
     struct circuit_fds cf = {.bell = fds[1], .self_bell = fds[2], .peer_bell = fds[3]};
-    int err = m->kind != CIRCUIT_STREAM || m->side != side ? -EPROTO
+    int err = m->kind != kind || m->side != side ? -EPROTO
                                                            : circuit_attach(fds[0], &cf, &p, side, out);
     real.close(fds[0]); /* mapped now (or refused): the memfd itself is not needed */
     if (err)

@@ -126,6 +126,7 @@ void cp_sock_put(struct cp_sock *s)
             circuit_detach(s->c); /* another process holds it still (fork.c) */
         circuit_free(s->c); /* unless detached, closes our side: the peer reads end of data */
     }
+    cp_udp_free(s);
     if (s->ctl >= 0)
         real.close(s->ctl); /* the operator drops the listener with it */
     if (s->lep >= 0)

@@ -56,6 +56,8 @@ static ssize_t peek(struct cp_sock *s, void *buf, size_t len, int cflags)
 
 ssize_t cp_recv(struct cp_sock *s, void *buf, size_t len, int flags)
 {
+    if (s->dgram)
+        return cp_udp_recv(s, buf, len, flags, NULL, NULL);
     if (state_of(s) != CP_CONNECTED)
         return not_connected(s);
     if (s->rd_shut)
@@ -74,6 +76,8 @@ ssize_t cp_recv(struct cp_sock *s, void *buf, size_t len, int flags)
 
 ssize_t cp_send(struct cp_sock *s, const void *buf, size_t len, int flags)
 {
+    if (s->dgram)
+        return cp_udp_send(s, buf, len, flags, NULL, 0);
     if (state_of(s) != CP_CONNECTED)
         return state_of(s) == CP_FAILED ? not_connected(s) : -ENOTCONN;
     ssize_t n = s->wr_shut ? -EPIPE : 0;
@@ -128,13 +132,27 @@ static ssize_t each_buffer(struct cp_sock *s, const struct iovec *iov, int cnt, 
     return done;
 }
 
+/* A datagram socket's vector is one datagram: udp.c. */
+static struct msghdr of_iov(const struct iovec *iov, int cnt)
+{
+    return (struct msghdr){.msg_iov = (struct iovec *)iov, .msg_iovlen = cnt < 0 ? SIZE_MAX : (size_t)cnt};
+}
+
 static ssize_t recv_iov(struct cp_sock *s, const struct iovec *iov, int cnt, int flags)
 {
+    if (s->dgram) {
+        struct msghdr m = of_iov(iov, cnt);
+        return cp_udp_recvmsg(s, &m, flags);
+    }
     return each_buffer(s, iov, cnt, flags, false);
 }
 
 static ssize_t send_iov(struct cp_sock *s, const struct iovec *iov, int cnt, int flags)
 {
+    if (s->dgram) {
+        struct msghdr m = of_iov(iov, cnt);
+        return cp_udp_sendmsg(s, &m, flags);
+    }
     return each_buffer(s, iov, cnt, flags, true);
 }
 
@@ -171,8 +189,11 @@ CP_EXPORT ssize_t send(int fd, const void *buf, size_t len, int flags)
 }
 
 /* A stream socket has no source address to report: *alen becomes 0. */
-static ssize_t recv_from(struct cp_sock *s, void *buf, size_t len, int flags, socklen_t *alen)
+static ssize_t recv_from(struct cp_sock *s, void *buf, size_t len, int flags,
+                         struct sockaddr *addr, socklen_t *alen)
 {
+    if (s->dgram)
+        return cp_udp_recv(s, buf, len, flags, addr, alen);
     ssize_t n = cp_recv(s, buf, len, flags);
     if (n >= 0 && alen)
         *alen = 0;
@@ -182,7 +203,7 @@ static ssize_t recv_from(struct cp_sock *s, void *buf, size_t len, int flags, so
 CP_EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr *addr,
                            socklen_t *alen)
 {
-    ON_SOCKET(fd, recv_from(s, buf, len, flags, alen),
+    ON_SOCKET(fd, recv_from(s, buf, len, flags, addr, alen),
               real.recvfrom(fd, buf, len, flags, addr, alen));
 }
 
@@ -190,11 +211,14 @@ CP_EXPORT ssize_t recvfrom(int fd, void *buf, size_t len, int flags, struct sock
 CP_EXPORT ssize_t sendto(int fd, const void *buf, size_t len, int flags,
                          const struct sockaddr *addr, socklen_t alen)
 {
-    ON_SOCKET(fd, cp_send(s, buf, len, flags), real.sendto(fd, buf, len, flags, addr, alen));
+    ON_SOCKET(fd, s->dgram ? cp_udp_send(s, buf, len, flags, addr, alen) : cp_send(s, buf, len, flags),
+              real.sendto(fd, buf, len, flags, addr, alen));
 }
 
 static ssize_t recv_msg(struct cp_sock *s, struct msghdr *msg, int flags)
 {
+    if (s->dgram)
+        return cp_udp_recvmsg(s, msg, flags);
     ssize_t n = recv_iov(s, msg->msg_iov, (int)msg->msg_iovlen, flags);
     if (n >= 0) {
         msg->msg_namelen = 0;
@@ -211,6 +235,8 @@ CP_EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
 
 static ssize_t send_msg(struct cp_sock *s, const struct msghdr *msg, int flags)
 {
+    if (s->dgram)
+        return cp_udp_sendmsg(s, msg, flags);
     if (msg->msg_controllen)
         return -EOPNOTSUPP; /* descriptors and the like cannot cross a circuit */
     return send_iov(s, msg->msg_iov, (int)msg->msg_iovlen, flags);
@@ -236,9 +262,9 @@ static int each_msg(struct cp_sock *s, struct mmsghdr *v, unsigned n, int flags,
         if (r < 0)
             return i ? (int)i : (int)r;
         v[i].msg_len = (unsigned)r;
-        if (r == 0 && !sending)
+        if (r == 0 && !sending && !s->dgram)
             return (int)i + 1; /* end of data: nothing more will come */
-        if (sending && !r)
+        if (sending && !r && !s->dgram)
             break;
     }
     return (int)i;

@@ -14,6 +14,10 @@
  *   io.c       read, write, send, recv and their vector and _chk variants
  *   poll.c     poll, ppoll, select, pselect: readiness from ring state
  *   epoll.c    epoll_create, epoll_ctl, epoll_wait: the same, for epoll
+ *   udp.c      UDP sockets as datagram circuits: connect, re-connect, data
+ *   udpserver.c  a UDP socket bound to a port: a server of many peers
+ *   resolve.c  getaddrinfo without AI_ADDRCONFIG (a guest's addresses are
+ *              its circuits', which its kernel does not show)
  *   fork.c     fork, exec, exit: which processes hold a circuit
  *   uring.c    io_uring refused, so libuv uses epoll_ctl and read/write
  *
@@ -116,6 +120,7 @@ struct cp_endpoint {
 };
 
 #define CP_TCP 6
+#define CP_UDP 17
 #define CP_EP_STR 64
 
 /* sockaddr of a socket of `family` to an endpoint; 0 or -errno. */
@@ -159,8 +164,9 @@ int cp_ctl_connect(int fd, const struct cp_endpoint *remote, struct cp_circuit_m
  * ERROR reply or a broken connection (-ECONNABORTED when the operator left).
  */
 int cp_ctl_recv_circuit(int fd, bool wait, struct cp_circuit_msg *m, int fds[4]);
-/* Attach a circuit the operator handed us; closes its memfd either way. */
-int cp_ctl_attach(const struct cp_circuit_msg *m, int fds[4], int side,
+/* Attach a circuit of `kind` (CIRCUIT_STREAM or CIRCUIT_DGRAM) the operator
+ * handed us; closes its memfd either way. */
+int cp_ctl_attach(const struct cp_circuit_msg *m, int fds[4], int side, uint32_t kind,
                   struct circuit **out);
 
 /* ---- fdtable.c ------------------------------------------------------- */
@@ -195,6 +201,12 @@ struct cp_sock {
     int *procs;          /* processes holding the circuit, in shared memory (fork.c) */
     uint32_t fork_seen;  /* fork.c's walk that last counted this socket */
     pthread_mutex_t lock; /* connect, listen and accept on this socket */
+    bool dgram;           /* a UDP socket (udp.c) */
+    int fd;               /* UDP: the number it was made or last connected on */
+    bool implicit;        /* UDP: connected by sendto, not connect (getpeername: ENOTCONN) */
+    struct cp_endpoint peer; /* UDP: the address the program connected or sent to */
+    void *retired;        /* UDP: replaced circuits a call may still use (udp.c) */
+    void *server;         /* UDP bound to a port: its peers (udpserver.c) */
 };
 
 struct cp_sock *cp_sock_new(int family);
@@ -241,6 +253,59 @@ ssize_t cp_recv(struct cp_sock *s, void *buf, size_t len, int flags);
 ssize_t cp_send(struct cp_sock *s, const void *buf, size_t len, int flags);
 /* Bytes the peer has sent us so far (read or waiting): a new value is new data. */
 uint64_t cp_arrived(struct cp_sock *s);
+
+/* The operator cannot be reached (err): say so on stderr; -ENETUNREACH. */
+int cp_unreachable(int err);
+/* Ask the operator for a circuit of `kind` to ep: 0, the CIRCUIT message,
+ * its descriptors and the attached circuit (side 0), or -errno. */
+int cp_ask_circuit(const struct cp_endpoint *ep, uint32_t kind, struct cp_circuit_msg *m,
+                   int fds[4], struct circuit **c);
+/* Ask the operator for a circuit to ep and put it on fd (s->lock held). */
+int cp_connect_circuit(int fd, struct cp_sock *s, const struct cp_endpoint *ep);
+/* Leave fd's descriptor as it was at socket(): a kernel placeholder. */
+int cp_placeholder(int fd, struct cp_sock *s);
+
+/* ---- udp.c: UDP sockets, called from socket.c and io.c ---------------- */
+
+bool cp_udp_kind(int domain, int type, int protocol);
+/* connect: 0 or -errno, or CP_HAND_BACK (a CIRCUITS_BYPASS address: the
+ * kernel's socket from now on). */
+#define CP_HAND_BACK 1
+int cp_udp_connect(int fd, struct cp_sock *s, const struct sockaddr *addr, socklen_t len);
+ssize_t cp_udp_recvmsg(struct cp_sock *s, struct msghdr *msg, int flags);
+ssize_t cp_udp_sendmsg(struct cp_sock *s, const struct msghdr *msg, int flags);
+ssize_t cp_udp_recv(struct cp_sock *s, void *buf, size_t len, int flags, struct sockaddr *addr,
+                    socklen_t *alen);
+ssize_t cp_udp_send(struct cp_sock *s, const void *buf, size_t len, int flags,
+                    const struct sockaddr *addr, socklen_t alen);
+/* The last reference is gone: end a UDP server, unmap replaced circuits. */
+void cp_udp_free(struct cp_sock *s);
+/* A circuit replaced or dropped: unmapped now, or when no call can hold it. */
+void cp_udp_retire(struct cp_sock *s, struct circuit *old);
+/* The next datagram of c into msg, as recvmsg says it (without the name). */
+ssize_t cp_udp_take(struct cp_sock *s, struct circuit *c, struct msghdr *msg, int flags);
+/* msg as one datagram into c, to the peer `to`; as sendmsg says it. */
+ssize_t cp_udp_put_msg(struct cp_sock *s, struct circuit *c, const struct msghdr *msg,
+                       int flags, const struct cp_endpoint *to);
+/* The UDP endpoint a program names; 0 or -errno. */
+int cp_udp_endpoint(struct cp_sock *s, const struct sockaddr *addr, socklen_t len,
+                    struct cp_endpoint *ep);
+
+/* ---- udpserver.c: a bound UDP socket serving many peers ---------------- */
+
+/* LISTEN on s->local and put the server's epoll on fd (s->lock held). */
+int cp_udp_serve(int fd, struct cp_sock *s);
+/* connect() of a server to one of its peers: that peer's circuit becomes the
+ * socket's (datagrams already in it stay), the others end; -ENOENT if addr
+ * is no peer (s->lock held). */
+int cp_udp_adopt(struct cp_sock *s, const struct cp_endpoint *addr);
+/* End serving: every peer's circuit, the listener (s->lock held). */
+void cp_udp_unserve(struct cp_sock *s);
+ssize_t cp_udp_server_recvmsg(struct cp_sock *s, struct msghdr *msg, int flags);
+ssize_t cp_udp_server_sendmsg(struct cp_sock *s, const struct msghdr *msg, int flags,
+                              const struct cp_endpoint *to);
+/* FIONREAD: the size of the datagram a receive would take now, or 0. */
+int cp_udp_server_next_size(struct cp_sock *s);
 
 /* ---- poll.c, shared with epoll.c ------------------------------------- */
 

@@ -23,8 +23,9 @@
  *            outstanding), attaches the circuit and returns a duplicate of
  *            its doorbell as the new descriptor.
  *
- * Other sockets (AF_UNIX, AF_NETLINK, UDP...) are never recorded: every
- * call on them passes through.
+ * UDP sockets are circuit sockets too (datagram circuits, udp.c).  Other
+ * sockets (AF_UNIX, AF_NETLINK, raw...) are never recorded: every call on
+ * them passes through.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -62,7 +63,8 @@ CP_EXPORT int socket(int domain, int type, int protocol)
 {
     cp_init();
     int fd = real.socket(domain, type, protocol);
-    if (fd < 0 || !cp_active() || !is_circuit_kind(domain, type, protocol))
+    bool dgram = cp_udp_kind(domain, type, protocol);
+    if (fd < 0 || !cp_active() || !(dgram || is_circuit_kind(domain, type, protocol)))
         return fd;
     struct cp_sock *s = cp_sock_new(domain);
     if (!s || cp_fd_install(fd, s)) {
@@ -72,7 +74,9 @@ CP_EXPORT int socket(int domain, int type, int protocol)
         return -1;
     }
     s->nonblock = type & SOCK_NONBLOCK;
-    cp_log("fd %d: socket %s stream", fd, domain == AF_INET ? "inet" : "inet6");
+    s->dgram = dgram, s->fd = fd;
+    cp_log("fd %d: socket %s %s", fd, domain == AF_INET ? "inet" : "inet6",
+           dgram ? "dgram" : "stream");
     return fd;
 }
 
@@ -98,8 +102,13 @@ CP_EXPORT int bind(int fd, const struct sockaddr *addr, socklen_t len)
     if (!rc && !bypass) {
         s->local = ep;
         s->bound = true;
+        s->local.proto = s->dgram ? CP_UDP : CP_TCP;
+        if (s->dgram && ep.port) /* a UDP server: its peers come as circuits (udpserver.c) */
+            rc = cp_udp_serve(fd, s);
+        s->bound = !rc;
         char a[CP_EP_STR];
-        cp_log("fd %d: bound to %s", fd, cp_endpoint_str(&ep, a));
+        cp_log("fd %d: bound to %s%s", fd, cp_endpoint_str(&ep, a),
+               rc ? ": failed" : s->dgram && ep.port ? ", serving UDP" : "");
     }
     pthread_mutex_unlock(&s->lock);
     cp_sock_put(s);
@@ -110,7 +119,7 @@ CP_EXPORT int bind(int fd, const struct sockaddr *addr, socklen_t len)
     return (int)cp_ret(rc);
 }
 
-static int unreachable(int err)
+int cp_unreachable(int err)
 {
     cp_warn("cannot reach the operator at %s: %s (no fall-back to the kernel's network)",
             cp_control_path(), strerror(-err));
@@ -165,7 +174,7 @@ static int do_listen(int fd, struct cp_sock *s, int backlog)
     }
     int ctl = cp_ctl_open();
     if (ctl < 0)
-        return unreachable(ctl);
+        return cp_unreachable(ctl);
     s->backlog = backlog > 0 ? (uint32_t)backlog : 1;
     int err = listen_somewhere(ctl, s), lep = -1;
     if (!err)
@@ -193,7 +202,7 @@ CP_EXPORT int listen(int fd, int backlog)
     if (!s)
         return real.listen(fd, backlog);
     pthread_mutex_lock(&s->lock);
-    int rc = do_listen(fd, s, backlog);
+    int rc = s->dgram ? -EOPNOTSUPP : do_listen(fd, s, backlog);
     pthread_mutex_unlock(&s->lock);
     char a[CP_EP_STR];
     cp_log("fd %d: listen on %s: %s", fd, cp_endpoint_str(&s->local, a), rc ? strerror(-rc) : "ok");
@@ -291,7 +300,7 @@ static int do_accept(struct cp_sock *s, struct sockaddr *addr, socklen_t *len, i
     if (err)
         return err;
     struct circuit *c;
-    if ((err = cp_ctl_attach(&m, fds, 1, &c))) {
+    if ((err = cp_ctl_attach(&m, fds, 1, CIRCUIT_STREAM, &c))) {
         cp_warn("accept: the operator's circuit %llu cannot be attached: %s",
                 (unsigned long long)m.id, strerror(-err));
         return -ECONNABORTED;
@@ -326,7 +335,7 @@ CP_EXPORT int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
     struct cp_sock *s = cp_fd_get(fd);
     if (!s)
         return real.accept4(fd, addr, len, flags);
-    int rc = do_accept(s, addr, len, flags);
+    int rc = s->dgram ? -EOPNOTSUPP : do_accept(s, addr, len, flags);
     cp_sock_put(s);
     return (int)cp_ret(rc);
 }
@@ -345,26 +354,34 @@ static bool answered(int err)
     return err != -EPROTO && err != -ETIMEDOUT && err != -ECONNABORTED && err != -EINTR;
 }
 
-/* Ask the operator for a circuit to ep and put it on fd. */
-static int do_connect(int fd, struct cp_sock *s, const struct cp_endpoint *ep)
+int cp_ask_circuit(const struct cp_endpoint *ep, uint32_t kind, struct cp_circuit_msg *mp,
+                   int fds[4], struct circuit **c)
 {
     struct cp_circuit_msg m;
-    int fds[4];
     int ctl = cp_ctl_get();
     if (ctl < 0)
-        return unreachable(ctl);
+        return cp_unreachable(ctl);
     int err = cp_ctl_connect(ctl, ep, &m, fds);
     if (err == -ECONNABORTED) { /* a pooled connection to an operator since restarted */
         cp_ctl_put(ctl, false);
         if ((ctl = cp_ctl_open()) < 0)
-            return unreachable(ctl);
+            return cp_unreachable(ctl);
         err = cp_ctl_connect(ctl, ep, &m, fds);
     }
     cp_ctl_put(ctl, answered(err));
-    if (err)
-        return err;
+    if (!err)
+        err = cp_ctl_attach(&m, fds, 0, kind, c);
+    *mp = m;
+    return err;
+}
+
+int cp_connect_circuit(int fd, struct cp_sock *s, const struct cp_endpoint *ep)
+{
+    struct cp_circuit_msg m;
+    int fds[4];
     struct circuit *c;
-    if ((err = cp_ctl_attach(&m, fds, 0, &c)))
+    int err = cp_ask_circuit(ep, s->dgram ? CIRCUIT_DGRAM : CIRCUIT_STREAM, &m, fds, &c);
+    if (err)
         return err;
     if (real.dup3(fds[1], fd, cloexec_of(fd)) < 0) {
         err = -errno;
@@ -378,12 +395,31 @@ static int do_connect(int fd, struct cp_sock *s, const struct cp_endpoint *ep)
     return 0;
 }
 
+int cp_placeholder(int fd, struct cp_sock *s)
+{
+    int k = real.socket(s->family, s->dgram ? SOCK_DGRAM : SOCK_STREAM, 0);
+    int err = k < 0 || real.dup3(k, fd, cloexec_of(fd)) < 0 ? -errno : 0;
+    if (k >= 0)
+        real.close(k);
+    if (!err)
+        set_nonblock(fd, s->nonblock);
+    return err;
+}
+
 CP_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
 {
     cp_init();
     struct cp_sock *s = cp_fd_get(fd);
     if (!s)
         return real.connect(fd, addr, len);
+    if (s->dgram) {
+        int rc = cp_udp_connect(fd, s, addr, len);
+        cp_sock_put(s);
+        if (rc != CP_HAND_BACK)
+            return (int)cp_ret(rc);
+        hand_back(fd, "connect to a CIRCUITS_BYPASS address");
+        return real.connect(fd, addr, len);
+    }
     struct cp_endpoint ep;
     int rc = cp_endpoint_from(addr, len, s->family, &ep);
     bool bypass = !rc && cp_bypassed(&ep);
@@ -392,7 +428,7 @@ CP_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
     int state = state_of(s);
     bool asked = !rc && !bypass && state != CP_CONNECTED && state != CP_LISTENING;
     if (asked)
-        rc = do_connect(fd, s, &ep);
+        rc = cp_connect_circuit(fd, s, &ep);
     else if (!rc && !bypass)
         rc = state == CP_CONNECTED ? -EISCONN : -EINVAL;
     if (asked)
@@ -563,6 +599,8 @@ CP_EXPORT int ioctl(int fd, unsigned long request, ...)
         real.ioctl(fd, request, arg);
     } else if (state_of(s) == CP_CONNECTED) {
         *(int *)arg = readable_bytes(s);
+    } else if (state_of(s) == CP_LISTENING && s->dgram) {
+        *(int *)arg = cp_udp_server_next_size(s);
     } else {
         rc = state_of(s) == CP_LISTENING ? -EINVAL : 0;
         if (!rc)
@@ -579,8 +617,8 @@ static int name_of(struct cp_sock *s, struct sockaddr *addr, socklen_t *len, boo
 {
     static const struct cp_endpoint any = {.proto = CP_TCP};
     const struct cp_endpoint *ep = peer ? &s->remote : &s->local;
-    if (peer && state_of(s) != CP_CONNECTED)
-        return -ENOTCONN;
+    if (peer && (state_of(s) != CP_CONNECTED || s->implicit))
+        return -ENOTCONN; /* a UDP socket that only sent somewhere is not connected */
     if (!peer && state_of(s) == CP_FRESH && !s->bound)
         ep = &any;
     if (!len)
@@ -626,13 +664,13 @@ static int emulated_option(struct cp_sock *s, int level, int name, int *value)
     else if (kept)
         *value = *kept;
     else if (level == SOL_SOCKET && name == SO_TYPE)
-        *value = SOCK_STREAM;
+        *value = s->dgram ? SOCK_DGRAM : SOCK_STREAM;
     else if (level == SOL_SOCKET && name == SO_DOMAIN)
         *value = s->family;
     else if (level == SOL_SOCKET && name == SO_PROTOCOL)
-        *value = IPPROTO_TCP;
+        *value = s->dgram ? IPPROTO_UDP : IPPROTO_TCP;
     else if (level == SOL_SOCKET && name == SO_ACCEPTCONN)
-        *value = state == CP_LISTENING;
+        *value = state == CP_LISTENING && !s->dgram;
     else
         return -ENOPROTOOPT;
     return 0;

@@ -1,0 +1,257 @@
+"""UDP sockets of unmodified programs as datagram circuits (udp.c).
+
+tests/udp_app.py uses plain `socket` SOCK_DGRAM under `circuits run` (the
+preload library applies).  Its peer here is another guest's datagram
+listener, made with the client API in the test process, which echoes each
+datagram with "|" and the sender's address.  The guests' addresses (10.0.0.x)
+exist on no interface, so every datagram that came back crossed a circuit;
+the tests also count the circuits and their bytes from the operator.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import circuits
+from circuits.operator.admin import request
+
+UDP_APP = Path(__file__).with_name("udp_app.py")
+RESOLVER_C = Path(__file__).with_name("udp_resolver.c")
+DB = "10.0.0.2"
+SMALL_RING = 16384  # the listener's rings: datagrams beyond 16376 bytes cannot fit
+
+
+def admin(operator, cmd: str):
+    answer = request(str(Path(operator("db")).parent / "admin.sock"), cmd)
+    assert answer["ok"], answer
+    return answer["result"]
+
+
+class Echo:
+    """A datagram listener of guest db: each circuit accepted is echoed, with
+    "|host:port" of the peer appended, until the circuit ends."""
+
+    def __init__(self, operator, port: int, ring_size: int = 0):
+        self.listener = circuits.listen((DB, port), kind="dgram", ring_size=ring_size,
+                                        control=operator("db"))
+        self.bytes_in = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, peer = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn, peer), daemon=True).start()
+
+    def _echo(self, conn, peer) -> None:
+        suffix = f"|{peer[0]}:{peer[1]}".encode()
+        with conn:
+            while data := conn.recv(1 << 17):
+                self.bytes_in += len(data)
+                with contextlib.suppress(OSError):  # too big with the suffix: dropped, as UDP would
+                    conn.send(data + suffix)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def echoes(operator):
+    made: list[Echo] = []
+
+    def make(port: int, **kw) -> Echo:
+        made.append(Echo(operator, port, **kw))
+        return made[-1]
+
+    yield make
+    for e in made:
+        e.close()
+
+
+def run_app(operator, guest: str, *args: str, timeout: float = 60) -> dict:
+    out = subprocess.run([sys.executable, "-m", "circuits", "run", "--guest", guest, "--config",
+                          str(operator.config), "--", sys.executable, str(UDP_APP), *args],
+                         capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "CIRCUITS_LOG": "debug"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.splitlines()[-1]) | {"log": out.stderr}
+
+
+def test_connected_udp_socket_keeps_datagram_boundaries_between_guests(operator, echoes):
+    echo = echoes(7001, ring_size=1 << 20)
+    got = run_app(operator, "batch", "echo", DB, "7001")
+    suffix = len(f"|{got['sockname'][0]}:{got['sockname'][1]}")
+    assert got["so_type"] == 2  # SOCK_DGRAM
+    for sent, e in zip([1, 100, 1500, 9000, 60000], got["echo"]):
+        assert e["ok"] and e["selected"], e
+        assert e["peer"] == [DB, 7001]
+        assert e["fionread"] == e["len"] == sent + suffix  # FIONREAD: the next datagram
+    assert got["sockname"][0] == "10.0.0.3" and got["peername"] == [DB, 7001]
+    assert got["too_big"] == 90  # EMSGSIZE: more than UDP carries
+    assert got["other_peer"] == 106  # EISCONN: one circuit, one peer
+    assert got["truncation"] == {"data": "x" * 10, "msg_trunc": True, "full": 1000 + suffix,
+                                 "buf": "y" * 10}
+    assert got["vectors"] == {"n": 6 + suffix, "first": "abc",
+                              "rest": "def" + f"|{got['sockname'][0]}:{got['sockname'][1]}"}
+    assert got["epoll"] == [True, True, True]
+    assert got["empty"] == 11  # EAGAIN: non-blocking, nothing waiting
+    assert got["unspec"] == 0 and got["after_unspec"] == 89  # EDESTADDRREQ once dissolved
+    assert echo.bytes_in >= sum([1, 100, 1500, 9000, 60000])
+    assert "udp connect to 10.0.0.2:7001: connected" in got["log"]
+
+
+def test_sendto_connects_implicitly_and_a_second_peer_is_eisconn(operator, echoes):
+    echoes(7002)
+    got = run_app(operator, "batch", "sendto", DB, "7002")
+    assert all(e["ok"] and e["peer"] == [DB, 7002] for e in got["echo"]), got["echo"]
+    assert got["peername"] == 107  # ENOTCONN: sendto does not connect the socket
+    assert got["other_peer"] == 106  # EISCONN, never a datagram to the wrong peer
+    assert "udp send to 10.0.0.2:7002: connected" in got["log"]
+
+
+def test_connect_to_another_address_replaces_the_circuit(operator, echoes):
+    first, second = echoes(7003), echoes(7004)
+    got = run_app(operator, "batch", "reconnect", DB, "7003", "7004")
+    assert got["first"]["ok"] and got["first"]["peer"] == [DB, 7003]
+    assert got["second"]["ok"] and got["second"]["peer"] == [DB, 7004]
+    assert got["peer"] == [DB, 7004]
+    assert first.bytes_in == 3 and second.bytes_in == 3
+    assert "udp circuit" in got["log"] and "ended" in got["log"]
+
+
+def test_datagram_larger_than_the_ring_is_emsgsize(operator, echoes):
+    echoes(7005, ring_size=SMALL_RING)
+    script = ("import socket\n"
+              "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+              f"s.connect(('{DB}', 7005))\n"
+              "s.send(b'a' * (16384 - 8))\n"
+              "try:\n    s.send(b'a' * (16384 - 7))\nexcept OSError as e:\n    print(e.errno)\n")
+    out = subprocess.run([sys.executable, "-m", "circuits", "run", "--guest", "batch", "--config",
+                          str(operator.config), "--", sys.executable, "-c", script],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["90"], out.stderr  # EMSGSIZE; the ring's largest went
+
+
+def test_policy_denied_udp_connect_is_eacces_and_audited(operator, echoes):
+    echoes(7006)  # web may reach db by TCP only
+    got = run_app(operator, "web", "send-one", DB, "7006")
+    assert got["connect"] == "EACCES"
+    audit = (Path(operator("db")).parent / "audit.jsonl").read_text().splitlines()
+    denials = [json.loads(line) for line in audit if '"deny"' in line and "7006" in line]
+    assert denials, audit[-5:]
+
+
+@pytest.mark.skipif(not shutil.which("cc"), reason="no C compiler")
+def test_glibc_resolver_and_getaddrinfo_calls_through_the_plt(operator, echoes, tmp_path):
+    """What send_dg and the RFC 3484 sort do, made by a program of our own:
+    glibc's copies call libc-internal functions, which the DNS relay serves."""
+    exe = tmp_path / "udp_resolver"
+    subprocess.run(["cc", "-O1", "-Wall", "-o", str(exe), str(RESOLVER_C)], check=True)
+    echoes(7007), echoes(7008)
+    out = subprocess.run([sys.executable, "-m", "circuits", "run", "--guest", "batch", "--config",
+                          str(operator.config), "--", str(exe), DB, "7007", "7008"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout == "ok\n", out.stdout + out.stderr
+    deadline = time.monotonic() + 10
+    while udp := [c for c in admin(operator, "circuits") if "udp://" in json.dumps(c)]:
+        assert time.monotonic() < deadline, udp  # every circuit ends with the program
+        time.sleep(0.05)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system time of pid (and of the program circuits run became)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_server(operator, guest: str, host: str, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "circuits", "run", "--guest", guest, "--config",
+                             str(operator.config), "--", sys.executable, str(UDP_APP), "serve",
+                             host, str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "ready", proc.communicate(timeout=10)
+    return proc
+
+
+def test_a_bound_udp_server_of_one_guest_serves_another_guests_sockets(operator):
+    server = start_server(operator, "db", "0.0.0.0", 7010)
+    try:
+        got = run_app(operator, "batch", "echo", DB, "7010")
+        first = run_app(operator, "batch", "reconnect", DB, "7010", "7010")  # a second peer
+        idle = cpu_seconds(server.pid)
+        time.sleep(1)
+        idle = cpu_seconds(server.pid) - idle  # its peers gone, the server sleeps
+    finally:
+        server.kill()
+        _, err = server.communicate(timeout=10)
+    assert all(e["ok"] and e["peer"] == [DB, 7010] for e in got["echo"]), got["echo"]
+    assert got["truncation"]["msg_trunc"] and got["vectors"]["first"] == "abc"
+    assert first["first"]["ok"] and first["second"]["ok"]
+    told = json.loads(err.splitlines()[0])
+    assert told["fionread"] == told["len"] == 1  # the first datagram, one byte
+    assert told["sockname"] == ["0.0.0.0", 7010] and told["acceptconn"] == 0
+    assert told["peername"] == 107  # ENOTCONN: a server is not connected
+    assert idle < 0.1, f"the idle server used {idle} s of CPU in 1 s"
+
+
+def test_a_bound_udp_server_sends_first_to_a_new_peer(operator, echoes):
+    """sendto from a bound socket to an address that never sent to it: a new
+    circuit, whose answers recvfrom takes like any peer's."""
+    echo = echoes(7011)
+    script = ("import socket\n"
+              "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+              "s.bind(('0.0.0.0', 7012))\n"
+              f"s.sendto(b'first', ('{DB}', 7011))\n"
+              "s.settimeout(10)\n"
+              "data, peer = s.recvfrom(100)\n"
+              "print(data.decode().split('|')[0], peer[0], peer[1])\n")
+    out = subprocess.run([sys.executable, "-m", "circuits", "run", "--guest", "batch", "--config",
+                          str(operator.config), "--", sys.executable, "-c", script],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["first", DB, "7011"], out.stderr
+    assert echo.bytes_in == 5
+
+
+@pytest.mark.skipif(not shutil.which("nc"), reason="netcat-openbsd: make deps")
+def test_unmodified_nc_udp_listener_talks_with_a_guest(operator):
+    """OpenBSD nc -u -l peeks at the first datagram and connects to its sender:
+    the server adopts that peer's circuit, the datagram still in it."""
+    server = subprocess.Popen([sys.executable, "-m", "circuits", "run", "--guest", "db",
+                               "--config", str(operator.config), "--", "nc", "-u", "-l", DB,
+                               "7020"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    script = ("import socket, time\n"
+              "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+              "s.settimeout(10)\n"
+              "for _ in range(100):\n"
+              "    try:\n"
+              f"        s.connect(('{DB}', 7020))\n"
+              "        break\n"
+              "    except ConnectionRefusedError:\n"  # nc not listening yet
+              "        time.sleep(0.1)\n"
+              "s.send(b'hello from batch\\n')\n"
+              "print(s.recv(100).decode(), end='', flush=True)\n")
+    try:
+        client = subprocess.Popen([sys.executable, "-m", "circuits", "run", "--guest", "batch",
+                                   "--config", str(operator.config), "--", sys.executable, "-c",
+                                   script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        assert server.stdout.readline() == "hello from batch\n"
+        server.stdin.write("hello from nc\n")
+        server.stdin.flush()
+        out, err = client.communicate(timeout=30)
+        assert out == "hello from nc\n", err
+    finally:
+        server.kill()
+        server.communicate(timeout=10)

@@ -1,0 +1,186 @@
+"""A plain UDP program for the preload tests: it knows nothing of circuits.
+
+    python udp_app.py echo HOST PORT          connect(), then the checks below
+    python udp_app.py sendto HOST PORT        the same without connect(): sendto
+    python udp_app.py reconnect HOST PORT1 PORT2
+    python udp_app.py idle HOST PORT          an echo, 2.5 s idle, an echo
+    python udp_app.py send-one HOST PORT      one datagram, no answer awaited
+    python udp_app.py serve HOST PORT         a UDP echo server (bind and recvfrom)
+
+The peer is an echo that answers each datagram with the datagram, "|" and
+the sender's address (tests/outside.py udp-echo, or the test's own echo).
+Each role prints one JSON object of what it saw; the test judges it.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import json
+import select
+import socket
+import struct
+import sys
+import termios
+import time
+
+SIZES = [1, 100, 1500, 9000, 60000]
+
+
+def echoed(s: socket.socket, data: bytes, sendto: tuple | None = None) -> dict:
+    """Send one datagram and take its echo: what came back, and from where."""
+    if sendto:
+        s.sendto(data, sendto)
+    else:
+        s.send(data)
+    ready = select.select([s], [], [], 10)[0]
+    waiting = struct.unpack("i", fcntl.ioctl(s, termios.FIONREAD, b"\0" * 4))[0]
+    reply, peer = s.recvfrom(65536)
+    return {"ok": reply.startswith(data + b"|"), "len": len(reply), "fionread": waiting,
+            "peer": list(peer), "selected": bool(ready)}
+
+
+def errno_of(fn) -> int:
+    try:
+        fn()
+    except OSError as e:
+        return e.errno
+    return 0
+
+
+def truncation(s: socket.socket) -> dict:
+    """A short buffer truncates, and MSG_TRUNC tells the datagram's real size."""
+    s.send(b"x" * 1000)
+    select.select([s], [], [], 10)
+    data, _, flags, _ = s.recvmsg(10)
+    s.send(b"y" * 1000)
+    select.select([s], [], [], 10)
+    buf = bytearray(10)
+    full = s.recv_into(buf, 10, socket.MSG_TRUNC)
+    return {"data": data.decode(), "msg_trunc": bool(flags & socket.MSG_TRUNC),
+            "full": full, "buf": buf.decode()}
+
+
+def vectors(s: socket.socket) -> dict:
+    """sendmsg's buffers are one datagram; recvmsg_into scatters one."""
+    s.sendmsg([b"ab", b"cd", b"ef"])
+    select.select([s], [], [], 10)
+    a, b = bytearray(3), bytearray(64)
+    n, _, _, _ = s.recvmsg_into([a, b])
+    return {"n": n, "first": a.decode(), "rest": bytes(b[: n - 3]).decode()}
+
+
+def epoll_readiness(s: socket.socket) -> list:
+    """epoll: writable at once, readable once the echo is back, not before."""
+    ep = select.epoll()
+    ep.register(s.fileno(), select.EPOLLIN | select.EPOLLOUT)
+    first = [e for _, e in ep.poll(5)]
+    ep.modify(s.fileno(), select.EPOLLIN)
+    idle = ep.poll(0.05)
+    s.send(b"e")
+    later = [e for _, e in ep.poll(10)]
+    s.recv(100)
+    ep.close()
+    return [first == [select.EPOLLOUT], idle == [], later == [select.EPOLLIN]]
+
+
+def unspec(s: socket.socket) -> int:
+    """connect(AF_UNSPEC) through libc, as glibc's getaddrinfo does: 0 or errno."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    sa = struct.pack("H14x", socket.AF_UNSPEC)
+    rc = libc.connect(s.fileno(), sa, len(sa))
+    return 0 if rc == 0 else ctypes.get_errno()
+
+
+def role_echo(host: str, port: int, use_sendto: bool) -> dict:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    to = (host, port) if use_sendto else None
+    if not use_sendto:
+        s.connect((host, port))
+    out = {"so_type": s.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE),
+           "echo": [echoed(s, bytes([65 + i % 26]) * n, to) for i, n in enumerate(SIZES)],
+           "sockname": list(s.getsockname()),
+           "peername": errno_of(s.getpeername) or list(s.getpeername()),
+           "too_big": errno_of(lambda: s.sendto(b"z" * 70000, (host, port))),
+           "other_peer": errno_of(lambda: s.sendto(b"q", (host, port + 1)))}
+    if not use_sendto:
+        out["truncation"] = truncation(s)
+        out["vectors"] = vectors(s)
+        out["epoll"] = epoll_readiness(s)
+    s.setblocking(False)
+    out["empty"] = errno_of(lambda: s.recv(100))
+    out["unspec"] = unspec(s)
+    out["after_unspec"] = errno_of(lambda: s.send(b"q"))
+    s.close()
+    return out
+
+
+def role_reconnect(host: str, port1: int, port2: int) -> dict:
+    """One socket connected to one echo, then another: the second answers."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect((host, port1))
+    first = echoed(s, b"one")
+    s.connect((host, port2))
+    second = echoed(s, b"two")
+    return {"first": first, "second": second, "peer": list(s.getpeername())}
+
+
+def role_idle(host: str, port: int) -> dict:
+    """The peer ends an idle flow (the proxy stack's udp_idle_timeout): a
+    receive says so, and the next send connects again."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect((host, port))
+    first = echoed(s, b"before")
+    time.sleep(2.5)
+    ended = errno_of(lambda: s.recv(100))
+    return {"first": first["ok"], "ended": ended, "again": echoed(s, b"after")["ok"]}
+
+
+def role_serve(host: str, port: int) -> None:
+    """A UDP echo server: bind, then answer each datagram with it, "|" and its
+    sender, as outside.py's udp-echo; waits in select on a non-blocking socket
+    and reports FIONREAD and SO_ACCEPTCONN once, on stderr."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((host, port))
+    s.setblocking(False)
+    print("ready", flush=True)
+    told = False
+    while True:
+        select.select([s], [], [])
+        waiting = struct.unpack("i", fcntl.ioctl(s, termios.FIONREAD, b"\0" * 4))[0]
+        try:
+            data, peer = s.recvfrom(65536)
+        except BlockingIOError:
+            continue
+        if not told:
+            print(json.dumps({"fionread": waiting, "len": len(data), "sockname": s.getsockname(),
+                              "acceptconn": s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN),
+                              "peername": errno_of(s.getpeername)}), file=sys.stderr, flush=True)
+            told = True
+        s.sendto(data + f"|{peer[0]}:{peer[1]}".encode(), peer)
+
+
+def role_send_one(host: str, port: int) -> dict:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect((host, port))
+    except OSError as e:
+        return {"connect": errno.errorcode[e.errno]}
+    s.send(b"hello")
+    return {"connect": "ok"}
+
+
+if __name__ == "__main__":
+    role, host = sys.argv[1], sys.argv[2]
+    ports = [int(p) for p in sys.argv[3:]]
+    if role in ("echo", "sendto"):
+        result = role_echo(host, ports[0], role == "sendto")
+    elif role == "serve":
+        role_serve(host, ports[0])
+    elif role == "idle":
+        result = role_idle(host, ports[0])
+    elif role == "reconnect":
+        result = role_reconnect(host, *ports)
+    else:
+        result = role_send_one(host, ports[0])
+    print(json.dumps(result), flush=True)
