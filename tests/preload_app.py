@@ -17,6 +17,8 @@
         execl()s /bin/true, wait for it, close
     preload_app.py rcvtimeo HOST PORT               SO_RCVTIMEO 0.3 s, then a blocking recv that
         nobody answers: prints "timed out SECONDS" and the option as read back
+    preload_app.py accept-timeout HOST PORT         listen with SO_RCVTIMEO 0.3 s, then a blocking
+        accept that nobody connects to: prints "timed out SECONDS"
     preload_app.py hash-server HOST PORT            read one connection to its end, print its sha256
     preload_app.py aio-server HOST PORT COUNT LOOP       asyncio echo server for COUNT clients
     preload_app.py aio-client HOST PORT SIZE CONNS LOOP  asyncio echo clients, checked by sha256
@@ -253,6 +255,20 @@ def rcvtimeo(host, port):
     sock.close()
 
 
+def accept_timeout(host, port):
+    import struct
+    import time
+    srv = socket.create_server((host, int(port)))
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 300000))
+    t0 = time.monotonic()
+    try:
+        srv.accept()
+        print("accept returned")
+    except BlockingIOError:
+        print(f"timed out {time.monotonic() - t0:.2f}")
+    srv.close()
+
+
 def epoll_park(host, port):
     """Interest deleted and added again (as redis-benchmark does per request),
     and deleted for good while data arrives: no event for it, no spinning."""
@@ -341,4 +357,5 @@ if __name__ == "__main__":
      "recv-interrupted": recv_interrupted, "unix": unix, "aio-server": aio_server,
      "fork-server": fork_server, "prefork-server": prefork_server,
      "aio-client": aio_client, "hash-server": hash_server,
-     "execl-client": execl_client, "rcvtimeo": rcvtimeo, "epoll-park": epoll_park}[cmd](*args)
+     "execl-client": execl_client, "rcvtimeo": rcvtimeo, "epoll-park": epoll_park,
+     "accept-timeout": accept_timeout}[cmd](*args)

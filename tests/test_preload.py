@@ -328,6 +328,13 @@ def test_so_rcvtimeo_bounds_a_blocking_recv(operator, guests):
     server.communicate(timeout=30)
 
 
+def test_so_rcvtimeo_bounds_a_blocking_accept(operator, guests):
+    server = guests("db", app("accept-timeout", "10.0.0.2", "7011"))
+    out, err = server.communicate(timeout=30)
+    words = out.split()
+    assert words[:2] == ["timed", "out"] and 0.25 <= float(words[2]) < 3, out + err
+
+
 def test_bind_to_port_0_listens_on_a_port_the_library_picks(operator, guests):
     server = guests("db", app("echo-server", "10.0.0.2", "0"))
     words = server.stdout.readline().split()
