@@ -24,16 +24,17 @@ def send(sock: socket.socket, msg: Message, fds: list[int] | tuple[int, ...] = (
         sock.send(data)
 
 
-def receive(sock: socket.socket) -> tuple[Message, list[int]]:
+def receive(sock: socket.socket, flags: int = 0) -> tuple[Message, list[int]]:
     """Receive one message and the descriptors that came with it.
 
     Raises EOFError when the other side has closed, BlockingIOError on a
     non-blocking socket with nothing to read, and ProtocolError for a bad
     message, after closing any descriptors that came with it: a bad message
-    never leaks descriptors into this process.
+    never leaks descriptors into this process.  `flags` go to recvmsg
+    (MSG_DONTWAIT: BlockingIOError rather than waiting).
     """
     try:
-        data, fds, flags = _recv_fds(sock)
+        data, fds, flags = _recv_fds(sock, flags)
     except ConnectionResetError:  # closed with our messages unread: gone all the same
         raise EOFError("the other side closed the control socket") from None
     try:
@@ -49,10 +50,10 @@ def receive(sock: socket.socket) -> tuple[Message, list[int]]:
         raise
 
 
-def _recv_fds(sock: socket.socket) -> tuple[bytes, list[int], int]:
+def _recv_fds(sock: socket.socket, flags: int = 0) -> tuple[bytes, list[int], int]:
     """recvmsg with close-on-exec descriptors (socket.recv_fds of Python 3.11
     drops its flags argument, so it cannot give MSG_CMSG_CLOEXEC)."""
-    data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE + 1, _FDS_SPACE, _CLOEXEC)
+    data, ancdata, flags, _ = sock.recvmsg(MAX_MESSAGE + 1, _FDS_SPACE, _CLOEXEC | flags)
     fds = array.array("i")
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
