@@ -346,7 +346,8 @@ class Operator:
         self._rate_limit(source)
         verdict = self.policy.check(source.name, remote.address, remote.port,
                                     "tcp" if remote.proto == p.TCP else "udp")
-        log.info("setup %s -> %s: %s", source.name, remote, verdict.describe())
+        if log.isEnabledFor(logging.INFO):  # describing costs, logged or not
+            log.info("setup %s -> %s: %s", source.name, remote, verdict.describe())
         self._audit(source.name, remote, verdict)
         self._count("setups", source.name)
         if not verdict.allow:
