@@ -134,6 +134,8 @@ class AdminServer:
             return "off"
         pid = op.supervisor.pid
         state = "connected" if op.proxy is not None else "not connected"
+        if op.supervisor.inprocess is not None:
+            state += ", in the operator"
         return f"{state}, pid {pid}" if pid else f"{state}, not running"
 
     def _guest(self, g) -> dict:

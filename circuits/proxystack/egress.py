@@ -15,6 +15,7 @@ import socket
 
 from circuits import protocol as p
 from circuits.proxystack import options
+from circuits.proxystack.sockets import PLAIN, HostSockets
 from circuits.ring import Circuit, CircuitSpec
 
 
@@ -24,11 +25,12 @@ def circuit_of(msg: p.Egress | p.Circuit, fds: list[int]) -> Circuit:
     return Circuit(*fds, CircuitSpec(kind, msg.side, (msg.size0, msg.size1)))
 
 
-async def connect(loop: asyncio.AbstractEventLoop, msg: p.Egress) -> socket.socket:
+async def connect(loop: asyncio.AbstractEventLoop, msg: p.Egress,
+                  sockets: HostSockets = PLAIN) -> socket.socket:
     """A connected TCP socket with the guest's options; OSError with the
     kernel's errno (ETIMEDOUT once the connect timeout passes)."""
     kind = socket.SOCK_STREAM if msg.kind == p.STREAM else socket.SOCK_DGRAM
-    sock = socket.socket(options.family_of(msg.remote), kind)
+    sock = sockets.socket(options.family_of(msg.remote), kind)
     try:
         sock.setblocking(False)
         options.apply(sock, msg)
