@@ -35,24 +35,37 @@ class InProcess:
             self.sockets = PLAIN
         self.stack = ProxyStack(config, loop, self.sockets)
         self.on_end = on_end
-        self.task = loop.create_task(self._serve(sock))
+        self.task = loop.create_task(self._attach(sock))
 
-    async def _serve(self, sock: socket.socket) -> None:
+    async def _attach(self, sock: socket.socket) -> None:
+        """HELLO and the published ports; then no task waits on the link (a
+        callback does), so the operator's loop can close with nothing pending."""
         try:
             link = await self.stack.attach(sock)
             self.stack.publish()
-            why = await link.gone
         except Exception as e:  # noqa: BLE001 - any failure is the stack's end, never the operator's
             log.exception("the in-process proxy stack failed")
-            why = str(e)
-        self.stack.stop()
-        self.on_end(why)
+            self._end(str(e))
+            return
+        link.gone.add_done_callback(lambda gone: self._end(gone.result()))
+
+    def _end(self, why: str) -> None:
+        """It ended by itself (a failure, or the operator dropped its link)."""
+        if self.on_end is None:
+            return  # stopped already
+        on_end, self.on_end = self.on_end, None
+        self._close()
+        on_end(why)
 
     def stop(self) -> None:
+        """Reset every connection; on_end is not called (the operator asked)."""
+        self.on_end = None
         self.task.cancel()
+        self._close()
+
+    def _close(self) -> None:
         self.stack.stop()
-        if self.sockets is not PLAIN:
-            self.sockets.close()
+        self.sockets.close()  # PLAIN holds nothing: closing it is nothing
 
 
 def start(config: Config, loop: asyncio.AbstractEventLoop, sock: socket.socket,

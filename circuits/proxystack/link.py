@@ -110,10 +110,11 @@ class Link:
             return
         future.set_result((msg, fds))
 
-    def _lost(self, why: str) -> None:
+    def _lost(self, why: str, quiet: bool = False) -> None:
         if self.gone.done():
             return
-        log.warning("the operator's control connection is gone: %s", why)
+        if not quiet:
+            log.warning("the operator's control connection is gone: %s", why)
         self.loop.remove_reader(self.sock)
         for future in self.waiting.values():
             if not future.done():
@@ -122,5 +123,5 @@ class Link:
         self.gone.set_result(why)
 
     def close(self) -> None:
-        self._lost("closed")
+        self._lost("closed here", quiet=True)
         self.sock.close()

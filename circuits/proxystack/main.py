@@ -81,7 +81,7 @@ async def serve(stack: ProxyStack, path: str) -> None:
         try:
             link = await stack.attach(sock)
         except (OperatorGone, OSError) as e:  # e.g. an operator of another protocol version
-            log.error("the operator did not welcome us: %s", e)
+            log.warning("the operator did not welcome us: %s", e)
             stack.link.close()
             await asyncio.sleep(RETRY_MAX)
             continue
