@@ -275,6 +275,14 @@ def ctl_reload(ctx: click.Context) -> None:
     click.echo(_ask(ctx, "reload"))
 
 
+@ctl.command("stop-proxystack")
+@click.pass_context
+def ctl_stop_proxystack(ctx: click.Context) -> None:
+    """Stop the proxy stack for good, resetting every proxied connection (an
+    operator's stop leaves it running); the operator's next start starts one."""
+    click.echo(_ask(ctx, "stop-proxystack"))
+
+
 @ctl.command("hosts")
 @click.pass_context
 def ctl_hosts(ctx: click.Context) -> None:

@@ -11,11 +11,13 @@ import sys
 import threading
 import time
 
+import pytest
+
 import circuits
 from circuits.operator import child
 from outside import pattern_sha256
 from proxystack_fixtures import (  # noqa: F401 - fixtures
-    HOST_IP, OUTSIDE_IP, PUBLISHED, requires_netns, world)
+    HOST_IP, OUTSIDE_IP, PUBLISHED, both_placements, requires_netns, world)
 
 pytestmark = requires_netns
 BIG = 200 << 20
@@ -194,3 +196,23 @@ def test_a_connect_in_flight_when_the_operator_dies_fails_cleanly(world):
     assert world.worker() == worker
     world.start()
     assert world.worker() == worker
+
+
+@both_placements
+def test_ctl_stop_proxystack_stops_it_for_good(world):
+    world.serve("echo", 84)
+    conn = circuits.connect((OUTSIDE_IP, 84), control=world.control("web"))
+    conn.settimeout(10)
+    out = subprocess.run([sys.executable, "-m", "circuits", "ctl", "--config", str(world.config),
+                          "stop-proxystack"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "stop" in out.stdout, out.stderr
+    with pytest.raises((ConnectionResetError, BrokenPipeError)):  # reset, not left half-open
+        for _ in range(100):
+            conn.sendall(b"a" * 65536)
+            conn.recv(65536)
+    deadline = time.monotonic() + 10
+    while world.status()["proxystack"] != "not connected, not running" or world.worker():
+        assert time.monotonic() < deadline, world.status()
+        time.sleep(0.05)
+    time.sleep(0.5)  # and it is not started again
+    assert world.status()["proxystack"] == "not connected, not running" and not workers(world)

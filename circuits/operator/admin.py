@@ -124,6 +124,10 @@ class AdminServer:
                 return op.reload()
             except ConfigError as e:
                 raise ValueError(f"reload refused, the running policy stays: {e}") from None
+        if cmd == "stop-proxystack":
+            if op.supervisor is None:
+                raise ValueError("this operator runs no proxy stack")
+            return op.supervisor.shut_down()
         if cmd == "metrics":
             return self.metrics()
         raise ValueError(f"unknown command {cmd!r}")

@@ -178,6 +178,24 @@ class Supervisor:
             log.info("proxy stack: left running, pid %d", self.worker)
 
 
+    def shut_down(self) -> str:
+        """Stop the proxy stack for good (`circuits ctl stop-proxystack`): its
+        connections are reset, and it is not started again until the operator
+        restarts.  A worker is told with SIGTERM; its exit is watched as ever."""
+        self._stopping = True
+        if self.inprocess is not None:
+            self.inprocess.stop()
+            self.inprocess = None
+            return "stopped the proxy stack in the operator"
+        if self.worker is None or self._pidfd < 0:
+            return "no proxy stack was running"
+        try:
+            signal.pidfd_send_signal(self._pidfd, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        return f"stopping the proxy stack worker, pid {self.worker}"
+
+
 def worker_pid(pidfile: str) -> int | None:
     """The pid of the worker holding `pidfile` locked; None if no worker lives."""
     try:
