@@ -110,8 +110,10 @@ class Supervisor:
         argv = [sys.executable, "-m", "circuits.proxystack", "--config", self.config.path]
         # Its own session: a signal to the operator's process group (a terminal's
         # Ctrl-C, a service manager's kill) does not reach the connections it carries.
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, close_fds=True,
-                                     start_new_session=True)
+        # It may outlive us: it keeps our stderr (its log) but not our stdout, so a
+        # caller reading the operator's stdout to its end is not held by the worker.
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     close_fds=True, start_new_session=True)
         self._watch(self.proc.pid)
         log.info("proxy stack: started, pid %d", self.proc.pid)
 
