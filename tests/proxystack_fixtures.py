@@ -38,6 +38,7 @@ connect_timeout = 10
 udp_idle_timeout = 1
 restarts = {restarts}
 placement = "{placement}"
+orphan_grace = {orphan_grace}
 
 [[guests]]
 name = "web"
@@ -98,7 +99,8 @@ action = "allow"
 class World:
     """The host and outside namespaces, the operator, and outside servers."""
 
-    def __init__(self, root: Path, restarts: int = 5, placement: str = "worker"):
+    def __init__(self, root: Path, restarts: int = 5, placement: str = "worker",
+                 orphan_grace: float = 30):
         self.tag, self.placement = tag(), placement
         self.host, self.outside = f"cxp-{self.tag}-host", f"cxp-{self.tag}-out"
         self.dir = root / "run"
@@ -106,7 +108,7 @@ class World:
         self.config.write_text(CONFIG.format(dir=self.dir, host=self.host, host_ip=HOST_IP,
                                              outside_ip=OUTSIDE_IP, published=PUBLISHED,
                                              restarts=restarts, source_ip=SOURCE_IP,
-                                             placement=placement))
+                                             placement=placement, orphan_grace=orphan_grace))
         self.pidfile = str(self.dir / "proxystack.pid")
         self.proc: subprocess.Popen | None = None
         self.servers: list[subprocess.Popen] = []
@@ -204,6 +206,12 @@ def world(request, tmp_path):
 
 
 both_placements = pytest.mark.parametrize("world", ["worker", "operator"], indirect=True)
+
+
+@pytest.fixture
+def world_short_grace(tmp_path):
+    """The same, with a worker that waits 1 s for a new operator once idle."""
+    yield from _world(tmp_path, orphan_grace=1)
 
 
 @pytest.fixture

@@ -103,6 +103,7 @@ BAD = [
     ("[proxystack]\nenabled = 'yes'\n", 2, "true or false"),
     ("[proxystack]\nconnect_timeout = 'long'\n", 2, "must be seconds"),
     ("[proxystack]\nrestarts = 1\nplacement = 'thread'\n", 3, 'placement must be "worker"'),
+    ("[proxystack]\norphan_grace = -1\n", 2, "orphan_grace must be seconds"),
     ("[[guests]]\nname = 'a'\n[[publish]]\naddress = '198.18.0.1'\nport = 80\nguest = 'b'\n", 6,
      "no guest is called 'b'"),
     ("[[guests]]\nname = 'a'\n[[publish]]\naddress = '198.18.0.1'\nport = 0\nguest = 'a'\n", 5,

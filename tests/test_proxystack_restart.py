@@ -17,7 +17,7 @@ import circuits
 from circuits.operator import child
 from outside import pattern_sha256
 from proxystack_fixtures import (  # noqa: F401 - fixtures
-    HOST_IP, OUTSIDE_IP, PUBLISHED, both_placements, requires_netns, world)
+    HOST_IP, OUTSIDE_IP, PUBLISHED, both_placements, requires_netns, world, world_short_grace)
 
 pytestmark = requires_netns
 BIG = 200 << 20
@@ -216,3 +216,22 @@ def test_ctl_stop_proxystack_stops_it_for_good(world):
         time.sleep(0.05)
     time.sleep(0.5)  # and it is not started again
     assert world.status()["proxystack"] == "not connected, not running" and not workers(world)
+
+
+def test_an_orphaned_worker_exits_once_its_last_connection_ends(world_short_grace):
+    world = world_short_grace
+    world.serve("echo", 84)
+    worker = world.worker()
+    conn = circuits.connect((OUTSIDE_IP, 84), control=world.control("web"))
+    conn.settimeout(10)
+    take_operator_away(world, signal.SIGKILL)
+    time.sleep(1.5)  # past orphan_grace: it stays, for the connection it carries
+    conn.sendall(b"still here")
+    assert conn.recv(100) == b"still here"
+    assert world.worker() == worker
+    conn.close()
+    deadline = time.monotonic() + 5  # orphan_grace is 1 s once the connection is gone
+    while world.worker() is not None:
+        assert time.monotonic() < deadline, "the orphaned worker did not exit"
+        time.sleep(0.05)
+    assert not workers(world)

@@ -6,8 +6,8 @@ goes on carrying its established connections and keeps its published
 listening sockets (new outside connections there are reset at once, no
 INGRESS can be asked), and reaches for the control socket again every
 quarter second until a restarted operator welcomes it.  It gives up only
-once it has carried no connection and had no operator for ORPHAN_GRACE
-seconds.  SIGTERM or SIGINT stops it for good: every connection is reset.
+once it has carried no connection and had no operator for `[proxystack]
+orphan_grace` seconds.  SIGTERM or SIGINT stops it for good: every connection is reset.
 
 One worker per control socket: it holds an exclusive lock on its pidfile
 for life (docs/proxystack.md, "Running it"); a second one exits at once,
@@ -29,8 +29,8 @@ from circuits.proxystack.link import OperatorGone, RETRY_MAX, reach
 from circuits.proxystack.service import ProxyStack
 
 log = logging.getLogger("circuits.proxystack")
-ORPHAN_GRACE = 30.0  # seconds with neither an operator nor a connection before it exits
 ALREADY_RUNNING = 3  # exit status when another worker holds the pidfile
+HELLO_TIMEOUT = 5.0  # seconds an operator may take to welcome us before we try again
 
 
 def lock_pidfile(path: str) -> int | None:
@@ -54,8 +54,8 @@ def enter_namespace(config: Config) -> None:
         setns(netns_path(config.host_netns))
 
 
-def patience(stack: ProxyStack):
-    """give_up() for `reach`: true after ORPHAN_GRACE seconds with no connection."""
+def patience(stack: ProxyStack, grace: float):
+    """give_up() for `reach`: true after `grace` seconds with no connection."""
     alone_since: float | None = None
 
     def give_up() -> bool:
@@ -65,23 +65,25 @@ def patience(stack: ProxyStack):
             return False
         now = time.monotonic()
         alone_since = alone_since or now
-        return now - alone_since >= ORPHAN_GRACE
+        return now - alone_since >= grace
 
     return give_up
 
 
 async def serve(stack: ProxyStack, path: str) -> None:
     """Serve one operator after another until there is none to serve."""
-    give_up = patience(stack)
+    grace = stack.config.proxystack.orphan_grace
+    give_up = patience(stack, grace)
     while True:
         sock = await reach(path, give_up)
         if sock is None:
-            log.warning("no operator and no connection for %.0f s: exiting", ORPHAN_GRACE)
+            log.warning("no operator and no connection for %.0f s: exiting", grace)
             return
         try:
-            link = await stack.attach(sock)
-        except (OperatorGone, OSError) as e:  # e.g. an operator of another protocol version
-            log.warning("the operator did not welcome us: %s", e)
+            link = await asyncio.wait_for(stack.attach(sock), HELLO_TIMEOUT)
+        except (OperatorGone, OSError, asyncio.TimeoutError) as e:
+            # e.g. a dying operator's socket, another protocol version, a stopped process
+            log.warning("the operator did not welcome us: %s", str(e) or "no answer to HELLO")
             stack.link.close()
             await asyncio.sleep(RETRY_MAX)
             continue
@@ -94,7 +96,7 @@ async def serve(stack: ProxyStack, path: str) -> None:
 
 
 def run(config: Config) -> None:
-    """Serve until told to stop, or until nobody needs us (see ORPHAN_GRACE)."""
+    """Serve until told to stop, or until nobody needs us (orphan_grace)."""
     if lock_pidfile(config.proxystack.pidfile) is None:
         log.error("another proxy stack holds %s: exiting", config.proxystack.pidfile)
         sys.exit(ALREADY_RUNNING)
