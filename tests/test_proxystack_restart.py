@@ -90,6 +90,7 @@ def test_a_download_goes_on_across_an_operator_kill_and_restart(world):
     got = read_some(conn, h, BIG // 2, got)  # it flows while no operator runs
     ready = bring_operator_back(world)
     assert ready < 1.0, f"egress worked {ready:.2f} s after the restart"
+    print(f"egress through the adopted worker {ready * 1000:.0f} ms after the restart")
     assert world.status()["proxystack"] == f"connected, pid {worker}"  # adopted, not replaced
     # The new operator knows only its own circuits: the download is not listed.
     assert world.status()["circuits"] == 0
