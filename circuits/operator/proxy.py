@@ -179,7 +179,6 @@ class Supervisor:
         elif self.worker is not None:
             log.info("proxy stack: left running, pid %d", self.worker)
 
-
     def shut_down(self) -> str:
         """Stop the proxy stack for good (`circuits ctl stop-proxystack`): its
         connections are reset, and it is not started again until the operator
@@ -208,10 +207,10 @@ def worker_pid(pidfile: str) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:  # held: the worker writes its pid right after locking
-            for _ in range(100):
+            for _ in range(100):  # so this waits only when one is starting at this moment
                 text = os.pread(fd, 32, 0).strip()
                 if text:
-                    return int(text)
+                    return int(text) if text.isdigit() else None
                 time.sleep(0.01)
             return None
         return None  # we got the lock: nobody holds it (closing the fd lets it go)

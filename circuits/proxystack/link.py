@@ -32,11 +32,11 @@ async def reach(path: str, give_up: Callable[[], bool]) -> socket.socket | None:
     delay = RETRY_FIRST
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.setblocking(False)  # a Unix connect then never waits: EAGAIN on a full backlog
         try:
-            sock.connect(path)  # a Unix connect never blocks long: the listener is local
-            sock.setblocking(False)
+            sock.connect(path)
             return sock
-        except OSError:  # no file yet (ENOENT), or a dead operator's file (ECONNREFUSED)
+        except OSError:  # no file yet (ENOENT), a dead operator's file (ECONNREFUSED), EAGAIN
             sock.close()
         if give_up():
             return None
