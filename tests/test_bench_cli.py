@@ -63,5 +63,6 @@ def test_bench_egress_json():
     assert seen == {(t, d) for t in transports for d in ("upload", "download")}
     assert all(f["gbytes_per_s"] > 0 for f in out["figures"])
     assert len(out["ratios"]) == 4 and set(out["cpu_s_per_gb"]) == {"worker", "operator"}
-    assert [f["transport"] for f in out["latency"]] == list(transports)
+    assert [f["transport"] for f in out["latency"]] == \
+        [*transports, "worker, while downloading", "operator, while downloading"]
     assert all(0 < f["p50_us"] <= f["p99_us"] for f in out["latency"])

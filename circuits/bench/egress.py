@@ -9,7 +9,9 @@ loopback server, which per connection either sinks what it gets (upload: the
 client writes 64 KiB at a time, then SHUT_WR, and waits for a one-byte
 answer) or sends a given number of bytes (download).  Rounds interleave the
 transports and directions; figures are medians.  Setup latency: connects to
-the same listener, closed at once, in interleaved batches, p50/p99 over all.
+the same listener, closed at once, in interleaved batches, p50/p99 over all;
+then through each placement again while another guest process downloads
+through it without pause (what moving data costs the control plane).
 CPU seconds per GB (utime + stime from /proc/PID/stat over the throughput
 rounds) for the operator and the proxy stack (the same process when in the
 operator).  Only 127.0.0.1 is ever used.
@@ -20,6 +22,8 @@ import os
 import socket
 import statistics
 import struct
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -125,7 +129,7 @@ def _serve(srv: socket.socket) -> None:
         with conn:
             head = conn.recv(REQUEST.size, socket.MSG_WAITALL)
             if len(head) < REQUEST.size:
-                continue  # a setup-latency connect: closed without a request
+                continue  # a connect closed without a request: nothing to do
             kind, n = REQUEST.unpack(head)
             if kind == b"U":
                 while conn.recv_into(buf):
@@ -173,21 +177,43 @@ def percentile(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+class Servers:
+    """Two forked loopback servers: `data` for transfers, and `setups`, which
+    accepts and closes at once (a data server busy with a transfer does not
+    accept: setups to it would fill its backlog)."""
+
+    def __init__(self) -> None:
+        self.data = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.setups = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        self.pids = [_fork(lambda: _serve(self.data)), _fork(lambda: _close_each(self.setups))]
+
+    def close(self) -> None:
+        for pid in self.pids:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        self.data.close()
+        self.setups.close()
+
+
+def _close_each(srv: socket.socket) -> None:
+    while True:
+        srv.accept()[0].close()
+
+
 def run(rounds: int = 5, total: int = 1 << 30, ring: int = 4 << 20,
         connects: int = 500) -> dict:
     """Interleaved rounds of the three transports, both directions, then setups."""
-    srv = socket.create_server(("127.0.0.1", 0), backlog=128)
-    server_pid = _fork(lambda: _serve(srv))
+    servers = Servers()
     placements: dict[str, Placement] = {}
-    addr = srv.getsockname()
     try:
         for name in PLACEMENTS:
             placements[name] = Placement(name, ring)
 
-        def open_via(transport: str):
+        def open_via(transport: str, srv: socket.socket = servers.data):
             if transport == "tcp":
-                return socket.create_connection(addr)
-            return circuits.connect(addr, control=placements[transport].control, ring_size=ring)
+                return socket.create_connection(srv.getsockname())
+            return circuits.connect(srv.getsockname(), control=placements[transport].control,
+                                    ring_size=ring)
 
         rates: dict[tuple[str, str], list[float]] = {}
         cpu = {name: [0.0, 0.0] for name in PLACEMENTS}
@@ -201,13 +227,14 @@ def run(rounds: int = 5, total: int = 1 << 30, ring: int = 4 << 20,
                         after = placements[transport].cpu()
                         cpu[transport] = [c + a - b for c, a, b in zip(cpu[transport], after,
                                                                          before)]
-        latency = setup_latency(open_via, connects)
+        setups = lambda transport: open_via(transport, servers.setups)  # noqa: E731
+        latency = setup_latency(setups, connects)
+        latency += [loaded_setup_latency(setups, placements[t], servers.data.getsockname(), ring,
+                                         max(10, connects // 5)) for t in PLACEMENTS]
     finally:
         for placement in placements.values():
             placement.close()
-        os.kill(server_pid, 9)
-        os.waitpid(server_pid, 0)
-        srv.close()
+        servers.close()
     gb = rounds * 2 * total / 1e9  # each placement moved this much
     figures = [EgressFigure(t, d, statistics.median(r), r) for (t, d), r in rates.items()]
     return {"figures": figures, "latency": latency, "write_size": WRITE,
@@ -229,6 +256,42 @@ def setup_latency(open_via, connects: int) -> list[LatencyFigure]:
                 conn.close()
     return [LatencyFigure(t, percentile(s, 0.5) * 1e6, percentile(s, 0.99) * 1e6, len(s))
             for t, s in samples.items()]
+
+
+LOADER = """
+import sys, time, circuits
+from circuits.bench.egress import transfer
+host, port, control, ring, until = sys.argv[1:]
+print("loading", flush=True)
+while time.monotonic() < float(until):
+    transfer(circuits.connect((host, int(port)), control=control, ring_size=int(ring)),
+             "download", 256 << 20)
+"""
+LOAD_FOR = 30.0  # seconds at most that a loader runs, whatever happens to this process
+
+
+def loaded_setup_latency(open_via, placement: Placement, addr: tuple, ring: int,
+                         connects: int) -> LatencyFigure:
+    """Setups through `placement` while another guest process downloads through
+    it without pause: what data moving costs the control plane in each placement."""
+    until = time.monotonic() + LOAD_FOR  # CLOCK_MONOTONIC: the same clock in the child
+    loader = subprocess.Popen([sys.executable, "-c", LOADER, addr[0], str(addr[1]),
+                               placement.control, str(ring), str(until)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        loader.stdout.readline()
+        time.sleep(0.2)  # the first download under way
+        samples = []
+        for _ in range(connects):
+            start = time.perf_counter()
+            conn = open_via(placement.placement)
+            samples.append(time.perf_counter() - start)
+            conn.close()
+    finally:
+        loader.kill()
+        loader.wait()
+    return LatencyFigure(f"{placement.placement}, while downloading", percentile(samples, 0.5)
+                         * 1e6, percentile(samples, 0.99) * 1e6, len(samples))
 
 
 def as_json(result: dict) -> dict:
