@@ -133,9 +133,15 @@ class Supervisor:
         from circuits.proxystack import inprocess
 
         mine, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:  # its first step (HELLO) runs on the loop's next turn, once `mine` is served
+            self.inprocess = inprocess.start(self.config, self.loop, its, self._ended)
+        except OSError as e:  # e.g. host_netns does not exist: as a worker failing to start
+            mine.close()
+            its.close()
+            self._ended(f"cannot start: {e}")
+            return
         mine.setblocking(False)
         self.attach(mine)
-        self.inprocess = inprocess.start(self.config, self.loop, its, self._ended)
         log.info("proxy stack: serving in the operator's process")
 
     def _ended(self, why: str) -> None:
