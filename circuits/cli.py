@@ -309,6 +309,14 @@ def ctl_reload(ctx: click.Context) -> None:
     click.echo(_ask(ctx, "reload"))
 
 
+@ctl.command("stop-proxystack")
+@click.pass_context
+def ctl_stop_proxystack(ctx: click.Context) -> None:
+    """Stop the proxy stack for good, resetting every proxied connection (an
+    operator's stop leaves it running); the operator's next start starts one."""
+    click.echo(_ask(ctx, "stop-proxystack"))
+
+
 @ctl.command("hosts")
 @click.pass_context
 def ctl_hosts(ctx: click.Context) -> None:
@@ -385,27 +393,18 @@ def bench_setup(rounds: int, count: int, as_json: bool) -> None:
 @click.option("--rounds", default=5, show_default=True, help="Rounds; figures are medians.")
 @click.option("--mib", default=1024, show_default=True, help="MiB per transfer.")
 @click.option("--ring", default=4 << 20, show_default=True, help="Ring size per direction.")
+@click.option("--connects", default=500, show_default=True, help="Setups per transport.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def bench_egress(rounds: int, mib: int, ring: int, as_json: bool) -> None:
-    """Guest -> proxy stack -> TCP server vs the same client on TCP directly (64 KiB writes)."""
-    from rich.table import Table
-
+def bench_egress(rounds: int, mib: int, ring: int, connects: int, as_json: bool) -> None:
+    """Direct TCP vs the proxy stack as a worker and in the operator (64 KiB writes)."""
     from circuits.bench import egress
 
-    out = egress.as_json(egress.run(rounds=rounds, total=mib << 20, ring=ring))
+    out = egress.as_json(egress.run(rounds=rounds, total=mib << 20, ring=ring, connects=connects))
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
-    table = Table(title=f"egress, {mib} MiB per transfer, 64 KiB writes (median of {rounds})")
-    for col in ("transport", "direction", "GB/s"):
-        table.add_column(col)
-    for f in out["figures"]:
-        table.add_row(f["transport"], f["direction"], f"{f['gbytes_per_s']:.2f}")
-    console = Console()
-    console.print(table)
-    for name, value in out["ratios"].items():
-        console.print(f"{name}: [bold]{value:.2f}[/bold]")
-    console.print(f"proxy stack CPU: [bold]{out['cpu_s_per_gb']:.2f}[/bold] s per GB")
+    egress.print_table(out, f"egress, {mib} MiB per transfer, 64 KiB writes (median of {rounds})",
+                       Console())
 
 
 @bench.command("apps")

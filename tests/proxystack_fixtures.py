@@ -16,6 +16,7 @@ import pytest
 
 from circuits.operator import child
 from circuits.operator.admin import request
+from circuits.operator.proxy import stop_worker, worker_pid
 from guestnet_fixtures import remove_netns_named, requires_netns, sh, tag  # noqa: F401 - re-exported
 
 OUTSIDE = Path(__file__).with_name("outside.py")
@@ -36,6 +37,8 @@ default_ring = "256 KiB"
 connect_timeout = 10
 udp_idle_timeout = 1
 restarts = {restarts}
+placement = "{placement}"
+orphan_grace = {orphan_grace}
 
 [[guests]]
 name = "web"
@@ -96,15 +99,18 @@ action = "allow"
 class World:
     """The host and outside namespaces, the operator, and outside servers."""
 
-    def __init__(self, root: Path, restarts: int = 5, template: str = CONFIG):
-        self.tag = tag()
+    def __init__(self, root: Path, restarts: int = 5, placement: str = "worker",
+                 orphan_grace: float = 30, template: str = CONFIG):
+        self.tag, self.placement = tag(), placement
         self.host, self.outside = f"cxp-{self.tag}-host", f"cxp-{self.tag}-out"
         self.dir = root / "run"
         self.config = root / "proxy.toml"
         self.config.write_text(template.format(dir=self.dir, host=self.host, host_ip=HOST_IP,
                                                outside_ip=OUTSIDE_IP, published=PUBLISHED,
                                                restarts=restarts, source_ip=SOURCE_IP,
+                                               placement=placement, orphan_grace=orphan_grace,
                                                tag=self.tag))
+        self.pidfile = str(self.dir / "proxystack.pid")
         self.proc: subprocess.Popen | None = None
         self.servers: list[subprocess.Popen] = []
 
@@ -128,6 +134,17 @@ class World:
     def start(self) -> None:
         self.proc = child.start(str(self.config))
         self.wait_proxystack()
+        if self.placement == "operator":  # the same service, in the operator's own process
+            assert self.status()["proxystack"] == f"connected, in the operator, pid {self.proc.pid}"
+            assert self.worker() is None
+
+    def worker(self) -> int | None:
+        """The pid of the proxy stack worker running now (None: none)."""
+        return worker_pid(self.pidfile)
+
+    def proxystack_pid(self) -> int:
+        """The serving process's pid, as `circuits ctl status` shows it."""
+        return int(self.status()["proxystack"].rsplit(" ", 1)[1])
 
     def status(self) -> dict:
         return request(str(self.dir / "admin.sock"), "status")["result"]
@@ -165,9 +182,12 @@ class World:
             proc.wait(10)
         if self.proc is not None:
             child.stop(self.proc)
+        stop_worker(self.pidfile)  # an operator's stop leaves it running: stop it for good
+        left = self.worker()
         for ns in (self.host, self.outside):
             sh("ip", "netns", "del", ns, check=False)
         remove_netns_named(f"circuits-{self.tag}")  # namespaced guests, if the operator left any
+        assert left is None, f"a proxy stack worker is left behind: pid {left}"
 
 
 def _world(root: Path, **kw):
@@ -181,9 +201,19 @@ def _world(root: Path, **kw):
 
 
 @pytest.fixture
-def world(tmp_path):
-    """A running operator and proxy stack, and an empty outside namespace."""
-    yield from _world(tmp_path)
+def world(request, tmp_path):
+    """A running operator and proxy stack, and an empty outside namespace;
+    the stack's placement is "worker" unless parametrized (both_placements)."""
+    yield from _world(tmp_path, placement=getattr(request, "param", "worker"))
+
+
+both_placements = pytest.mark.parametrize("world", ["worker", "operator"], indirect=True)
+
+
+@pytest.fixture
+def world_short_grace(tmp_path):
+    """The same, with a worker that waits 1 s for a new operator once idle."""
+    yield from _world(tmp_path, orphan_grace=1)
 
 
 @pytest.fixture

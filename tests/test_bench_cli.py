@@ -54,10 +54,15 @@ def test_operator_demo_runs():
 
 def test_bench_egress_json():
     run = subprocess.run([sys.executable, "-m", "circuits.bench", "egress", "--rounds", "1",
-                          "--mib", "16", "--json"], capture_output=True, text=True, timeout=120)
+                          "--mib", "16", "--connects", "20", "--json"],
+                         capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
     seen = {(f["transport"], f["direction"]) for f in out["figures"]}
-    assert seen == {(t, d) for t in ("proxystack", "tcp") for d in ("upload", "download")}
+    transports = ("tcp", "worker", "operator")
+    assert seen == {(t, d) for t in transports for d in ("upload", "download")}
     assert all(f["gbytes_per_s"] > 0 for f in out["figures"])
-    assert out["cpu_s_per_gb"] >= 0 and len(out["ratios"]) == 2
+    assert len(out["ratios"]) == 4 and set(out["cpu_s_per_gb"]) == {"worker", "operator"}
+    assert [f["transport"] for f in out["latency"]] == \
+        [*transports, "worker, while downloading", "operator, while downloading"]
+    assert all(0 < f["p50_us"] <= f["p99_us"] for f in out["latency"])

@@ -117,6 +117,8 @@ BAD = [
     ("[[guests]]\nname = 'proxystack'\n", 2, "the proxy stack's name"),
     ("[proxystack]\nenabled = 'yes'\n", 2, "true or false"),
     ("[proxystack]\nconnect_timeout = 'long'\n", 2, "must be seconds"),
+    ("[proxystack]\nrestarts = 1\nplacement = 'thread'\n", 3, 'placement must be "worker"'),
+    ("[proxystack]\norphan_grace = -1\n", 2, "orphan_grace must be seconds"),
     ("[[guests]]\nname = 'a'\n[[publish]]\naddress = '198.18.0.1'\nport = 80\nguest = 'b'\n", 6,
      "no guest is called 'b'"),
     ("[[guests]]\nname = 'a'\n[[publish]]\naddress = '198.18.0.1'\nport = 0\nguest = 'a'\n", 5,
@@ -157,6 +159,9 @@ guest_port = 80
         ("198.18.0.1", 8080, "tcp", "b", 80)
     assert cfg.proxystack.enabled  # a published port needs one
     assert cfg.proxystack.control == "/run/x/proxystack.sock"
+    assert cfg.proxystack.pidfile == "/run/x/proxystack.pid"
+    assert cfg.proxystack.placement == "worker"
+    assert parse("[proxystack]\nplacement = 'operator'\n").proxystack.placement == "operator"
     assert not parse("[[guests]]\nname = 'a'\n").proxystack.enabled  # none unless asked
 
 

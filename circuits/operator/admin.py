@@ -117,6 +117,10 @@ class AdminServer:
                 return op.reload()
             except ConfigError as e:
                 raise ValueError(f"reload refused, the running policy stays: {e}") from None
+        if cmd == "stop-proxystack":
+            if op.supervisor is None:
+                raise ValueError("this operator runs no proxy stack")
+            return op.supervisor.shut_down()
         if cmd == "metrics":
             return self.metrics()
         raise ValueError(f"unknown command {cmd!r}")
@@ -127,6 +131,8 @@ class AdminServer:
             return "off"
         pid = op.supervisor.pid
         state = "connected" if op.proxy is not None else "not connected"
+        if op.supervisor.inprocess is not None:
+            state += ", in the operator"
         return f"{state}, pid {pid}" if pid else f"{state}, not running"
 
     def _guest(self, g) -> dict:

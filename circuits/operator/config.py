@@ -121,6 +121,13 @@ class ProxyStack:
     connect_timeout: float = 30.0  # seconds an egress connect may take
     restarts: int = 5  # restarts within a minute before the operator gives up
     udp_idle_timeout: float = 60.0  # seconds a UDP flow lives without a datagram
+    placement: str = "worker"  # "worker": its own process; "operator": in the operator's loop
+    orphan_grace: float = 30.0  # seconds a worker with no operator and no connection lives on
+
+    @property
+    def pidfile(self) -> str:
+        """The worker's pidfile, locked while it lives: one worker per control socket."""
+        return os.path.splitext(self.control)[0] + ".pid"
 
 
 PROXY_IDENTITY = "proxystack"  # the proxy stack's name on its control socket; no guest's
@@ -244,7 +251,7 @@ class _Checker:
         if table is None:
             return ProxyStack(published, f"{control_dir}/{PROXY_IDENTITY}.sock")
         self.only(table, {"enabled", "control", "connect_timeout", "restarts",
-                          "udp_idle_timeout"}, "proxystack")
+                          "udp_idle_timeout", "placement", "orphan_grace"}, "proxystack")
         at = lambda key: self.lines.of("proxystack", 0, key)  # noqa: E731
         enabled = table.get("enabled", True)
         if not isinstance(enabled, bool):
@@ -252,12 +259,17 @@ class _Checker:
         restarts = table.get("restarts", 5)
         if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 0:
             self.fail(at("restarts"), f"restarts must be a whole number, not {restarts!r}")
+        placement = table.get("placement", "worker")
+        if placement not in ("worker", "operator"):
+            self.fail(at("placement"), f'placement must be "worker" or "operator", not {placement!r}')
         return ProxyStack(enabled or published,
                           table.get("control", f"{control_dir}/{PROXY_IDENTITY}.sock"),
                           self.seconds(table.get("connect_timeout", 30.0), at("connect_timeout"),
                                        "connect_timeout"), restarts,
                           self.seconds(table.get("udp_idle_timeout", 60.0),
-                                       at("udp_idle_timeout"), "udp_idle_timeout"))
+                                       at("udp_idle_timeout"), "udp_idle_timeout"), placement,
+                          self.seconds(table.get("orphan_grace", 30.0), at("orphan_grace"),
+                                       "orphan_grace"))
 
     def seconds(self, value, line: int, what: str) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:

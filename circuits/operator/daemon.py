@@ -178,10 +178,12 @@ class Operator:
             self._serve_control(guest, 0o660)
         loop.add_reader(self.table.fileno(), self._hung_up)
         if self.config.proxystack.enabled:
-            # Root only: whoever connects here may open host sockets.
-            self._serve_control(Guest(PROXY_IDENTITY, (), self.config.proxystack.control,
-                                      Limits()), 0o600)
-            self.supervisor = Supervisor(self.config, loop)
+            # Root only: whoever connects here may open host sockets.  Served in
+            # both placements: a worker left by an earlier operator comes back here.
+            proxy = Guest(PROXY_IDENTITY, (), self.config.proxystack.control, Limits())
+            self._serve_control(proxy, 0o600)
+            self.supervisor = Supervisor(self.config, loop,
+                                         lambda sock: self._add_conn(sock, proxy))
             self.supervisor.start()
 
     def _serve_control(self, guest: Guest, mode: int) -> None:
@@ -233,6 +235,11 @@ class Operator:
             log.warning("guest %s: over %d control connections", guest.name, MAX_CONNECTIONS)
             sock.close()
             return
+        self._add_conn(sock, guest)
+
+    def _add_conn(self, sock: socket.socket, guest: Guest) -> None:
+        """Serve a connected control socket as `guest` (accepted, or the
+        in-process proxy stack's end of its socketpair)."""
         sock.setblocking(False)
         conn = (ProxyConn if guest.name == PROXY_IDENTITY else GuestConn)(self, guest, sock)
         self.conns.add(conn)

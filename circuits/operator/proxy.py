@@ -2,18 +2,23 @@
 
 The proxy stack is a guest-like peer (docs/proxystack.md): a process the
 operator starts, which connects back over its own control socket as the
-identity "proxystack".  The operator hands it egress circuits (EGRESS, whose
-reply decides the guest's CONNECT) and serves its INGRESS requests.  If it
-dies, the operator starts it again (at most `restarts` times a minute); while
-none is connected, egress is refused with ENETUNREACH.
+identity "proxystack" (or, with placement "operator", a service on the
+operator's own loop, linked by a socketpair).  The operator hands it egress
+circuits (EGRESS, whose reply decides the guest's CONNECT) and serves its
+INGRESS requests.  If it dies, the operator starts it again (at most
+`restarts` times a minute); while none is connected, egress is refused with
+ENETUNREACH.  A worker outlives the operator; the next operator adopts it.
 """
 from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import logging
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -67,17 +72,27 @@ class ProxyLink:
 
 
 class Supervisor:
-    """Starts the proxy stack process, restarts it when it dies, stops it."""
+    """Runs the proxy stack in its placement: a worker process (started, or
+    adopted from an earlier operator, restarted when it dies, left running
+    when the operator stops) or a service in the operator's own loop."""
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop):
-        self.config, self.loop = config, loop
-        self.proc: subprocess.Popen | None = None
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop,
+                 attach: Callable[[socket.socket], None]):
+        self.config, self.loop, self.attach = config, loop, attach
+        self.proc: subprocess.Popen | None = None  # a worker this operator started
+        self.worker: int | None = None  # the worker's pid, started or adopted
+        self.inprocess = None  # circuits.proxystack.inprocess.InProcess, placement "operator"
         self.starts: deque[float] = deque()
         self._pidfd = -1
         self._stopping = False
 
     def start(self) -> None:
-        """Start the process (its readiness is its HELLO on the control socket)."""
+        """Adopt the worker that holds the pidfile, or start the proxy stack
+        (a worker's readiness is its HELLO on the control socket)."""
+        held = worker_pid(self.config.proxystack.pidfile)
+        if held is not None and self._watch(held):
+            log.info("proxy stack: adopted the running worker, pid %d", held)
+            return
         now = time.monotonic()
         while self.starts and self.starts[0] < now - RESTART_WINDOW:
             self.starts.popleft()
@@ -86,15 +101,60 @@ class Supervisor:
                       " refused with ENETUNREACH)", len(self.starts))
             return
         self.starts.append(now)
+        if self.config.proxystack.placement == "operator":
+            self._start_inprocess()
+        else:
+            self._spawn()
+
+    def _spawn(self) -> None:
         argv = [sys.executable, "-m", "circuits.proxystack", "--config", self.config.path]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, close_fds=True)
-        self._pidfd = os.pidfd_open(self.proc.pid)
-        self.loop.add_reader(self._pidfd, self._exited)
+        # Its own session: a signal to the operator's process group (a terminal's
+        # Ctrl-C, a service manager's kill) does not reach the connections it carries.
+        # It may outlive us: it keeps our stderr (its log) but not our stdout, so a
+        # caller reading the operator's stdout to its end is not held by the worker.
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     close_fds=True, start_new_session=True)
+        self._watch(self.proc.pid)
         log.info("proxy stack: started, pid %d", self.proc.pid)
+
+    def _watch(self, pid: int) -> bool:
+        """Be told when `pid` exits (a pidfd works for a process we did not start)."""
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return False
+        self.worker = pid
+        self.loop.add_reader(self._pidfd, self._exited)
+        return True
+
+    def _start_inprocess(self) -> None:
+        # Imported here, not at the top: the operator depends on the proxy stack's
+        # modules only when it runs the stack itself.
+        from circuits.proxystack import inprocess
+
+        mine, its = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:  # its first step (HELLO) runs on the loop's next turn, once `mine` is served
+            self.inprocess = inprocess.start(self.config, self.loop, its, self._ended)
+        except OSError as e:  # e.g. host_netns does not exist: as a worker failing to start
+            mine.close()
+            its.close()
+            self._ended(f"cannot start: {e}")
+            return
+        mine.setblocking(False)
+        self.attach(mine)
+        log.info("proxy stack: serving in the operator's process")
+
+    def _ended(self, why: str) -> None:
+        self.inprocess = None
+        if not self._stopping:
+            log.error("proxy stack (in the operator) ended: %s; starting it again", why)
+            self.loop.call_later(0.2, self.start)
 
     def _exited(self) -> None:
         self._forget_pidfd()
-        code = self.proc.wait() if self.proc else None
+        self.worker = None
+        code = self.proc.wait() if self.proc and self.proc.poll() is not None else None
+        self.proc = None
         if self._stopping:
             return
         log.error("proxy stack: exited (%s); starting it again", code)
@@ -108,17 +168,79 @@ class Supervisor:
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc and self.proc.poll() is None else None
+        """The process serving the proxy stack: the worker's, or ours when in process."""
+        if self.inprocess is not None:
+            return os.getpid()
+        return self.worker
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL after a grace period."""
+        """The operator stops: an in-process stack ends with it (its connections
+        are reset); a worker is left running with its connections, and waits
+        for the next operator (docs/proxystack.md, "Running it")."""
         self._stopping = True
         self._forget_pidfd()
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
+        if self.inprocess is not None:
+            self.inprocess.stop()
+            self.inprocess = None
+        elif self.worker is not None:
+            log.info("proxy stack: left running, pid %d", self.worker)
+
+    def shut_down(self) -> str:
+        """Stop the proxy stack for good (`circuits ctl stop-proxystack`): its
+        connections are reset, and it is not started again until the operator
+        restarts.  A worker is told with SIGTERM; its exit is watched as ever."""
+        self._stopping = True
+        if self.inprocess is not None:
+            self.inprocess.stop()
+            self.inprocess = None
+            return "stopped the proxy stack in the operator"
+        if self.worker is None or self._pidfd < 0:
+            return "no proxy stack was running"
         try:
-            self.proc.wait(STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            signal.pidfd_send_signal(self._pidfd, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        return f"stopping the proxy stack worker, pid {self.worker}"
+
+
+def worker_pid(pidfile: str) -> int | None:
+    """The pid of the worker holding `pidfile` locked; None if no worker lives."""
+    try:
+        fd = os.open(pidfile, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: the worker writes its pid right after locking
+            for _ in range(100):  # so this waits only when one is starting at this moment
+                text = os.pread(fd, 32, 0).strip()
+                if text:
+                    return int(text) if text.isdigit() else None
+                time.sleep(0.01)
+            return None
+        return None  # we got the lock: nobody holds it (closing the fd lets it go)
+    finally:
+        os.close(fd)
+
+
+def stop_worker(pidfile: str, timeout: float = STOP_GRACE) -> int | None:
+    """Stop the worker for good (SIGTERM: it resets its connections), SIGKILL
+    after `timeout`; its pid, or None if none ran.  Returns once it is gone."""
+    pid = worker_pid(pidfile)
+    if pid is None:
+        return None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return pid
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        if not select.select([pidfd], [], [], timeout)[0]:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            select.select([pidfd], [], [], timeout)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(pidfd)
+    return pid

@@ -15,6 +15,7 @@ from typing import Awaitable, Callable
 
 from circuits import protocol as p
 from circuits.operator.config import Publish
+from circuits.proxystack.sockets import PLAIN, HostSockets
 
 log = logging.getLogger("circuits.proxystack")
 BACKLOG = 1024
@@ -29,10 +30,11 @@ class Published:
     """One listening host socket for one [[publish]] entry."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, entry: Publish,
-                 hand_over: Callable[[socket.socket, p.Ingress], Awaitable[None]]):
+                 hand_over: Callable[[socket.socket, p.Ingress], Awaitable[None]],
+                 sockets: HostSockets = PLAIN):
         self.loop, self.entry, self.hand_over = loop, entry, hand_over
         family = socket.AF_INET if entry.address.version == 4 else socket.AF_INET6
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock = sockets.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((str(entry.address), entry.port))
         self.sock.listen(BACKLOG)
@@ -73,10 +75,11 @@ class PublishedUdp:
     """One host UDP socket for one [[publish]] entry: a flow per outside peer."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, entry: Publish, idle: float,
-                 hand_over: Callable[[socket.socket, p.Ingress], Awaitable[object]]):
+                 hand_over: Callable[[socket.socket, p.Ingress], Awaitable[object]],
+                 sockets: HostSockets = PLAIN):
         self.loop, self.entry, self.idle, self.hand_over = loop, entry, idle, hand_over
         family = socket.AF_INET if entry.address.version == 4 else socket.AF_INET6
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock = sockets.socket(family, socket.SOCK_DGRAM)
         self.sock.bind((str(entry.address), entry.port))
         self.sock.setblocking(False)
         self.flows: dict[tuple, object] = {}  # peer -> Flow

@@ -3,6 +3,8 @@
 It says HELLO as any guest does (the operator knows it as "proxystack" by the
 socket it connects to), then serves the operator's EGRESS requests and asks
 INGRESS for published connections.  Replies are matched by request number.
+One Link is one operator's connection: when that operator goes, the worker
+reaches for the next one (`reach`) and makes a new Link.
 """
 from __future__ import annotations
 
@@ -17,18 +19,37 @@ from circuits import protocol as p
 log = logging.getLogger("circuits.proxystack")
 
 
+RETRY_FIRST, RETRY_MAX = 0.02, 0.25  # seconds between attempts to reach an operator
+
+
 class OperatorGone(Exception):
-    """The control connection closed: the proxy stack ends (the operator restarts it)."""
+    """The control connection closed (or is not there): requests on it fail."""
+
+
+async def reach(path: str, give_up: Callable[[], bool]) -> socket.socket | None:
+    """A connection to the operator's control socket at `path`, retried with
+    backoff (a restarting operator binds it anew); None once give_up() says so."""
+    delay = RETRY_FIRST
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.setblocking(False)  # a Unix connect then never waits: EAGAIN on a full backlog
+        try:
+            sock.connect(path)
+            return sock
+        except OSError:  # no file yet (ENOENT), a dead operator's file (ECONNREFUSED), EAGAIN
+            sock.close()
+        if give_up():
+            return None
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RETRY_MAX)
 
 
 class Link:
-    """Requests both ways over one SOCK_SEQPACKET control socket."""
+    """Requests both ways over one connected SOCK_SEQPACKET control socket."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, path: str,
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
                  on_egress: Callable[[p.Egress, list[int]], None]):
-        self.loop, self.path, self.on_egress = loop, path, on_egress
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.sock.connect(path)
+        self.loop, self.sock, self.on_egress = loop, sock, on_egress
         self.sock.setblocking(False)
         self.ids = itertools.count(1)
         self.waiting: dict[int, asyncio.Future] = {}
@@ -41,7 +62,9 @@ class Link:
 
     async def request(self, msg: p.Message) -> tuple[p.Message, list[int]]:
         """Send a request, wait for its reply; ERROR raises OSError (the
-        descriptors of a reply are the caller's)."""
+        descriptors of a reply are the caller's); OperatorGone if the link is."""
+        if self.gone.done():
+            raise OperatorGone(self.gone.result())
         request = (next(self.ids) - 1) % 0xFFFFFFFF + 1  # 1..2**32-1: 0 is unsolicited
         future = self.loop.create_future()
         self.waiting[request] = future
@@ -54,7 +77,10 @@ class Link:
 
     def send(self, msg: p.Message, fds: list[int] = ()) -> None:
         """One message; the operator reads its socket promptly, so a full
-        buffer means it is stuck: that ends the proxy stack."""
+        buffer means it is stuck: that ends the link.  Nothing is sent on a
+        link that is gone (its operator asked nothing we can answer)."""
+        if self.gone.done():
+            return
         try:
             p.send(self.sock, msg, fds)
         except OSError as e:
@@ -84,10 +110,11 @@ class Link:
             return
         future.set_result((msg, fds))
 
-    def _lost(self, why: str) -> None:
+    def _lost(self, why: str, quiet: bool = False) -> None:
         if self.gone.done():
             return
-        log.warning("the operator's control connection is gone: %s", why)
+        if not quiet:
+            log.warning("the operator's control connection is gone: %s", why)
         self.loop.remove_reader(self.sock)
         for future in self.waiting.values():
             if not future.done():
@@ -96,5 +123,5 @@ class Link:
         self.gone.set_result(why)
 
     def close(self) -> None:
-        self.loop.remove_reader(self.sock)
+        self._lost("closed here", quiet=True)
         self.sock.close()

@@ -1,136 +1,105 @@
-"""The proxy stack process: its loop, its link to the operator, its splices."""
+"""The proxy stack as a worker process: `python -m circuits.proxystack --config FILE`.
+
+The operator starts it; it does not die with the operator.  When its link
+to the operator closes (the operator stopped, crashed, or was killed), it
+goes on carrying its established connections and keeps its published
+listening sockets (new outside connections there are reset at once, no
+INGRESS can be asked), and reaches for the control socket again every
+quarter second until a restarted operator welcomes it.  It gives up only
+once it has carried no connection and had no operator for `[proxystack]
+orphan_grace` seconds.  SIGTERM or SIGINT stops it for good: every connection is reset.
+
+One worker per control socket: it holds an exclusive lock on its pidfile
+for life (docs/proxystack.md, "Running it"); a second one exits at once,
+and a restarted operator adopts the one holding the lock.
+"""
 from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
+import fcntl
 import logging
 import os
 import signal
-import socket
 import sys
+import time
 
-from circuits import protocol as p
 from circuits.operator.config import Config, ConfigError, load
-from circuits.proxystack import egress
-from circuits.proxystack.datagrams import DatagramSplice
-from circuits.proxystack.ingress import Published, PublishedUdp
-from circuits.proxystack.link import Link, OperatorGone
-from circuits.proxystack.splice import Splice
+from circuits.proxystack.link import OperatorGone, RETRY_MAX, reach
+from circuits.proxystack.service import ProxyStack
 
 log = logging.getLogger("circuits.proxystack")
+ALREADY_RUNNING = 3  # exit status when another worker holds the pidfile
+HELLO_TIMEOUT = 5.0  # seconds an operator may take to welcome us before we try again
 
 
-class ProxyStack:
-    """Everything one proxy stack process serves."""
-
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop):
-        self.config, self.loop = config, loop
-        self.splices: set[Splice] = set()
-        self.tasks: set[asyncio.Task] = set()
-        self.published: list[Published] = []
-        self.link = Link(loop, config.proxystack.control, self.on_egress)
-
-    async def serve(self) -> None:
-        """HELLO, open the published ports, then serve until the operator goes."""
-        await self.link.hello()
-        idle = self.config.proxystack.udp_idle_timeout
-        for entry in self.config.publish:
-            if entry.proto == "tcp":
-                self.published.append(Published(self.loop, entry, self.hand_over))
-            else:
-                self.published.append(PublishedUdp(self.loop, entry, idle, self.ask_circuit))
-        await self.link.gone
-
-    # -- egress --------------------------------------------------------------
-
-    def on_egress(self, msg: p.Egress, fds: list[int]) -> None:
-        try:
-            circuit = egress.circuit_of(msg, fds)
-        except OSError as e:  # parameters the ring refuses: the fds are still ours
-            p.close_all(fds)
-            self.link.send(p.Error(e.errno or errno.EINVAL, str(e), request=msg.request))
-            return
-        self._spawn(self._egress(msg, circuit))
-
-    async def _egress(self, msg: p.Egress, circuit) -> None:
-        try:
-            sock = await egress.connect(self.loop, msg)
-        except OSError as e:
-            circuit.close()
-            log.info("egress %s for %s: %s", msg.remote, msg.guest, e)
-            self.link.send(p.Error(e.errno or errno.EIO, e.strerror or str(e),
-                                   request=msg.request))
-            return
-        if msg.kind == p.STREAM:
-            self._splice(sock, circuit)  # before OK: the guest may send at once
-        else:
-            idle = self.config.proxystack.udp_idle_timeout
-            self._start(DatagramSplice(self.loop, sock, circuit, idle, self.splices.discard))
-        self.link.send(p.Ok(request=msg.request))
-
-    # -- ingress -------------------------------------------------------------
-
-    async def ask_circuit(self, sock: socket.socket, msg: p.Ingress):
-        """A circuit to the guest's listener for an outside peer; None if refused."""
-        try:
-            reply, fds = await self.link.request(msg)
-        except (OSError, OperatorGone) as e:
-            log.info("ingress %s -> %s:%d refused: %s", msg.remote, msg.guest, msg.local.port, e)
-            return None
-        try:
-            if not isinstance(reply, p.Circuit) or len(fds) != p.FDS_PER_CIRCUIT:
-                raise OSError(errno.EPROTO, f"a {type(reply).__name__} for an INGRESS")
-            return egress.circuit_of(reply, fds)
-        except OSError as e:  # the ring refused its parameters: the fds are still ours
-            log.error("ingress %s: %s", msg.remote, e)
-            p.close_all(fds)
-            return None
-
-    async def hand_over(self, sock: socket.socket, msg: p.Ingress) -> None:
-        """An accepted outside connection: a circuit to the guest's listener,
-        then splice; refused: the outside gets a RST."""
-        circuit = await self.ask_circuit(sock, msg)
-        if circuit is None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
-            sock.close()
-            return
-        self._splice(sock, circuit)
-
-    # -- both ----------------------------------------------------------------
-
-    def _splice(self, sock: socket.socket, circuit) -> None:
-        self._start(Splice(self.loop, sock, circuit, self.splices.discard))
-
-    def _start(self, splice: Splice) -> None:
-        self.splices.add(splice)
-        splice.start()
-
-    def _spawn(self, coro) -> None:
-        task = self.loop.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    def stop(self) -> None:
-        """Every connection is reset both ways; nothing is left half-open."""
-        for published in self.published:
-            published.close()
-        for task in self.tasks:
-            task.cancel()
-        for splice in list(self.splices):
-            splice.abort()
-        self.link.close()
+def lock_pidfile(path: str) -> int | None:
+    """Hold `path` locked and write our pid in it; None if another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd  # kept open: the lock lives as long as we do
 
 
 def enter_namespace(config: Config) -> None:
-    """The proxy stack sends from [operator] host_netns when one is set."""
+    """The worker's whole thread moves to [operator] host_netns, when one is set."""
     if config.host_netns:
         from circuits.guestnet.within import netns_path, setns
 
         setns(netns_path(config.host_netns))
 
 
+def patience(stack: ProxyStack, grace: float):
+    """give_up() for `reach`: true after `grace` seconds with no connection."""
+    alone_since: float | None = None
+
+    def give_up() -> bool:
+        nonlocal alone_since
+        if stack.connections:
+            alone_since = None
+            return False
+        now = time.monotonic()
+        alone_since = alone_since or now
+        return now - alone_since >= grace
+
+    return give_up
+
+
+async def serve(stack: ProxyStack, path: str) -> None:
+    """Serve one operator after another until there is none to serve."""
+    grace = stack.config.proxystack.orphan_grace
+    give_up = patience(stack, grace)
+    while True:
+        sock = await reach(path, give_up)
+        if sock is None:
+            log.warning("no operator and no connection for %.0f s: exiting", grace)
+            return
+        try:
+            link = await asyncio.wait_for(stack.attach(sock), HELLO_TIMEOUT)
+        except (OperatorGone, OSError, asyncio.TimeoutError) as e:
+            # e.g. a dying operator's socket, another protocol version, a stopped process
+            log.warning("the operator did not welcome us: %s", str(e) or "no answer to HELLO")
+            stack.link.close()
+            await asyncio.sleep(RETRY_MAX)
+            continue
+        stack.publish()  # the first time only; a port it cannot bind ends the worker
+        log.info("linked to the operator (%d connections carried)", stack.connections)
+        await link.gone
+        stack.operator_gone()
+        log.warning("the operator is gone; carrying %d connections meanwhile",
+                    stack.connections)
+
+
 def run(config: Config) -> None:
+    """Serve until told to stop, or until nobody needs us (orphan_grace)."""
+    if lock_pidfile(config.proxystack.pidfile) is None:
+        log.error("another proxy stack holds %s: exiting", config.proxystack.pidfile)
+        sys.exit(ALREADY_RUNNING)
     enter_namespace(config)
     try:
         import uvloop
@@ -139,12 +108,12 @@ def run(config: Config) -> None:
     except ImportError:  # pragma: no cover - uvloop is a dependency
         loop = asyncio.new_event_loop()
     stack = ProxyStack(config, loop)
-    serving = loop.create_task(stack.serve())
+    serving = loop.create_task(serve(stack, config.proxystack.control))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, serving.cancel)
     try:
         loop.run_until_complete(serving)
-    except (asyncio.CancelledError, OperatorGone):
+    except asyncio.CancelledError:
         pass
     finally:
         stack.stop()
