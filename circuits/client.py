@@ -158,7 +158,12 @@ def connect(address: Address, *, kind: str = "stream", ring_size: int = 0,
         reply, fds = _control(control).request(request)
     except GONE:  # a restarted operator: one more try on a new connection
         _forget(control)
-        reply, fds = _control(control).request(request)
+        try:
+            reply, fds = _control(control).request(request)
+        except GONE:  # going away again: not a protocol's EOFError to the application
+            _forget(control)
+            raise OSError(errno.ENETUNREACH, "the operator went away during the connect"
+                          " (it is stopping or restarting)") from None
     return _connection(reply, fds)
 
 
