@@ -444,3 +444,27 @@ def test_hello_without_a_shared_version_ends_the_connection(operator):
     with pytest.raises(EOFError):
         p.receive(s)
     s.close()
+
+
+def test_an_operator_that_hangs_up_on_every_request_gives_enetunreach(tmp_path):
+    """A connect retries once on a new connection when the operator went away;
+    if that one is cut short too, the application gets an OSError, never the
+    protocol's EOFError."""
+    path = str(tmp_path / "dying.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    srv.bind(path)
+    srv.listen(8)
+    stop = threading.Event()
+
+    def hang_up_on_everyone() -> None:
+        while not stop.is_set():
+            conn, _ = srv.accept()
+            conn.recv(4096)  # the first request: HELLO
+            conn.close()
+
+    threading.Thread(target=hang_up_on_everyone, daemon=True).start()
+    with pytest.raises(OSError) as e:
+        circuits.connect(("10.0.0.2", 5432), control=path)
+    assert e.value.errno == errno.ENETUNREACH
+    stop.set()
+    srv.close()
