@@ -30,6 +30,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from ipaddress import IPv4Address, IPv6Address
 
 import circuits
@@ -102,17 +103,30 @@ class Relay:
             if pidfd in ready:
                 return
             for fd in ready:
-                sock, resolver = self.pairs[fd]
-                if sock.type == socket.SOCK_STREAM:
-                    conn, _ = sock.accept()
-                    work, args = self._stream, (conn, resolver)
-                else:
-                    query, client = sock.recvfrom(MAX_QUERY)
-                    work, args = self._one, (sock, resolver, query, client)
-                if self.slots.acquire(blocking=False):
-                    threading.Thread(target=work, args=args, daemon=True).start()
-                elif sock.type == socket.SOCK_STREAM:
-                    conn.close()  # too many at once: the client tries the next server
+                try:
+                    self._take(*self.pairs[fd])
+                except OSError:  # out of descriptors or threads, a client gone: not the relay's end
+                    time.sleep(0.05)  # a listener still readable must not make us spin
+
+    def _take(self, sock: socket.socket, resolver: str) -> None:
+        """One query (UDP) or one client connection (TCP), relayed in a thread."""
+        if sock.type == socket.SOCK_STREAM:
+            conn, _ = sock.accept()
+            work, args = self._stream, (conn, resolver)
+        else:
+            query, client = sock.recvfrom(MAX_QUERY)
+            work, args = self._one, (sock, resolver, query, client)
+        if not self.slots.acquire(blocking=False):
+            if sock.type == socket.SOCK_STREAM:
+                conn.close()  # too many at once: the client tries the next server
+            return
+        try:
+            threading.Thread(target=work, args=args, daemon=True).start()
+        except RuntimeError as e:  # no thread to spare
+            self.slots.release()
+            if sock.type == socket.SOCK_STREAM:
+                conn.close()
+            raise OSError(f"cannot relay: {e}") from None
 
     def _one(self, sock: socket.socket, resolver: str, query: bytes, client) -> None:
         try:
@@ -181,18 +195,34 @@ def start(socks: list[socket.socket], resolvers, control: str) -> None:
     program = os.getpid()
     pid = os.fork()
     if pid:
-        os.waitpid(pid, 0)
+        _, status = os.waitpid(pid, 0)
         for s in socks:
             s.close()
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise OSError("the guest's DNS relay could not start (no pidfd for the program)")
         return
+    code = 1
     try:
         pidfd = os.pidfd_open(program)
+        code = 0
         if os.fork():
             os._exit(0)
         os.setsid()
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):  # never hold the program's terminal or pipes open
             os.dup2(devnull, fd)
+        _close_all_but({pidfd, *(s.fileno() for s in socks)})
         Relay(socks, resolvers, control).serve(pidfd)
     finally:
-        os._exit(0)
+        os._exit(code)
+
+
+def _close_all_but(keep: set[int]) -> None:
+    """Close every descriptor from 3 on but `keep`: the relay must hold none of
+    the program's (a supervisor waiting for a pipe or a socket to close would
+    wait for the relay too)."""
+    low = 3
+    for fd in sorted(k for k in keep if k >= 3):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -211,3 +212,20 @@ def test_an_answer_too_big_for_udp_comes_again_over_tcp(dns):
     assert got == {f"198.18.1.{i}" for i in range(1, BIG_COUNT + 1)}
     tcp = [a for a in audit(dns) if a["from"] == dns.n and a["proto"] == "tcp"]
     assert any(a["port"] == 53 and a["verdict"] == "allow" for a in tcp), tcp
+
+
+def test_the_relay_holds_none_of_the_programs_descriptors(dns):
+    """A descriptor `circuits run` passes on is the program's alone: once the
+    program closes it, its reader sees the end, though the relay runs on."""
+    r, w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "circuits", "run", "--guest", dns.n,
+                             "--config", str(dns.config), "--", sys.executable, "-c",
+                             f"import os, time; os.close({w}); time.sleep(3)"],
+                            pass_fds=[w], stderr=subprocess.PIPE)
+    os.close(w)
+    t0 = time.monotonic()
+    ready = select.select([r], [], [], 10)[0]
+    assert ready and os.read(r, 1) == b"" and time.monotonic() - t0 < 2.5, \
+        "someone but the program held the pipe"
+    os.close(r)
+    assert proc.wait(30) == 0, proc.stderr.read()

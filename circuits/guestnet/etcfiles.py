@@ -5,8 +5,9 @@ resolver (docs/policy.md, "Resolver") before it drops its capabilities, as
 `ip netns exec` bind-mounts /etc/netns/NAME/*: the process gets a mount
 namespace of its own (mounts propagate from the host into it, never out),
 and there each generated file is bind-mounted, read-only, over the host's.
-The host's files are never written.  The generated files are memfds: they
-live as long as a mount holds them, so nothing is left behind on disk.
+The host's files are never written.  The generated files live on a tmpfs
+of this mount namespace, detached once bound: they last as long as a mount
+holds them, and nothing is left behind on disk.
 
 resolv.conf names the loopback addresses of the guest's DNS relay
 (circuits/dnsrelay.py), which sends each query through a datagram circuit
@@ -67,16 +68,21 @@ def _bind_files(files: dict[str, str]) -> None:
         if not os.path.isfile(target):
             raise OSError(2, f"{target} is not a file here: there is nothing to bind over")
     scratch = tempfile.mkdtemp(prefix="circuits-etc-")
+    mounted = False
     try:
         _mount("tmpfs", scratch, 0, "a tmpfs for the generated files", fstype="tmpfs")
+        mounted = True
         for target, text in files.items():
             source = os.path.join(scratch, os.path.basename(target))
             Path(source).write_text(text)
             os.chmod(source, 0o644)
             _mount(source, target, MS_BIND, f"binding over {target}")
             _mount(None, target, MS_BIND | MS_REMOUNT | MS_RDONLY, f"making {target} read-only")
-        _check(_libc.umount2(scratch.encode(), MNT_DETACH), "detaching the tmpfs")
     finally:
+        # Also when a bind failed: detached first, the directory can go, and
+        # the error that matters is the one raised above, not an EBUSY here.
+        if mounted:
+            _libc.umount2(scratch.encode(), MNT_DETACH)
         os.rmdir(scratch)
 
 
