@@ -2,10 +2,11 @@
 
 A real DNS server (dnsmasq) runs in the test's outside namespace.  Guests
 with `netns = true` have no network but loopback; `circuits run` gives them
-a resolv.conf naming the resolver (a private mount namespace), glibc's
-resolver sends UDP there, the preload library makes that a datagram circuit,
-the operator's policy allows it (UDP port 53) and the proxy stack sends it
-out.  Guest n has that rule, guest m has none.  Also here: UDP of a plain
+a resolv.conf naming their DNS relay on a loopback address (a private mount
+namespace), glibc's resolver sends UDP there (its own internal calls, which
+no preload library sees), the relay sends each query through a datagram
+circuit, the operator's policy allows it (UDP port 53) and the proxy stack
+sends it out.  Guest n has that rule, guest m has none.  Also here: UDP of a plain
 Python program through egress, to a UDP echo outside.
 """
 from __future__ import annotations
