@@ -54,12 +54,17 @@ short cp_revents(struct cp_sock *s, short events, bool ask_kernel)
     return (short)(r & (events | POLLHUP | POLLERR));
 }
 
-void cp_arm(struct cp_sock *s, short events)
+/* The caller has just asked the kernel about the peer (or watches its
+ * hang-up): the look at the ring here needs no system call. */
+void cp_arm(struct cp_sock *s, short events, bool edge)
 {
     if (__atomic_load_n(&s->state, __ATOMIC_ACQUIRE) != CP_CONNECTED)
         return;
-    circuit_arm_read(s->c);
-    if ((events & POLLOUT) && !(circuit_poll(s->c) & CIRCUIT_WRITABLE)) {
+    if (edge)
+        circuit_arm_edge(s->c);
+    else
+        circuit_arm_read(s->c);
+    if ((events & POLLOUT) && !(circuit_poll_known(s->c) & CIRCUIT_WRITABLE)) {
         void *ptr; /* refused: the core records the room we wait for (tx_need) */
         circuit_reserve(s->c, 1, CIRCUIT_NONBLOCK, CIRCUIT_FOREVER, &ptr);
     }
@@ -127,7 +132,7 @@ static int poll_loop(struct pollfd *fds, struct cp_sock **socks, struct pollfd *
         if (wait) {
             for (nfds_t i = 0; i < n; i++)
                 if (cp_computed(socks[i]))
-                    cp_arm(socks[i], fds[i].events);
+                    cp_arm(socks[i], fds[i].events, false);
             wait = compute_all(fds, socks, n) == 0;
         }
         bool expired = deadline >= 0 && cp_now_ns() >= deadline;

@@ -248,8 +248,10 @@ uint64_t cp_arrived(struct cp_sock *s);
 bool cp_computed(struct cp_sock *s);
 /* Its readiness now, as poll bits (the same values as epoll's), within events. */
 short cp_revents(struct cp_sock *s, short events, bool ask_kernel);
-/* Make its doorbell ring when what events asks for may have come. */
-void cp_arm(struct cp_sock *s, short events);
+/* Make its doorbell ring when what events asks for may have come; `edge`:
+ * for a watcher of the doorbell's edges and the peer's hang-up (epoll.c),
+ * which costs no system call while the circuit is still armed. */
+void cp_arm(struct cp_sock *s, short events, bool edge);
 int64_t cp_now_ns(void);
 
 /* ---- fork.c ---------------------------------------------------------- */

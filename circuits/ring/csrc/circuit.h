@@ -139,6 +139,16 @@ int circuit_poll_known(struct circuit *c);
  */
 int circuit_arm_read(struct circuit *c);
 
+/*
+ * circuit_arm_read() for a caller that watches our doorbell edge-triggered
+ * and the peer's hang-up itself (an epoll set of bell and peer_bell): no
+ * system call while our need-wakeup flag is still up (no ring came since),
+ * and a drain of the doorbell only now and then, so that its queue never
+ * fills (a ring into a full queue makes no edge).  The doorbell may stay
+ * readable with nothing to do: a level poller must use circuit_arm_read().
+ */
+int circuit_arm_edge(struct circuit *c);
+
 int circuit_shutdown_write(struct circuit *c);
 int circuit_abort(struct circuit *c);
 /* End this side: mark CLOSED, wake the peer and local waiters, close the fds. */
