@@ -192,6 +192,7 @@ struct cp_sock {
     struct { int rcvbuf, sndbuf, reuseaddr, reuseport, keepalive, nodelay; } opt;
     int64_t timeo_ns[2]; /* SO_RCVTIMEO, SO_SNDTIMEO of blocking calls (0: none) */
     uint32_t rx_again, tx_again; /* EAGAINs of reads and writes: epoll's edges (atomic) */
+    int64_t peer_asked; /* poll.c: when the kernel was last asked about the peer (atomic) */
     int *procs;          /* processes holding the circuit, in shared memory (fork.c) */
     uint32_t fork_seen;  /* fork.c's walk that last counted this socket */
     pthread_mutex_t lock; /* connect, listen and accept on this socket */
@@ -253,6 +254,9 @@ short cp_revents(struct cp_sock *s, short events, bool ask_kernel);
  * which costs no system call while the circuit is still armed. */
 void cp_arm(struct cp_sock *s, short events, bool edge);
 int64_t cp_now_ns(void);
+/* Time to ask the kernel whether s's peer vanished (at most once a
+ * millisecond while it is ready): true once, then false for a while. */
+bool cp_ask_due(struct cp_sock *s, int64_t now);
 
 /* ---- fork.c ---------------------------------------------------------- */
 
