@@ -396,12 +396,27 @@ static int remaining_ms(int64_t deadline)
     return left <= 0 ? 0 : (int)((left + 999999) / 1000000);
 }
 
+struct look {
+    struct ep *e;
+    struct epoll_event *ev;
+    int max, n;
+};
+
+static bool any_ready(void *arg)
+{
+    struct look *l = arg;
+    return (l->n = collect(l->e, l->ev, l->max, false)) > 0;
+}
+
 static int wait_loop(struct ep *e, struct epoll_event *ev, int max, int64_t deadline,
                      const sigset_t *mask)
 {
+    struct look look = {e, ev, max, 0};
     for (int empty = 0;; empty++) {
         int n = collect(e, ev, max, false);
         bool wait = n == 0 && remaining_ms(deadline) != 0;
+        if (wait && !empty && cp_spin(any_ready, &look, deadline)) /* before a sleep */
+            n = look.n, wait = false;
         if (wait)
             wait = (n = collect(e, ev, max, true)) == 0;
         if (n < max) {

@@ -144,11 +144,26 @@ static int kernel_poll(struct pollfd *k, nfds_t total, int64_t deadline, const s
     return rc < 0 ? -errno : rc;
 }
 
+struct look {
+    struct pollfd *fds;
+    struct cp_sock **socks;
+    nfds_t n;
+};
+
+static bool any_ready(void *arg)
+{
+    struct look *l = arg;
+    return compute_all(l->fds, l->socks, l->n) > 0;
+}
+
 static int poll_loop(struct pollfd *fds, struct cp_sock **socks, struct pollfd *k, nfds_t n,
                      int64_t deadline, const sigset_t *mask)
 {
+    struct look look = {fds, socks, n};
     for (int empty = 0;; empty++) {
         bool wait = deadline != 0 && compute_all(fds, socks, n) == 0;
+        if (wait && !empty && cp_spin(any_ready, &look, deadline))
+            wait = false; /* ready: the kernel's descriptors are looked at without waiting */
         if (wait) {
             for (nfds_t i = 0; i < n; i++)
                 if (cp_computed(socks[i]))

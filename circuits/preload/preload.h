@@ -14,6 +14,7 @@
  *   io.c       read, write, send, recv and their vector and _chk variants
  *   poll.c     poll, ppoll, select, pselect: readiness from ring state
  *   epoll.c    epoll_create, epoll_ctl, epoll_wait: the same, for epoll
+ *   spin.c     a bounded spin before poll and epoll sleep in the kernel
  *   fork.c     fork, exec, exit: which processes hold a circuit
  *   uring.c    io_uring refused, so libuv uses epoll_ctl and read/write
  *
@@ -257,6 +258,12 @@ int64_t cp_now_ns(void);
 /* Time to ask the kernel whether s's peer vanished (at most once a
  * millisecond while it is ready): true once, then false for a while. */
 bool cp_ask_due(struct cp_sock *s, int64_t now);
+
+/* ---- spin.c, for poll.c and epoll.c ----------------------------------- */
+
+/* Call ready(arg) until it says true (true) or a short while, at most until
+ * deadline (-1: none), has passed (false).  No spin on a single CPU. */
+bool cp_spin(bool (*ready)(void *), void *arg, int64_t deadline);
 
 /* ---- fork.c ---------------------------------------------------------- */
 
