@@ -13,13 +13,9 @@
  */
 #define _GNU_SOURCE
 #include <sched.h>
-#include <unistd.h>
 
 #include "preload.h"
 
-#ifndef CP_SPIN_NS
-#define CP_SPIN_NS 50000 /* as the ring core's blocking calls */
-#endif
 #define YIELD_AFTER_NS 5000
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -28,20 +24,9 @@
 #define relax() __asm__ __volatile__("" ::: "memory")
 #endif
 
-static int64_t spin_budget(void)
-{
-    static int cpus; /* 0: not asked yet */
-    int n = __atomic_load_n(&cpus, __ATOMIC_RELAXED);
-    if (!n) {
-        n = (int)sysconf(_SC_NPROCESSORS_ONLN);
-        __atomic_store_n(&cpus, n > 0 ? n : 1, __ATOMIC_RELAXED);
-    }
-    return n > 1 ? CP_SPIN_NS : 0;
-}
-
 bool cp_spin(bool (*ready)(void *), void *arg, int64_t deadline)
 {
-    int64_t budget = spin_budget();
+    int64_t budget = circuit_default_spin(); /* the ring core's: 0 on one CPU */
     if (!budget)
         return false;
     int64_t start = cp_now_ns(), stop = start + budget;

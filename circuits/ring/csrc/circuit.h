@@ -92,6 +92,8 @@ int circuit_attach(int memfd, const struct circuit_fds *fds,
                    const struct circuit_params *p, int side, struct circuit **out);
 
 /* Spin budget before sleeping, in nanoseconds (default: 50 us; 0: never spin). */
+/* The default: 50 us with more than one CPU online, else 0. */
+uint32_t circuit_default_spin(void);
 void circuit_set_spin(struct circuit *c, uint32_t spin_ns);
 
 /* Copying data path. */
