@@ -12,8 +12,9 @@
  * ring wakes a program sleeping in epoll_wait.  Waiting:
  *
  *   1. report the circuits that are ready (circuit_poll);
- *   2. if none, arm the ones that are not ready, look again, then sleep in
- *      the real epoll_pwait on the program's set;
+ *   2. if none, arm the ones that are not ready (circuit_arm_edge: no
+ *      system call while a circuit is still armed), look again, then sleep
+ *      in the real epoll_pwait on the program's set;
  *   3. drop our inner set's event from what the kernel said (harvesting the
  *      inner set, so that it does not stay readable), and go back to 1.
  *
@@ -226,7 +227,10 @@ static int add(struct ep *e, int fd, struct cp_sock *s, const struct epoll_event
     *r = (struct reg){.fd = fd, .s = s};
     unpark(r, ev); /* the same start as a registration that comes back */
     if (__atomic_load_n(&s->state, __ATOMIC_ACQUIRE) == CP_CONNECTED) {
-        struct epoll_event bell = {.events = EPOLLIN | EPOLLET}, hup = {.events = EPOLLET};
+        /* EPOLLRDHUP: a peer that shut its end of our doorbell is gone (the
+         * bell reads end of file); it counts as a hang-up (drop_inner). */
+        struct epoll_event bell = {.events = EPOLLIN | EPOLLRDHUP | EPOLLET},
+                           hup = {.events = EPOLLET};
         if (real.epoll_ctl(e->inner, EPOLL_CTL_ADD, fd, &bell) < 0) {
             free(r);
             return -errno;
@@ -343,8 +347,11 @@ static int collect(struct ep *e, struct epoll_event *out, int max, bool arm)
             continue;
         }
         uint32_t ready = ready_of(r, ask);
-        if (arm && !ready)
-            cp_arm(r->s, (short)(r->events & 0xffff));
+        if (arm && !ready) {
+            /* Armed, look again: what came before the flag went up rang nobody. */
+            cp_arm(r->s, (short)(r->events & 0xffff), true);
+            ready = ready_of(r, false);
+        }
         if (ready && (r->events & EPOLLET))
             ready = edge(r, ready);
         if (!ready)
@@ -389,12 +396,27 @@ static int remaining_ms(int64_t deadline)
     return left <= 0 ? 0 : (int)((left + 999999) / 1000000);
 }
 
+struct look {
+    struct ep *e;
+    struct epoll_event *ev;
+    int max, n;
+};
+
+static bool any_ready(void *arg)
+{
+    struct look *l = arg;
+    return (l->n = collect(l->e, l->ev, l->max, false)) > 0;
+}
+
 static int wait_loop(struct ep *e, struct epoll_event *ev, int max, int64_t deadline,
                      const sigset_t *mask)
 {
+    struct look look = {e, ev, max, 0};
     for (int empty = 0;; empty++) {
         int n = collect(e, ev, max, false);
         bool wait = n == 0 && remaining_ms(deadline) != 0;
+        if (wait && !empty && cp_spin(any_ready, &look, deadline)) /* before a sleep */
+            n = look.n, wait = false;
         if (wait)
             wait = (n = collect(e, ev, max, true)) == 0;
         if (n < max) {

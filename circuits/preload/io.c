@@ -54,6 +54,21 @@ static ssize_t peek(struct cp_sock *s, void *buf, size_t len, int cflags)
     return n;
 }
 
+/*
+ * A non-blocking call that would be refused, told without entering the ring
+ * core: refusing there arms the doorbell (a drain and a look at the peer,
+ * two system calls) for pollers of its level, and our poll and epoll arm by
+ * themselves before they sleep.  The kernel is still asked now and then
+ * whether the peer vanished, so a program that only retries learns it.
+ */
+static bool refused(struct cp_sock *s, int cflags, int condition)
+{
+    if (!(cflags & CIRCUIT_NONBLOCK))
+        return false;
+    int m = cp_ask_due(s, cp_now_ns()) ? circuit_poll(s->c) : circuit_poll_known(s->c);
+    return !(m & condition);
+}
+
 ssize_t cp_recv(struct cp_sock *s, void *buf, size_t len, int flags)
 {
     if (s->dgram)
@@ -63,8 +78,9 @@ ssize_t cp_recv(struct cp_sock *s, void *buf, size_t len, int flags)
     if (s->rd_shut)
         return 0;
     int cflags = core_flags(s, flags) | (flags & MSG_WAITALL ? CIRCUIT_ALL : 0);
-    ssize_t n = flags & MSG_PEEK ? peek(s, buf, len, cflags)
-                                 : circuit_recv(s->c, buf, len, cflags, deadline_of(s, false));
+    ssize_t n = refused(s, cflags, CIRCUIT_READABLE) ? -EAGAIN
+                : flags & MSG_PEEK ? peek(s, buf, len, cflags)
+                                   : circuit_recv(s->c, buf, len, cflags, deadline_of(s, false));
     if (n == -ESHUTDOWN)
         return 0; /* end of data */
     if (n == -EAGAIN || n == -ETIMEDOUT) {
@@ -84,7 +100,9 @@ ssize_t cp_send(struct cp_sock *s, const void *buf, size_t len, int flags)
     if (!n) {
         /* Blocking: all of it, as the kernel does; non-blocking: what fits. */
         int cflags = core_flags(s, flags);
-        n = circuit_send(s->c, buf, len, cflags ? cflags : CIRCUIT_ALL, deadline_of(s, true));
+        n = refused(s, cflags, CIRCUIT_WRITABLE)
+                ? -EAGAIN
+                : circuit_send(s->c, buf, len, cflags ? cflags : CIRCUIT_ALL, deadline_of(s, true));
     }
     if (n == -EPIPE && !(flags & MSG_NOSIGNAL))
         raise(SIGPIPE);

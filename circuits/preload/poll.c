@@ -28,6 +28,7 @@
 
 #define ON_STACK 64
 #define EMPTY_WAKES_BEFORE_NAP 3
+#define PEER_ASK_NS 1000000 /* 1 ms */
 
 bool cp_computed(struct cp_sock *s)
 {
@@ -54,22 +55,46 @@ short cp_revents(struct cp_sock *s, short events, bool ask_kernel)
     return (short)(r & (events | POLLHUP | POLLERR));
 }
 
-void cp_arm(struct cp_sock *s, short events)
+/* The caller has just asked the kernel about the peer (or watches its
+ * hang-up): the look at the ring here needs no system call. */
+void cp_arm(struct cp_sock *s, short events, bool edge)
 {
     if (__atomic_load_n(&s->state, __ATOMIC_ACQUIRE) != CP_CONNECTED)
         return;
-    circuit_arm_read(s->c);
-    if ((events & POLLOUT) && !(circuit_poll(s->c) & CIRCUIT_WRITABLE)) {
+    if (edge)
+        circuit_arm_edge(s->c);
+    else
+        circuit_arm_read(s->c);
+    if ((events & POLLOUT) && !(circuit_poll_known(s->c) & CIRCUIT_WRITABLE)) {
         void *ptr; /* refused: the core records the room we wait for (tx_need) */
         circuit_reserve(s->c, 1, CIRCUIT_NONBLOCK, CIRCUIT_FOREVER, &ptr);
     }
 }
 
+/*
+ * Whether to ask the kernel if s's peer vanished (a poll(2) of its doorbell
+ * end): at most once per PEER_ASK_NS while the circuit is ready.  A program
+ * that polls a busy circuit (iperf3's select before every read) paid a
+ * system call per circuit per look for it.  A circuit that is not ready is
+ * armed before we sleep, which asks the kernel, and the sleep watches the
+ * peer's hang-up.
+ */
+bool cp_ask_due(struct cp_sock *s, int64_t now)
+{
+    int64_t last = __atomic_load_n(&s->peer_asked, __ATOMIC_RELAXED);
+    if (now - last < PEER_ASK_NS && now >= last)
+        return false;
+    __atomic_store_n(&s->peer_asked, now, __ATOMIC_RELAXED);
+    return true;
+}
+
 static int compute_all(struct pollfd *fds, struct cp_sock **socks, nfds_t n)
 {
     int ready = 0;
+    int64_t now = cp_now_ns();
     for (nfds_t i = 0; i < n; i++)
-        if (cp_computed(socks[i]) && (fds[i].revents = cp_revents(socks[i], fds[i].events, true)))
+        if (cp_computed(socks[i]) &&
+            (fds[i].revents = cp_revents(socks[i], fds[i].events, cp_ask_due(socks[i], now))))
             ready++;
     return ready;
 }
@@ -119,20 +144,47 @@ static int kernel_poll(struct pollfd *k, nfds_t total, int64_t deadline, const s
     return rc < 0 ? -errno : rc;
 }
 
+/* Does the kernel have a descriptor of its own to answer for?  If not, a
+ * call that does not sleep needs no ppoll (iperf3's client selects on two
+ * circuits before every write). */
+static bool any_kernel_fd(const struct pollfd *fds, struct cp_sock **socks, nfds_t n)
+{
+    for (nfds_t i = 0; i < n; i++)
+        if (fds[i].fd >= 0 && !cp_computed(socks[i]))
+            return true;
+    return false;
+}
+
+struct look {
+    struct pollfd *fds;
+    struct cp_sock **socks;
+    nfds_t n;
+};
+
+static bool any_ready(void *arg)
+{
+    struct look *l = arg;
+    return compute_all(l->fds, l->socks, l->n) > 0;
+}
+
 static int poll_loop(struct pollfd *fds, struct cp_sock **socks, struct pollfd *k, nfds_t n,
                      int64_t deadline, const sigset_t *mask)
 {
+    struct look look = {fds, socks, n};
     for (int empty = 0;; empty++) {
         bool wait = deadline != 0 && compute_all(fds, socks, n) == 0;
+        if (wait && !empty && cp_spin(any_ready, &look, deadline))
+            wait = false; /* ready: the kernel's descriptors are looked at without waiting */
         if (wait) {
             for (nfds_t i = 0; i < n; i++)
                 if (cp_computed(socks[i]))
-                    cp_arm(socks[i], fds[i].events);
+                    cp_arm(socks[i], fds[i].events, false);
             wait = compute_all(fds, socks, n) == 0;
         }
         bool expired = deadline >= 0 && cp_now_ns() >= deadline;
         nfds_t total = kernel_set(k, fds, socks, n, wait && !expired);
-        int rc = kernel_poll(k, total, wait && !expired ? deadline : 0, mask);
+        bool ask = (wait && !expired) || mask || any_kernel_fd(fds, socks, n);
+        int rc = ask ? kernel_poll(k, total, wait && !expired ? deadline : 0, mask) : 0;
         if (rc < 0)
             return rc;
         int ready = compute_all(fds, socks, n);

@@ -18,6 +18,7 @@
  *   udpserver.c  a UDP socket bound to a port: a server of many peers
  *   resolve.c  getaddrinfo without AI_ADDRCONFIG (a guest's addresses are
  *              its circuits', which its kernel does not show)
+ *   spin.c     a bounded spin before poll and epoll sleep in the kernel
  *   fork.c     fork, exec, exit: which processes hold a circuit
  *   uring.c    io_uring refused, so libuv uses epoll_ctl and read/write
  *
@@ -198,6 +199,7 @@ struct cp_sock {
     struct { int rcvbuf, sndbuf, reuseaddr, reuseport, keepalive, nodelay; } opt;
     int64_t timeo_ns[2]; /* SO_RCVTIMEO, SO_SNDTIMEO of blocking calls (0: none) */
     uint32_t rx_again, tx_again; /* EAGAINs of reads and writes: epoll's edges (atomic) */
+    int64_t peer_asked; /* poll.c: when the kernel was last asked about the peer (atomic) */
     int *procs;          /* processes holding the circuit, in shared memory (fork.c) */
     uint32_t fork_seen;  /* fork.c's walk that last counted this socket */
     pthread_mutex_t lock; /* connect, listen and accept on this socket */
@@ -313,9 +315,20 @@ int cp_udp_server_next_size(struct cp_sock *s);
 bool cp_computed(struct cp_sock *s);
 /* Its readiness now, as poll bits (the same values as epoll's), within events. */
 short cp_revents(struct cp_sock *s, short events, bool ask_kernel);
-/* Make its doorbell ring when what events asks for may have come. */
-void cp_arm(struct cp_sock *s, short events);
+/* Make its doorbell ring when what events asks for may have come; `edge`:
+ * for a watcher of the doorbell's edges and the peer's hang-up (epoll.c),
+ * which costs no system call while the circuit is still armed. */
+void cp_arm(struct cp_sock *s, short events, bool edge);
 int64_t cp_now_ns(void);
+/* Time to ask the kernel whether s's peer vanished (at most once a
+ * millisecond while it is ready): true once, then false for a while. */
+bool cp_ask_due(struct cp_sock *s, int64_t now);
+
+/* ---- spin.c, for poll.c and epoll.c ----------------------------------- */
+
+/* Call ready(arg) until it says true (true) or a short while, at most until
+ * deadline (-1: none), has passed (false).  No spin on a single CPU. */
+bool cp_spin(bool (*ready)(void *), void *arg, int64_t deadline);
 
 /* ---- fork.c ---------------------------------------------------------- */
 

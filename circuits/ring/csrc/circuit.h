@@ -106,6 +106,8 @@ int circuit_attach(int memfd, const struct circuit_fds *fds,
                    const struct circuit_params *p, int side, struct circuit **out);
 
 /* Spin budget before sleeping, in nanoseconds (default: 50 us; 0: never spin). */
+/* The default: 50 us with more than one CPU online, else 0. */
+uint32_t circuit_default_spin(void);
 void circuit_set_spin(struct circuit *c, uint32_t spin_ns);
 
 /* Copying data path. */
@@ -152,6 +154,16 @@ int circuit_poll_known(struct circuit *c);
  * library (blocking calls) do not need it.
  */
 int circuit_arm_read(struct circuit *c);
+
+/*
+ * circuit_arm_read() for a caller that watches our doorbell edge-triggered
+ * and the peer's hang-up itself (an epoll set of bell and peer_bell): no
+ * system call while our need-wakeup flag is still up (no ring came since),
+ * and a drain of the doorbell only now and then, so that its queue never
+ * fills (a ring into a full queue makes no edge).  The doorbell may stay
+ * readable with nothing to do: a level poller must use circuit_arm_read().
+ */
+int circuit_arm_edge(struct circuit *c);
 
 int circuit_shutdown_write(struct circuit *c);
 int circuit_abort(struct circuit *c);

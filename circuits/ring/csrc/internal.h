@@ -62,6 +62,7 @@ struct circuit {
     uint64_t tx_need;      /* room a refused non-blocking send waits for, 0: none */
     uint64_t tx_wait;      /* room a sender asleep on the next ring waits for (atomic) */
     int waiters;           /* threads sleeping on the doorbell (atomic) */
+    uint32_t edge_raises;  /* circuit_arm_edge's raises since it last drained (atomic) */
     int inflight;          /* calls inside the endpoint: fds stay open (atomic) */
     pthread_mutex_t bell_lock;  /* entering the sleep and draining (wait.c) */
     pthread_mutex_t state_lock; /* moving my_state forward (state.c) */

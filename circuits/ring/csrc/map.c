@@ -24,7 +24,7 @@
 
 /* Spinning only pays with another CPU to run the peer.  Asked once: the
  * answer costs an open and a read of /sys, a good part of a setup. */
-static uint32_t default_spin_ns(void)
+uint32_t circuit_default_spin(void)
 {
     static int cpus; /* 0: not asked yet */
     int n = __atomic_load_n(&cpus, __ATOMIC_RELAXED);
@@ -204,7 +204,7 @@ int circuit_attach(int memfd, const struct circuit_fds *fds,
     c->peer_bell = fds->peer_bell;
     pthread_mutex_init(&c->bell_lock, NULL);
     pthread_mutex_init(&c->state_lock, NULL);
-    c->spin_ns = default_spin_ns();
+    c->spin_ns = circuit_default_spin();
     c->map = map_object(memfd, p->size[0], p->size[1], &c->map_size);
     if (!c->map) {
         err = -ENOMEM;

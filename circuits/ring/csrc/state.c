@@ -180,8 +180,17 @@ int circuit_readiness(struct circuit *c)
     return mask;
 }
 
+/*
+ * Counting the call in (two atomic read-modify-writes, a good part of an
+ * epoll loop's look at each of its circuits) only keeps our descriptors
+ * open, and readiness touches one only to abort the circuit when the peer's
+ * state is a lie: a valid state needs memory alone, mapped until circuit_free.
+ */
 int circuit_poll_known(struct circuit *c)
 {
+    bool valid = load_acquire(&c->hdr->side[1 - c->side].state) <= CIRCUIT_ABORTED;
+    if (valid && !__atomic_load_n(&c->closed, __ATOMIC_ACQUIRE))
+        return circuit_readiness(c);
     if (circuit_enter(c))
         return CIRCUIT_READABLE | CIRCUIT_WRITABLE | CIRCUIT_HANGUP;
     int mask = circuit_readiness(c);

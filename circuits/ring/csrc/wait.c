@@ -27,6 +27,7 @@
 
 #define YIELD_AFTER_NS 5000
 #define EDGE_SLICE_MS 10
+#define EDGE_DRAIN_EVERY 16 /* far below the rings a doorbell's queue holds (hundreds) */
 
 int64_t circuit_now(void)
 {
@@ -187,7 +188,11 @@ static int arm_and_sleep(struct circuit *c, enum circuit_wait_for what, uint64_t
     if (sleepers == 1)
         raise_poller_flags(c); /* the drained rings may have been a poller's */
     full_fence();
-    circuit_check_peer(c); /* a dead peer's last words are its hang-up */
+    /* A dead peer's last words are its hang-up.  A sleeper hears it in its
+     * sleep (sleep_on_bell polls peer_bell too), so only a call that will
+     * not sleep asks now: one system call less per sleep. */
+    if (flags & CIRCUIT_NONBLOCK)
+        circuit_check_peer(c);
     if (ready(c, what, need) || (flags & CIRCUIT_NONBLOCK)) {
         if (sleepers == 1)
             circuit_restore_bell(c);
@@ -259,5 +264,36 @@ int circuit_arm(struct circuit *c)
     circuit_check_peer(c);
     if (alone)
         circuit_restore_bell(c);
+    return circuit_readiness(c) & CIRCUIT_READABLE;
+}
+
+/* Our flags as a poller needs them: data always, room when a send was refused. */
+static bool flags_up(struct circuit *c)
+{
+    if (!load_relaxed(&c->rx.ctrl->cons_wait))
+        return false;
+    return !(c->tx_need || __atomic_load_n(&c->tx_wait, __ATOMIC_ACQUIRE)) ||
+           load_relaxed(&c->tx.ctrl->prod_wait);
+}
+
+/*
+ * See circuit.h.  A flag still up was raised, and fenced, by an earlier arm:
+ * a publish since then sees it and rings, so there is nothing to do.  A flag
+ * the peer took down cost it a ring, one more byte in our doorbell's queue;
+ * raising it again (and the fence before the caller's next look) is all the
+ * edge watcher needs, and a full arm drains the queue every few times.
+ */
+int circuit_arm_edge(struct circuit *c)
+{
+    if (c->broken)
+        return CIRCUIT_READABLE;
+    if (flags_up(c))
+        return 0; /* the caller looks at the ring next: it does not need our answer */
+    if (__atomic_add_fetch(&c->edge_raises, 1, __ATOMIC_RELAXED) >= EDGE_DRAIN_EVERY) {
+        __atomic_store_n(&c->edge_raises, 0, __ATOMIC_RELAXED);
+        circuit_arm_read(c); /* drains, unless a thread inside a call will */
+    }
+    raise_poller_flags(c);
+    full_fence();
     return circuit_readiness(c) & CIRCUIT_READABLE;
 }
