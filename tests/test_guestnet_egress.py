@@ -102,8 +102,9 @@ def test_the_egress_rate_limit_bounds_a_marked_tcp_flow(scratch_ns):
     hosttable.install(scratch_ns, lines, "circuits test")
     arrived, elapsed, total = tcp_for(scratch_ns, MARK_1, 3)
     # The kernel's token bucket holds one second at the rate: at most rate x (t + 1),
-    # with room for timing; and the flow did move.
-    assert arrived <= rate * (elapsed + 1) * 1.25, (arrived, elapsed)
+    # with room for timing on a busy machine (an unlimited flow moves gigabytes in
+    # that time, so the bound still shows the limit); and the flow did move.
+    assert arrived <= rate * (elapsed + 1) * 1.5, (arrived, elapsed)
     assert arrived >= rate * elapsed * 0.2, (arrived, elapsed)
     count = hosttable.counts(scratch_ns)["slow"]
     assert count.limited_packets > 0  # what went over was dropped, and counted
