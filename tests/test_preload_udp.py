@@ -255,3 +255,31 @@ def test_unmodified_nc_udp_listener_talks_with_a_guest(operator):
     finally:
         server.kill()
         server.communicate(timeout=10)
+
+
+def test_reconnects_of_a_socket_in_an_epoll_set_unmap_the_old_circuits(operator, echoes):
+    """An epoll registration holds a reference but no circuit: each replaced
+    circuit is unmapped at once, so 50 more connects leave no mappings."""
+    echoes(7030), echoes(7031)
+    got = run_app(operator, "batch", "reconnects", DB, "7030", "7031")
+    assert got["ok"]
+    assert got["maps"][1] - got["maps"][0] < 10, got["maps"]
+
+
+def test_a_threaded_server_drops_leaving_peers_under_concurrent_sends(operator):
+    """Two threads in recvfrom and one in sendto while 100 peers come and go:
+    the server survives, answers all, and unmaps the dropped peers' circuits."""
+    server = subprocess.Popen([sys.executable, "-m", "circuits", "run", "--guest", "db",
+                               "--config", str(operator.config), "--", sys.executable,
+                               str(UDP_APP), "threads-serve", "0.0.0.0", "7032", "100"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready", server.communicate(timeout=10)
+        got = run_app(operator, "batch", "many-peers", DB, "7032", "100")
+        out, err = server.communicate(timeout=30)
+    finally:
+        server.kill()
+    assert got["ok"] == 100
+    assert server.returncode == 0, err[-3000:]
+    maps = json.loads(out.splitlines()[-1])["maps"]
+    assert maps[1] - maps[0] < 20, maps

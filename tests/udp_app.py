@@ -6,6 +6,9 @@
     python udp_app.py idle HOST PORT          an echo, 2.5 s idle, an echo
     python udp_app.py send-one HOST PORT      one datagram, no answer awaited
     python udp_app.py serve HOST PORT         a UDP echo server (bind and recvfrom)
+    python udp_app.py reconnects HOST PORT1 PORT2   many connects, the socket in an epoll
+    python udp_app.py many-peers HOST PORT N  N sockets in turn, one echo each
+    python udp_app.py threads-serve HOST PORT N   a threaded echo server for N datagrams
 
 The peer is an echo that answers each datagram with the datagram, "|" and
 the sender's address (tests/outside.py udp-echo, or the test's own echo).
@@ -13,6 +16,7 @@ Each role prints one JSON object of what it saw; the test judges it.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -160,6 +164,76 @@ def role_serve(host: str, port: int) -> None:
         s.sendto(data + f"|{peer[0]}:{peer[1]}".encode(), peer)
 
 
+def mappings() -> int:
+    """This process's memory mappings: each circuit is some; a leak shows."""
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+def role_reconnects(host: str, port1: int, port2: int) -> dict:
+    """Connect one socket to two echoes in turn, 60 times (50 counted), while it sits in an
+    epoll set (a registration is no call in flight: replaced circuits go)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect((host, port2))
+    ep = select.epoll()
+    ep.register(s.fileno(), select.EPOLLIN)  # connected: the registration is the library's
+    ok, counts = True, []
+    for i in range(60):
+        time.sleep(0.06)  # the guest's setups_per_second (20)
+        s.connect((host, (port1, port2)[i % 2]))
+        ok = ok and echoed(s, b"r%d" % i)["ok"]
+        if i in (9, 59):
+            counts.append(mappings())
+    return {"ok": ok, "maps": counts}
+
+
+def role_many_peers(host: str, port: int, n: int) -> dict:
+    """n sockets, one after the other: each a new peer of the server, gone
+    once closed."""
+    ok = 0
+    for i in range(n):
+        time.sleep(0.06)  # the guest's setups_per_second (20)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(10)
+            s.sendto(b"p%d" % i, (host, port))
+            ok += s.recvfrom(100)[0].startswith(b"p%d|" % i)
+    return {"ok": ok}
+
+
+def role_threads_serve(host: str, port: int, n: int) -> dict:
+    """Two threads blocked in recvfrom and one replying: peers that leave are
+    dropped under concurrent receives and sends.  Reports the mappings after
+    the first 20 datagrams and after n."""
+    import queue
+    import threading
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((host, port))
+    print("ready", flush=True)
+    todo: queue.Queue = queue.Queue()
+    counts, lock, got = [], threading.Lock(), [0]
+
+    def receive() -> None:
+        while True:
+            data, peer = s.recvfrom(65536)
+            with lock:
+                got[0] += 1
+                if got[0] in (20, n):
+                    counts.append(mappings())
+            todo.put((data, peer))
+
+    def reply() -> None:
+        while True:
+            data, peer = todo.get()
+            with contextlib.suppress(OSError):  # that peer may have left already
+                s.sendto(data + f"|{peer[0]}:{peer[1]}".encode(), peer)
+
+    for fn in (receive, receive, reply):
+        threading.Thread(target=fn, daemon=True).start()
+    while len(counts) < 2:
+        time.sleep(0.05)
+    return {"maps": counts}
+
+
 def role_send_one(host: str, port: int) -> dict:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -181,6 +255,12 @@ if __name__ == "__main__":
         result = role_idle(host, ports[0])
     elif role == "reconnect":
         result = role_reconnect(host, *ports)
+    elif role == "reconnects":
+        result = role_reconnects(host, *ports)
+    elif role == "many-peers":
+        result = role_many_peers(host, *ports)
+    elif role == "threads-serve":
+        result = role_threads_serve(host, *ports)
     else:
         result = role_send_one(host, ports[0])
     print(json.dumps(result), flush=True)

@@ -179,7 +179,7 @@ enum cp_state {
 };
 
 struct cp_sock {
-    int refs;              /* one per descriptor in the table, one per call in (atomic) */
+    int refs;              /* one per descriptor in the table, call in, epoll registration (atomic) */
     int family;            /* AF_INET or AF_INET6 */
     int state;             /* enum cp_state (atomic: published after what it guards) */
     bool bound;            /* bind() recorded `local` */
@@ -205,7 +205,8 @@ struct cp_sock {
     int fd;               /* UDP: the number it was made or last connected on */
     bool implicit;        /* UDP: connected by sendto, not connect (getpeername: ENOTCONN) */
     struct cp_endpoint peer; /* UDP: the address the program connected or sent to */
-    void *retired;        /* UDP: replaced circuits a call may still use (udp.c) */
+    void *retired;        /* UDP: replaced circuits a call may still use (udp.c; atomic) */
+    int calls;            /* UDP: calls in flight, which may hold a circuit (atomic) */
     void *server;         /* UDP bound to a port: its peers (udpserver.c) */
 };
 
@@ -222,7 +223,18 @@ bool cp_fd_maybe(int fd);
 struct cp_sock *cp_fd_get(int fd);
 /* Take fd out of the table; returns the table's reference, or NULL. */
 struct cp_sock *cp_fd_remove(int fd);
+/* Is s the socket on fd now?  (No reference taken.) */
+bool cp_fd_is(int fd, struct cp_sock *s);
+/* A call's reference (cp_fd_get's) is given back: the call has left. */
 void cp_sock_put(struct cp_sock *s);
+/* Another reference (the table's, an epoll registration's) is given back. */
+void cp_sock_release(struct cp_sock *s);
+/* A call's reference becomes a lasting one (an epoll registration). */
+void cp_sock_keep(struct cp_sock *s);
+/* A call on a UDP socket begins or ends without a reference of its own
+ * (epoll_wait looking at a registration; a server asleep in recvfrom). */
+void cp_call_enter(struct cp_sock *s);
+void cp_call_leave(struct cp_sock *s);
 
 /* ---- socket.c, shared with io.c and poll.c --------------------------- */
 
@@ -282,6 +294,8 @@ ssize_t cp_udp_send(struct cp_sock *s, const void *buf, size_t len, int flags,
 void cp_udp_free(struct cp_sock *s);
 /* A circuit replaced or dropped: unmapped now, or when no call can hold it. */
 void cp_udp_retire(struct cp_sock *s, struct circuit *old);
+/* The last call in flight left: unmap the retired circuits if none came in. */
+void cp_udp_reap(struct cp_sock *s);
 /* The next datagram of c into msg, as recvmsg says it (without the name). */
 ssize_t cp_udp_take(struct cp_sock *s, struct circuit *c, struct msghdr *msg, int flags);
 /* msg as one datagram into c, to the peer `to`; as sendmsg says it. */

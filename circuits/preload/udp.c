@@ -34,7 +34,8 @@
  *
  * A replaced circuit may still be in use by another thread's call on the
  * same socket: it is ended at once but unmapped only when no call can hold
- * it (the socket's last reference, or at once when nobody else holds one).
+ * it: at once when no other call is in flight (s->calls), else when the
+ * last call in flight leaves, or with the socket.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -64,40 +65,60 @@ bool cp_udp_kind(int domain, int type, int protocol)
 
 /* ---- the circuit under the socket ---------------------------------------- */
 
+/* Unmap every retired circuit (s->lock held, no other call in flight). */
+static void free_retired(struct cp_sock *s)
+{
+    struct retired *r = __atomic_exchange_n((struct retired **)&s->retired, NULL, __ATOMIC_ACQ_REL);
+    for (struct retired *next; r; r = next) {
+        next = r->next;
+        circuit_free(r->c);
+        free(r);
+    }
+}
+
+/*
+ * Only calls load s->c or a peer's circuit, and each is counted in s->calls
+ * before it does (cp_call_enter).  Pairs with that count: either the call
+ * sees the new circuit, or we see it in flight.  The caller is itself a
+ * call (or the socket's end, with none in flight): with no other, nobody
+ * can hold `old` or an earlier retired one.
+ */
 void cp_udp_retire(struct cp_sock *s, struct circuit *old)
 {
-    /* Pairs with the reference a call takes before it loads s->c: either
-     * that call sees the new circuit, or we see its reference. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&s->refs, __ATOMIC_SEQ_CST) <= 2) { /* the table's and ours */
+    if (__atomic_load_n(&s->calls, __ATOMIC_SEQ_CST) <= 1) {
         circuit_free(old);
+        free_retired(s);
         return;
     }
     struct retired *r = malloc(sizeof(*r));
     if (!r)
         return; /* out of memory with a call in flight: leak it rather than pull it away */
     r->c = old, r->next = s->retired;
-    s->retired = r;
+    __atomic_store_n((struct retired **)&s->retired, r, __ATOMIC_RELEASE);
+}
+
+void cp_udp_reap(struct cp_sock *s)
+{
+    /* Not waiting for the lock: whoever holds it is a call, which reaps as it leaves. */
+    if (pthread_mutex_trylock(&s->lock))
+        return;
+    if (__atomic_load_n(&s->calls, __ATOMIC_SEQ_CST) == 0)
+        free_retired(s); /* a call that came in since loaded the current circuit */
+    pthread_mutex_unlock(&s->lock);
 }
 
 void cp_udp_free(struct cp_sock *s)
 {
     cp_udp_unserve(s);
-    for (struct retired *r = s->retired, *next; r; r = next) {
-        next = r->next;
-        circuit_free(r->c);
-        free(r);
-    }
-    s->retired = NULL;
+    free_retired(s);
 }
 
 /* Is fd still a descriptor of s?  The program may have closed that number
  * (and kept a duplicate): then it is not ours to replace. */
 static bool holds(int fd, struct cp_sock *s)
 {
-    struct cp_sock *t = cp_fd_get(fd);
-    cp_sock_put(t); /* the table keeps its own reference */
-    return t == s;
+    return cp_fd_is(fd, s);
 }
 
 /*

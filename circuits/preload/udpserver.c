@@ -171,7 +171,8 @@ int cp_udp_adopt(struct cp_sock *s, const struct cp_endpoint *addr)
     int cloexec = real.fcntl(s->fd, F_GETFD) & FD_CLOEXEC ? O_CLOEXEC : 0;
     if (real.dup3(p.bell, s->fd, cloexec) < 0) {
         int err = -errno;
-        circuit_free(p.c);
+        circuit_close(p.c);
+        cp_udp_retire(s, p.c); /* another thread may be sending on it */
         return err;
     }
     int fl = real.fcntl(s->fd, F_GETFL); /* the doorbell's file: O_NONBLOCK as the program set it */
@@ -261,8 +262,12 @@ ssize_t cp_udp_server_recvmsg(struct cp_sock *s, struct msghdr *msg, int flags)
         if (deadline >= 0 && left <= 0)
             return -EAGAIN; /* SO_RCVTIMEO ran out */
         struct pollfd p = {.fd = lep, .events = POLLIN};
-        if (real.poll(&p, 1, (int)(left < 0 ? -1 : left > 1000 ? 1000 : left)) < 0)
-            return -errno; /* EINTR: a signal handler ran */
+        cp_call_leave(s); /* asleep, this call holds no circuit: let retired ones go */
+        int rc = real.poll(&p, 1, (int)(left < 0 ? -1 : left > 1000 ? 1000 : left));
+        int err = errno;
+        cp_call_enter(s);
+        if (rc < 0)
+            return -err; /* EINTR: a signal handler ran */
     }
 }
 
