@@ -283,3 +283,45 @@ def test_a_threaded_server_drops_leaving_peers_under_concurrent_sends(operator):
     assert server.returncode == 0, err[-3000:]
     maps = json.loads(out.splitlines()[-1])["maps"]
     assert maps[1] - maps[0] < 20, maps
+
+
+def serve_and_judge(operator, role: str, port: int, n: int) -> tuple[dict, dict]:
+    """A server role of udp_app.py under guest db for n datagrams of n peers."""
+    server = subprocess.Popen([sys.executable, "-m", "circuits", "run", "--guest", "db",
+                               "--config", str(operator.config), "--", sys.executable,
+                               str(UDP_APP), role, "0.0.0.0", str(port), str(n)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready", server.communicate(timeout=10)
+        got = run_app(operator, "batch", "many-peers", DB, str(port), str(n))
+        out, err = server.communicate(timeout=30)
+    finally:
+        server.kill()
+    assert server.returncode == 0, err[-3000:]
+    return got, json.loads(out.splitlines()[-1])
+
+
+def test_socketserver_udpserver_serve_forever_then_shutdown(operator):
+    """select says readable only while a datagram (or a new peer) waits: after
+    each datagram taken, and each peer gone, the server's descriptor is quiet,
+    so serve_forever's blocking recvfrom never waits for the next datagram and
+    shutdown() returns."""
+    got, server = serve_and_judge(operator, "socketserver", 7033, 5)
+    assert got["ok"] == 5
+    assert server["shutdown"] and server["seconds"] < 2, server
+
+
+def test_select_on_a_udp_server_means_a_datagram_waits(operator):
+    """role serve: select, then a non-blocking recvfrom that dies of EAGAIN."""
+    server = start_server(operator, "db", "0.0.0.0", 7034)
+    try:
+        with contextlib.suppress(AssertionError):
+            got = {}
+            got = run_app(operator, "batch", "many-peers", DB, "7034", "5")
+        time.sleep(0.5)  # the peers are gone: select must not wake the server
+        alive = server.poll() is None
+    finally:
+        server.kill()
+        _, err = server.communicate(timeout=10)
+    assert alive, err[-3000:]
+    assert got["ok"] == 5

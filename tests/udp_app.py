@@ -9,6 +9,7 @@
     python udp_app.py reconnects HOST PORT1 PORT2   many connects, the socket in an epoll
     python udp_app.py many-peers HOST PORT N  N sockets in turn, one echo each
     python udp_app.py threads-serve HOST PORT N   a threaded echo server for N datagrams
+    python udp_app.py socketserver HOST PORT N    socketserver.UDPServer for N, then shutdown
 
 The peer is an echo that answers each datagram with the datagram, "|" and
 the sender's address (tests/outside.py udp-echo, or the test's own echo).
@@ -143,7 +144,8 @@ def role_idle(host: str, port: int) -> dict:
 def role_serve(host: str, port: int) -> None:
     """A UDP echo server: bind, then answer each datagram with it, "|" and its
     sender, as outside.py's udp-echo; waits in select on a non-blocking socket
-    and reports FIONREAD and SO_ACCEPTCONN once, on stderr."""
+    and reports FIONREAD and SO_ACCEPTCONN once, on stderr.  Dies of
+    BlockingIOError if select says readable when no datagram waits."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind((host, port))
     s.setblocking(False)
@@ -152,10 +154,7 @@ def role_serve(host: str, port: int) -> None:
     while True:
         select.select([s], [], [])
         waiting = struct.unpack("i", fcntl.ioctl(s, termios.FIONREAD, b"\0" * 4))[0]
-        try:
-            data, peer = s.recvfrom(65536)
-        except BlockingIOError:
-            continue
+        data, peer = s.recvfrom(65536)  # readable means a datagram waits: never EAGAIN
         if not told:
             print(json.dumps({"fionread": waiting, "len": len(data), "sockname": s.getsockname(),
                               "acceptconn": s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN),
@@ -234,6 +233,34 @@ def role_threads_serve(host: str, port: int, n: int) -> dict:
     return {"maps": counts}
 
 
+def role_socketserver(host: str, port: int, n: int) -> dict:
+    """socketserver.UDPServer's serve_forever (select, then a blocking
+    recvfrom) for n datagrams, then shutdown(): it must not hang."""
+    import socketserver
+    import threading
+
+    class Echo(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            data, sock = self.request
+            sock.sendto(data + f"|{self.client_address[0]}:{self.client_address[1]}".encode(),
+                        self.client_address)
+            handled.release()
+
+    handled = threading.Semaphore(0)
+    server = socketserver.UDPServer((host, port), Echo)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2},
+                     daemon=True).start()
+    print("ready", flush=True)
+    for _ in range(n):
+        handled.acquire()
+    time.sleep(1)  # the last peer leaves meanwhile: that wakes nobody
+    start = time.monotonic()
+    done = threading.Thread(target=server.shutdown, daemon=True)
+    done.start()
+    done.join(10)
+    return {"shutdown": not done.is_alive(), "seconds": time.monotonic() - start}
+
+
 def role_send_one(host: str, port: int) -> dict:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -259,6 +286,8 @@ if __name__ == "__main__":
         result = role_reconnects(host, *ports)
     elif role == "many-peers":
         result = role_many_peers(host, *ports)
+    elif role == "socketserver":
+        result = role_socketserver(host, *ports)
     elif role == "threads-serve":
         result = role_threads_serve(host, *ports)
     else:

@@ -320,6 +320,9 @@ ssize_t cp_udp_server_sendmsg(struct cp_sock *s, const struct msghdr *msg, int f
                               const struct cp_endpoint *to);
 /* FIONREAD: the size of the datagram a receive would take now, or 0. */
 int cp_udp_server_next_size(struct cp_sock *s);
+/* Would a receive return at once?  poll's check of the kernel's word that
+ * the server's descriptor is readable (a peer that left wakes it too). */
+bool cp_udp_server_pending(struct cp_sock *s);
 
 /* ---- poll.c, shared with epoll.c ------------------------------------- */
 

@@ -35,6 +35,7 @@
 
 #define MAX_PEERS 4096 /* beyond, new peers' circuits are refused (closed) */
 
+
 struct peer {
     struct cp_endpoint addr; /* the peer, as recvfrom names it */
     struct circuit *c;
@@ -211,11 +212,26 @@ static bool ended(ssize_t err)
     return err == -ECONNREFUSED || err == -ECONNRESET || err == -EPIPE || err == -EPROTO;
 }
 
+/* Peer i was found empty: arm its doorbell, so that it rings at the next
+ * datagram; false if that showed the peer gone (its end of our doorbell
+ * closed): then it is dropped, or it would keep the descriptor readable. */
+static bool rearm(struct cp_sock *s, int i)
+{
+    struct circuit *c = ((struct cp_udp_server *)s->server)->peers[i].c;
+    circuit_arm_read(c);
+    if (!(circuit_poll_known(c) & CIRCUIT_HANGUP))
+        return true;
+    drop_peer(s, i);
+    return false;
+}
+
 /*
  * One look at every peer, without waiting (s->lock held): the next datagram
- * into msg, and its peer in *from; -EAGAIN if none waits.  Each peer found
- * empty is armed (its doorbell rings at its next datagram); a peer that
- * ended is dropped.
+ * into msg, and its peer in *from; -EAGAIN if none waits.  The descriptor
+ * must be readable exactly when a datagram (or a new peer) waits, as a
+ * kernel socket's is: a peer found empty, or whose datagram was just taken,
+ * is armed (its doorbell rings again at once if another waits, else at the
+ * next); a peer that ended is dropped.
  */
 static ssize_t look(struct cp_sock *s, struct msghdr *msg, int flags, struct cp_endpoint *from)
 {
@@ -230,15 +246,41 @@ static ssize_t look(struct cp_sock *s, struct msghdr *msg, int flags, struct cp_
         }
         if (n != -EAGAIN) {
             *from = t->peers[i].addr;
-            if (!(flags & MSG_PEEK)) /* a peek leaves that datagram the next to take */
+            if (!(flags & MSG_PEEK)) { /* a peek leaves that datagram the next to take */
+                circuit_arm_read(t->peers[i].c);
                 t->next = (unsigned)i + 1;
+            }
             return n;
         }
-        circuit_arm_read(t->peers[i].c);
+        if (!rearm(s, i))
+            continue; /* dropped: slot i now holds another peer, or none */
         t->next = (unsigned)i + 1;
         tried++;
     }
     return -EAGAIN;
+}
+
+/* Sleep until the server's descriptor is readable, at most ms (-1: for ever);
+ * 0, or -errno (EINTR: a signal handler ran). */
+static int nap(struct cp_sock *s, int lep, int ms)
+{
+    struct pollfd p = {.fd = lep, .events = POLLIN};
+    cp_call_leave(s); /* asleep, this call holds no circuit: let retired ones go */
+    int rc = real.poll(&p, 1, ms);
+    int err = errno;
+    cp_call_enter(s);
+    return rc < 0 ? -err : 0;
+}
+
+/* One look, s->lock taken here; *lep: the descriptor to sleep on. */
+static ssize_t look_locked(struct cp_sock *s, struct msghdr *msg, int flags,
+                           struct cp_endpoint *from, int *lep)
+{
+    pthread_mutex_lock(&s->lock);
+    ssize_t n = s->server ? look(s, msg, flags, from) : -ENOTCONN;
+    *lep = s->lep;
+    pthread_mutex_unlock(&s->lock);
+    return n;
 }
 
 ssize_t cp_udp_server_recvmsg(struct cp_sock *s, struct msghdr *msg, int flags)
@@ -247,10 +289,8 @@ ssize_t cp_udp_server_recvmsg(struct cp_sock *s, struct msghdr *msg, int flags)
     int64_t deadline = s->timeo_ns[0] > 0 ? cp_now_ns() + s->timeo_ns[0] : -1;
     for (;;) {
         struct cp_endpoint from;
-        pthread_mutex_lock(&s->lock);
-        ssize_t n = s->server ? look(s, msg, flags, &from) : -ENOTCONN;
-        int lep = s->lep;
-        pthread_mutex_unlock(&s->lock);
+        int lep;
+        ssize_t n = look_locked(s, msg, flags, &from, &lep);
         if (n >= 0) {
             if (msg->msg_name)
                 cp_endpoint_to(&from, s->family, msg->msg_name, &msg->msg_namelen);
@@ -261,13 +301,9 @@ ssize_t cp_udp_server_recvmsg(struct cp_sock *s, struct msghdr *msg, int flags)
         int64_t left = deadline < 0 ? -1 : (deadline - cp_now_ns()) / 1000000;
         if (deadline >= 0 && left <= 0)
             return -EAGAIN; /* SO_RCVTIMEO ran out */
-        struct pollfd p = {.fd = lep, .events = POLLIN};
-        cp_call_leave(s); /* asleep, this call holds no circuit: let retired ones go */
-        int rc = real.poll(&p, 1, (int)(left < 0 ? -1 : left > 1000 ? 1000 : left));
-        int err = errno;
-        cp_call_enter(s);
-        if (rc < 0)
-            return -err; /* EINTR: a signal handler ran */
+        int err = nap(s, lep, (int)(left < 0 ? -1 : left > 1000 ? 1000 : left));
+        if (err)
+            return err;
     }
 }
 
@@ -299,13 +335,23 @@ ssize_t cp_udp_server_sendmsg(struct cp_sock *s, const struct msghdr *msg, int f
     return ended(n) ? -ECONNREFUSED : n; /* that peer left; recvfrom drops it */
 }
 
-int cp_udp_server_next_size(struct cp_sock *s)
+/* A receive's look, taking nothing: the next datagram's size, or -errno. */
+static ssize_t next_size(struct cp_sock *s)
 {
     struct iovec none = {0};
     struct msghdr m = {.msg_iov = &none, .msg_iovlen = 1};
     struct cp_endpoint from;
-    pthread_mutex_lock(&s->lock);
-    ssize_t n = s->server ? look(s, &m, MSG_PEEK | MSG_TRUNC, &from) : -ENOTCONN;
-    pthread_mutex_unlock(&s->lock);
+    int lep;
+    return look_locked(s, &m, MSG_PEEK | MSG_TRUNC, &from, &lep);
+}
+
+int cp_udp_server_next_size(struct cp_sock *s)
+{
+    ssize_t n = next_size(s);
     return n < 0 ? 0 : n > 0x7fffffff ? 0x7fffffff : (int)n;
+}
+
+bool cp_udp_server_pending(struct cp_sock *s)
+{
+    return next_size(s) != -EAGAIN; /* a datagram, or an error a receive reports */
 }
