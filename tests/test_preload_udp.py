@@ -285,11 +285,11 @@ def test_a_threaded_server_drops_leaving_peers_under_concurrent_sends(operator):
     assert maps[1] - maps[0] < 20, maps
 
 
-def serve_and_judge(operator, role: str, port: int, n: int) -> tuple[dict, dict]:
+def serve_and_judge(operator, role: str, port: int, n: int, *args: str) -> tuple[dict, dict]:
     """A server role of udp_app.py under guest db for n datagrams of n peers."""
     server = subprocess.Popen([sys.executable, "-m", "circuits", "run", "--guest", "db",
                                "--config", str(operator.config), "--", sys.executable,
-                               str(UDP_APP), role, "0.0.0.0", str(port), str(n)],
+                               str(UDP_APP), role, "0.0.0.0", str(port), *args],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline().strip() == "ready", server.communicate(timeout=10)
@@ -306,7 +306,7 @@ def test_socketserver_udpserver_serve_forever_then_shutdown(operator):
     each datagram taken, and each peer gone, the server's descriptor is quiet,
     so serve_forever's blocking recvfrom never waits for the next datagram and
     shutdown() returns."""
-    got, server = serve_and_judge(operator, "socketserver", 7033, 5)
+    got, server = serve_and_judge(operator, "socketserver", 7033, 5, "5")
     assert got["ok"] == 5
     assert server["shutdown"] and server["seconds"] < 2, server
 
@@ -325,3 +325,11 @@ def test_select_on_a_udp_server_means_a_datagram_waits(operator):
         _, err = server.communicate(timeout=10)
     assert alive, err[-3000:]
     assert got["ok"] == 5
+
+
+def test_a_forked_child_closing_a_udp_server_leaves_the_parents_peers(operator):
+    """The child's close of its copy only detaches the peers' circuits: the
+    parent's answer reaches the peer on the circuit it sent on."""
+    got, server = serve_and_judge(operator, "fork-serve", 7035, 1)
+    assert server["child"] == 0
+    assert got["ok"] == 1

@@ -10,6 +10,7 @@
     python udp_app.py many-peers HOST PORT N  N sockets in turn, one echo each
     python udp_app.py threads-serve HOST PORT N   a threaded echo server for N datagrams
     python udp_app.py socketserver HOST PORT N    socketserver.UDPServer for N, then shutdown
+    python udp_app.py fork-serve HOST PORT    a datagram, a fork whose child closes, the answer
 
 The peer is an echo that answers each datagram with the datagram, "|" and
 the sender's address (tests/outside.py udp-echo, or the test's own echo).
@@ -261,6 +262,23 @@ def role_socketserver(host: str, port: int, n: int) -> dict:
     return {"shutdown": not done.is_alive(), "seconds": time.monotonic() - start}
 
 
+def role_fork_serve(host: str, port: int) -> dict:
+    """Take a datagram, fork a child that closes its copy of the server and
+    exits, then answer: the peer's circuit outlived the child's close."""
+    import os
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((host, port))
+    print("ready", flush=True)
+    data, peer = s.recvfrom(100)
+    pid = os.fork()
+    if pid == 0:
+        s.close()
+        sys.exit(0)  # the library's exit counts the child out too
+    _, status = os.waitpid(pid, 0)
+    s.sendto(data + f"|{peer[0]}:{peer[1]}".encode(), peer)
+    return {"child": status}
+
+
 def role_send_one(host: str, port: int) -> dict:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -286,6 +304,8 @@ if __name__ == "__main__":
         result = role_reconnects(host, *ports)
     elif role == "many-peers":
         result = role_many_peers(host, *ports)
+    elif role == "fork-serve":
+        result = role_fork_serve(host, *ports)
     elif role == "socketserver":
         result = role_socketserver(host, *ports)
     elif role == "threads-serve":

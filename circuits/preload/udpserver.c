@@ -22,6 +22,11 @@
  *
  * The table changes under s->lock; a removed circuit is retired as udp.c
  * retires a replaced one, so a call on another thread never loses it.
+ *
+ * After fork, parent and child share the server as they would a kernel
+ * socket: the server has a process count (s->procs, fork.c), and a process
+ * that closes its copy while another holds one leaves its peers' circuits
+ * (detached) rather than ending them.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -98,6 +103,15 @@ static void drop_peer(struct cp_sock *s, int i)
     cp_udp_retire(s, p.c);
 }
 
+/* Let go of peer i's circuit without ending it: another process that
+ * shares the server (fork) still serves that peer (s->lock held). */
+static void leave_peer(struct cp_sock *s, int i)
+{
+    struct peer p = unwatch(s, i);
+    circuit_detach(p.c);
+    cp_udp_retire(s, p.c);
+}
+
 static struct peer *find_peer(struct cp_udp_server *t, const struct cp_endpoint *addr)
 {
     for (int i = 0; i < t->n; i++)
@@ -158,6 +172,7 @@ int cp_udp_serve(int fd, struct cp_sock *s)
         return err;
     }
     s->ctl = ctl, s->lep = lep;
+    s->procs = cp_procs_new(); /* the processes sharing the server, and its peers (fork.c) */
     __atomic_store_n(&s->state, CP_LISTENING, __ATOMIC_RELEASE);
     return 0;
 }
@@ -194,8 +209,9 @@ void cp_udp_unserve(struct cp_sock *s)
     struct cp_udp_server *t = s->server;
     if (!t)
         return;
+    bool last = cp_procs_leave(s); /* else a forked copy serves the peers on */
     while (t->n)
-        drop_peer(s, t->n - 1);
+        (last ? drop_peer : leave_peer)(s, t->n - 1);
     if (s->ctl >= 0)
         real.close(s->ctl); /* the operator drops the listener with it */
     if (s->lep >= 0)
