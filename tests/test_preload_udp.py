@@ -333,3 +333,15 @@ def test_a_forked_child_closing_a_udp_server_leaves_the_parents_peers(operator):
     got, server = serve_and_judge(operator, "fork-serve", 7035, 1)
     assert server["child"] == 0
     assert got["ok"] == 1
+
+
+def test_shutdown_wakes_a_blocked_udp_receiver_with_zero_bytes(operator, echoes):
+    """As Linux: shutdown(SHUT_RDWR) of a bound, unconnected socket says
+    ENOTCONN but shuts it; of a connected one, 0.  Either way a thread asleep
+    in recvfrom returns 0 bytes, and so does every receive after; a send is
+    EPIPE."""
+    echoes(7036)
+    got = run_app(operator, "batch", "shutdown", DB, "7036")
+    assert got["server"] == {"data": "", "shutdown": 107, "woke": True, "after": ""}, got
+    assert got["connected"] == {"data": "", "shutdown": 0, "woke": True, "after": ""}, got
+    assert got["send_after"] == 32  # EPIPE

@@ -11,6 +11,7 @@
     python udp_app.py threads-serve HOST PORT N   a threaded echo server for N datagrams
     python udp_app.py socketserver HOST PORT N    socketserver.UDPServer for N, then shutdown
     python udp_app.py fork-serve HOST PORT    a datagram, a fork whose child closes, the answer
+    python udp_app.py shutdown HOST PORT      shutdown() wakes receivers of a server, a client
 
 The peer is an echo that answers each datagram with the datagram, "|" and
 the sender's address (tests/outside.py udp-echo, or the test's own echo).
@@ -279,6 +280,40 @@ def role_fork_serve(host: str, port: int) -> dict:
     return {"child": status}
 
 
+def shut_while_blocked(s: socket.socket) -> dict:
+    """A thread blocked in recvfrom; shutdown(SHUT_RDWR) from this one: the
+    receiver wakes with 0 bytes, as Linux's does (a common way to stop it)."""
+    import threading
+    got: dict = {}
+
+    def receive() -> None:
+        try:
+            got["data"] = s.recvfrom(100)[0].decode()
+        except OSError as e:
+            got["data"] = errno.errorcode[e.errno]
+
+    t = threading.Thread(target=receive, daemon=True)
+    t.start()
+    time.sleep(0.3)  # asleep in recvfrom by now
+    got["shutdown"] = errno_of(lambda: s.shutdown(socket.SHUT_RDWR))
+    t.join(5)
+    got["woke"] = not t.is_alive()
+    got["after"] = errno_of(lambda: s.recv(100)) or s.recv(100).decode()
+    return got
+
+
+def role_shutdown(host: str, port: int) -> dict:
+    """shutdown() of a bound server (ENOTCONN, as the kernel) and of a socket
+    connected to HOST:PORT, each with a receiver asleep."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("0.0.0.0", 7099))
+    connected = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    connected.connect((host, port))
+    echoed(connected, b"x")
+    return {"server": shut_while_blocked(server), "connected": shut_while_blocked(connected),
+            "send_after": errno_of(lambda: connected.send(b"y"))}
+
+
 def role_send_one(host: str, port: int) -> dict:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -304,6 +339,8 @@ if __name__ == "__main__":
         result = role_reconnects(host, *ports)
     elif role == "many-peers":
         result = role_many_peers(host, *ports)
+    elif role == "shutdown":
+        result = role_shutdown(host, *ports)
     elif role == "fork-serve":
         result = role_fork_serve(host, *ports)
     elif role == "socketserver":

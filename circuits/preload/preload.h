@@ -290,6 +290,9 @@ ssize_t cp_udp_recv(struct cp_sock *s, void *buf, size_t len, int flags, struct 
                     socklen_t *alen);
 ssize_t cp_udp_send(struct cp_sock *s, const void *buf, size_t len, int flags,
                     const struct sockaddr *addr, socklen_t alen);
+/* shutdown(how) of a UDP socket: 0, or -ENOTCONN if unconnected (it is
+ * shut all the same, and blocked receivers wake and return 0, as Linux's). */
+int cp_udp_shutdown(struct cp_sock *s, int how);
 /* The last reference is gone: end a UDP server, unmap replaced circuits. */
 void cp_udp_free(struct cp_sock *s);
 /* A circuit replaced or dropped: unmapped now, or when no call can hold it. */
@@ -320,6 +323,9 @@ ssize_t cp_udp_server_sendmsg(struct cp_sock *s, const struct msghdr *msg, int f
                               const struct cp_endpoint *to);
 /* FIONREAD: the size of the datagram a receive would take now, or 0. */
 int cp_udp_server_next_size(struct cp_sock *s);
+/* shutdown() of reading: the server's descriptor turns readable for good,
+ * waking receivers, which return 0 (s->lock held). */
+void cp_udp_server_shut(struct cp_sock *s);
 /* Would a receive return at once?  poll's check of the kernel's word that
  * the server's descriptor is readable (a peer that left wakes it too). */
 bool cp_udp_server_pending(struct cp_sock *s);

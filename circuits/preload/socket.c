@@ -473,6 +473,8 @@ CP_EXPORT int shutdown(int fd, int how)
     int rc = 0;
     if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR)
         rc = -EINVAL;
+    else if (s->dgram)
+        rc = cp_udp_shutdown(s, how);
     else if (state_of(s) == CP_LISTENING) {
         s->lst_shut = true;
         if (s->ctl >= 0)

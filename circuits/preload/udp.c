@@ -220,6 +220,26 @@ static bool same_peer(const struct cp_endpoint *a, const struct cp_endpoint *b)
     return a->port == b->port && memcmp(a->addr, b->addr, sizeof(a->addr)) == 0;
 }
 
+int cp_udp_shutdown(struct cp_sock *s, int how)
+{
+    pthread_mutex_lock(&s->lock);
+    int state = state_of(s);
+    if (how != SHUT_WR)
+        __atomic_store_n(&s->rd_shut, true, __ATOMIC_RELEASE);
+    if (how != SHUT_RD)
+        __atomic_store_n(&s->wr_shut, true, __ATOMIC_RELEASE);
+    if (how != SHUT_WR && state == CP_LISTENING)
+        cp_udp_server_shut(s);
+    /* A receiver asleep in the ring wakes only at the circuit's end: end it
+     * (it stays mapped; a send after SHUT_RD alone connects again). */
+    if (how != SHUT_WR && state == CP_CONNECTED)
+        circuit_close(s->c);
+    else if (how == SHUT_WR && state == CP_CONNECTED)
+        circuit_shutdown_write(s->c);
+    pthread_mutex_unlock(&s->lock);
+    return state == CP_CONNECTED ? 0 : -ENOTCONN;
+}
+
 /* sendto's address: connect implicitly, or check it names the circuit's peer. */
 static int aim(struct cp_sock *s, const struct sockaddr *addr, socklen_t len)
 {
@@ -329,17 +349,21 @@ ssize_t cp_udp_take(struct cp_sock *s, struct circuit *c, struct msghdr *msg, in
     return flags & MSG_TRUNC || full <= room ? full : room;
 }
 
+static bool rd_shut(struct cp_sock *s) { return __atomic_load_n(&s->rd_shut, __ATOMIC_ACQUIRE); }
+
 ssize_t cp_udp_recvmsg(struct cp_sock *s, struct msghdr *msg, int flags)
 {
     int state = state_of(s);
+    if (rd_shut(s))
+        return 0; /* shutdown(SHUT_RD): Linux's UDP says 0, connected or not */
     if (state == CP_LISTENING)
         return cp_udp_server_recvmsg(s, msg, flags);
     if (state != CP_CONNECTED) /* neither connected nor bound to a port: no peer can send */
         return state == CP_FAILED ? -__atomic_exchange_n(&s->so_error, 0, __ATOMIC_ACQ_REL)
                                   : -ENOTCONN;
-    if (s->rd_shut)
-        return 0;
     ssize_t n = cp_udp_take(s, s->c, msg, flags); /* ECONNREFUSED: a send connects again */
+    if (n < 0 && rd_shut(s))
+        return 0; /* woken by shutdown (cp_udp_shutdown closed the circuit) */
     if (n >= 0 && msg->msg_name)
         cp_endpoint_to(&s->remote, s->family, msg->msg_name, &msg->msg_namelen);
     else if (n >= 0)
@@ -395,6 +419,8 @@ ssize_t cp_udp_sendmsg(struct cp_sock *s, const struct msghdr *msg, int flags)
 {
     if (msg->msg_controllen)
         return -EOPNOTSUPP; /* IP_PKTINFO and the like cannot cross a circuit */
+    if (__atomic_load_n(&s->wr_shut, __ATOMIC_ACQUIRE))
+        return -EPIPE;
     if (state_of(s) == CP_LISTENING)
         return serve_one(s, msg, flags);
     int err = 0;
@@ -404,8 +430,6 @@ ssize_t cp_udp_sendmsg(struct cp_sock *s, const struct msghdr *msg, int flags)
         err = state_of(s) == CP_FAILED ? -ECONNREFUSED : -EDESTADDRREQ;
     if (err)
         return err;
-    if (s->wr_shut)
-        return -EPIPE;
     struct circuit *c = s->c;
     ssize_t n = cp_udp_put_msg(s, c, msg, flags, &s->peer);
     if ((n == -EPIPE || n == -EBADF) && !(err = rejoin(s, c)))

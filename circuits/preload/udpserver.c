@@ -34,6 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include "preload.h"
@@ -52,6 +53,7 @@ struct cp_udp_server {
     struct peer *peers;
     int n, cap;
     unsigned next; /* where the round robin starts */
+    int shut;      /* shutdown(SHUT_RD): an eventfd in the server's epoll, -1 before */
 };
 
 /* ---- the table --------------------------------------------------------- */
@@ -154,6 +156,8 @@ int cp_udp_serve(int fd, struct cp_sock *s)
     if (ctl < 0)
         return cp_unreachable(ctl);
     s->server = calloc(1, sizeof(struct cp_udp_server));
+    if (s->server)
+        ((struct cp_udp_server *)s->server)->shut = -1;
     int lep = cp_hide_fd(real.epoll_create1(EPOLL_CLOEXEC));
     struct epoll_event ev = {.events = EPOLLIN};
     int err = !s->server || lep < 0 ? -ENOMEM : cp_ctl_listen(ctl, &s->local, SOMAXCONN);
@@ -216,10 +220,25 @@ void cp_udp_unserve(struct cp_sock *s)
         real.close(s->ctl); /* the operator drops the listener with it */
     if (s->lep >= 0)
         real.close(s->lep);
+    if (t->shut >= 0)
+        real.close(t->shut);
     s->ctl = s->lep = -1;
     free(t->peers);
     free(t);
     s->server = NULL;
+}
+
+void cp_udp_server_shut(struct cp_sock *s)
+{
+    struct cp_udp_server *t = s->server;
+    if (!t || t->shut >= 0)
+        return;
+    /* Readable for good: poll, select, epoll and receivers asleep on the
+     * server's epoll all wake, as they do for a kernel socket shut down. */
+    t->shut = cp_hide_fd(eventfd(1, EFD_CLOEXEC | EFD_NONBLOCK));
+    struct epoll_event in = {.events = EPOLLIN};
+    if (t->shut >= 0)
+        real.epoll_ctl(s->lep, EPOLL_CTL_ADD, t->shut, &in);
 }
 
 /* A peer whose circuit says this is gone for good. */
@@ -306,6 +325,8 @@ ssize_t cp_udp_server_recvmsg(struct cp_sock *s, struct msghdr *msg, int flags)
     for (;;) {
         struct cp_endpoint from;
         int lep;
+        if (__atomic_load_n(&s->rd_shut, __ATOMIC_ACQUIRE))
+            return 0; /* woken by shutdown(), as Linux's UDP */
         ssize_t n = look_locked(s, msg, flags, &from, &lep);
         if (n >= 0) {
             if (msg->msg_name)
@@ -369,5 +390,6 @@ int cp_udp_server_next_size(struct cp_sock *s)
 
 bool cp_udp_server_pending(struct cp_sock *s)
 {
-    return next_size(s) != -EAGAIN; /* a datagram, or an error a receive reports */
+    /* a datagram, an error a receive reports, or the 0 of a shut socket */
+    return __atomic_load_n(&s->rd_shut, __ATOMIC_ACQUIRE) || next_size(s) != -EAGAIN;
 }
