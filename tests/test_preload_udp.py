@@ -345,3 +345,11 @@ def test_shutdown_wakes_a_blocked_udp_receiver_with_zero_bytes(operator, echoes)
     assert got["server"] == {"data": "", "shutdown": 107, "woke": True, "after": ""}, got
     assert got["connected"] == {"data": "", "shutdown": 0, "woke": True, "after": ""}, got
     assert got["send_after"] == 32  # EPIPE
+
+
+def test_msg_errqueue_is_eagain_and_takes_no_datagram(operator, echoes):
+    """No ICMP error crosses a circuit: MSG_ERRQUEUE finds the queue empty
+    (EAGAIN), as Linux's does, and leaves the waiting datagram alone."""
+    echoes(7037)
+    got = run_app(operator, "batch", "shutdown", DB, "7037")
+    assert got["errqueue"] == 11 and got["kept"], got

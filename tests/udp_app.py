@@ -310,7 +310,12 @@ def role_shutdown(host: str, port: int) -> dict:
     connected = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     connected.connect((host, port))
     echoed(connected, b"x")
-    return {"server": shut_while_blocked(server), "connected": shut_while_blocked(connected),
+    connected.send(b"q")
+    select.select([connected], [], [], 10)
+    errqueue = errno_of(lambda: connected.recvmsg(100, 0, socket.MSG_ERRQUEUE))
+    kept = connected.recv(100).startswith(b"q|")  # MSG_ERRQUEUE took no datagram
+    return {"errqueue": errqueue, "kept": kept,
+            "server": shut_while_blocked(server), "connected": shut_while_blocked(connected),
             "send_after": errno_of(lambda: connected.send(b"y"))}
 
 

@@ -354,6 +354,8 @@ static bool rd_shut(struct cp_sock *s) { return __atomic_load_n(&s->rd_shut, __A
 ssize_t cp_udp_recvmsg(struct cp_sock *s, struct msghdr *msg, int flags)
 {
     int state = state_of(s);
+    if (flags & MSG_ERRQUEUE)
+        return -EAGAIN; /* no ICMP error crosses a circuit: the queue is always empty */
     if (rd_shut(s))
         return 0; /* shutdown(SHUT_RD): Linux's UDP says 0, connected or not */
     if (state == CP_LISTENING)
