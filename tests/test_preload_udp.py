@@ -353,3 +353,12 @@ def test_msg_errqueue_is_eagain_and_takes_no_datagram(operator, echoes):
     echoes(7037)
     got = run_app(operator, "batch", "shutdown", DB, "7037")
     assert got["errqueue"] == 11 and got["kept"], got
+
+
+def test_two_threads_receiving_into_vectors_share_no_datagram(operator, echoes):
+    """recvmsg with two buffers peeks, copies, then consumes: one receive at a
+    time per socket, so 400 datagrams reach the two threads once each, whole."""
+    echoes(7038, ring_size=1 << 20)
+    got = run_app(operator, "batch", "vector-race", DB, "7038")
+    got.pop("log")
+    assert got == {"count": 400, "unique": 400, "torn": 0, "errors": []}, got

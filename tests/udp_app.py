@@ -12,6 +12,7 @@
     python udp_app.py socketserver HOST PORT N    socketserver.UDPServer for N, then shutdown
     python udp_app.py fork-serve HOST PORT    a datagram, a fork whose child closes, the answer
     python udp_app.py shutdown HOST PORT      shutdown() wakes receivers of a server, a client
+    python udp_app.py vector-race HOST PORT   two threads receive into two buffers each
 
 The peer is an echo that answers each datagram with the datagram, "|" and
 the sender's address (tests/outside.py udp-echo, or the test's own echo).
@@ -319,6 +320,42 @@ def role_shutdown(host: str, port: int) -> dict:
             "send_after": errno_of(lambda: connected.send(b"y"))}
 
 
+def role_vector_race(host: str, port: int) -> dict:
+    """Two threads receive on one connected socket with two buffers each
+    (peek, copy, consume): every datagram reaches one of them, whole."""
+    import threading
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect((host, port))
+    s.settimeout(3)
+    seen: list = []
+    errors: list = []
+
+    def receive() -> None:
+        a, b = bytearray(100), bytearray(300)
+        while True:
+            try:
+                n = s.recvmsg_into([a, b])[0]
+            except TimeoutError:
+                return
+            except OSError as e:
+                errors.append(errno.errorcode[e.errno])
+                continue
+            data = (bytes(a) + bytes(b))[:n].split(b"|")[0]
+            seen.append(data[:4].decode() if data == data[:4] * 50 else "torn")
+
+    threads = [threading.Thread(target=receive) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for i in range(400):
+        s.send(b"%04d" % i * 50)
+        if i % 50 == 49:
+            time.sleep(0.05)
+    for t in threads:
+        t.join()
+    return {"count": len(seen), "unique": len(set(seen)), "torn": seen.count("torn"),
+            "errors": errors[:5]}
+
+
 def role_send_one(host: str, port: int) -> dict:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -332,26 +369,15 @@ def role_send_one(host: str, port: int) -> dict:
 if __name__ == "__main__":
     role, host = sys.argv[1], sys.argv[2]
     ports = [int(p) for p in sys.argv[3:]]
+    roles = {"reconnect": role_reconnect, "reconnects": role_reconnects,
+             "many-peers": role_many_peers, "shutdown": role_shutdown,
+             "fork-serve": role_fork_serve, "socketserver": role_socketserver,
+             "threads-serve": role_threads_serve, "idle": role_idle,
+             "send-one": role_send_one, "vector-race": role_vector_race}
     if role in ("echo", "sendto"):
         result = role_echo(host, ports[0], role == "sendto")
     elif role == "serve":
         role_serve(host, ports[0])
-    elif role == "idle":
-        result = role_idle(host, ports[0])
-    elif role == "reconnect":
-        result = role_reconnect(host, *ports)
-    elif role == "reconnects":
-        result = role_reconnects(host, *ports)
-    elif role == "many-peers":
-        result = role_many_peers(host, *ports)
-    elif role == "shutdown":
-        result = role_shutdown(host, *ports)
-    elif role == "fork-serve":
-        result = role_fork_serve(host, *ports)
-    elif role == "socketserver":
-        result = role_socketserver(host, *ports)
-    elif role == "threads-serve":
-        result = role_threads_serve(host, *ports)
     else:
-        result = role_send_one(host, ports[0])
+        result = roles[role](host, *ports)
     print(json.dumps(result), flush=True)

@@ -71,6 +71,7 @@ struct cp_sock *cp_sock_new(int family)
     s->ctl = -1, s->lep = -1, s->timer = -1;
     s->peer_bell = -1;
     pthread_mutex_init(&s->lock, NULL);
+    pthread_mutex_init(&s->rx_lock, NULL);
     return s;
 }
 
@@ -179,6 +180,7 @@ void cp_sock_release(struct cp_sock *s)
     if (s->timer >= 0)
         real.close(s->timer);
     pthread_mutex_destroy(&s->lock);
+    pthread_mutex_destroy(&s->rx_lock);
     free(s);
 }
 

@@ -207,6 +207,7 @@ struct cp_sock {
     struct cp_endpoint peer; /* UDP: the address the program connected or sent to */
     void *retired;        /* UDP: replaced circuits a call may still use (udp.c; atomic) */
     int calls;            /* UDP: calls in flight, which may hold a circuit (atomic) */
+    pthread_mutex_t rx_lock; /* UDP connected: one receive at a time, peek to consume */
     void *server;         /* UDP bound to a port: its peers (udpserver.c) */
 };
 
@@ -293,6 +294,8 @@ ssize_t cp_udp_send(struct cp_sock *s, const void *buf, size_t len, int flags,
 /* shutdown(how) of a UDP socket: 0, or -ENOTCONN if unconnected (it is
  * shut all the same, and blocked receivers wake and return 0, as Linux's). */
 int cp_udp_shutdown(struct cp_sock *s, int how);
+/* FIONREAD of a connected UDP socket: the next datagram's size, or 0. */
+int cp_udp_next_size(struct cp_sock *s);
 /* The last reference is gone: end a UDP server, unmap replaced circuits. */
 void cp_udp_free(struct cp_sock *s);
 /* A circuit replaced or dropped: unmapped now, or when no call can hold it. */

@@ -592,6 +592,8 @@ static int readable_bytes(struct cp_sock *s)
     void *ptr;
     if (state_of(s) != CP_CONNECTED)
         return 0;
+    if (s->dgram)
+        return cp_udp_next_size(s); /* a peek must not cut into a receive's (udp.c) */
     ssize_t n = circuit_peek(s->c, CIRCUIT_NONBLOCK, CIRCUIT_FOREVER, &ptr);
     return n > 0 ? (n > 0x7fffffff ? 0x7fffffff : (int)n) : 0;
 }

@@ -43,6 +43,7 @@
 #include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "preload.h"
 
@@ -349,6 +350,42 @@ ssize_t cp_udp_take(struct cp_sock *s, struct circuit *c, struct msghdr *msg, in
     return flags & MSG_TRUNC || full <= room ? full : room;
 }
 
+/*
+ * One receive at a time on a connected socket: a vector or MSG_PEEK receive
+ * peeks, copies, then consumes, and any other receive (or peek) in between
+ * would hand the same datagram to two threads, or tear the copy (the core
+ * keeps one pending peek per circuit).  A non-blocking receive that finds
+ * another under way says EAGAIN (the other one waits: nothing is there);
+ * a blocking one waits its turn, within SO_RCVTIMEO.
+ */
+static int lock_rx(struct cp_sock *s, int flags)
+{
+    int err;
+    if (udp_flags(s, flags) & CIRCUIT_NONBLOCK)
+        err = pthread_mutex_trylock(&s->rx_lock);
+    else if (s->timeo_ns[0] <= 0)
+        err = pthread_mutex_lock(&s->rx_lock);
+    else {
+        int64_t d = udp_deadline(s, false);
+        struct timespec ts = {.tv_sec = d / 1000000000LL, .tv_nsec = d % 1000000000LL};
+        err = pthread_mutex_clocklock(&s->rx_lock, CLOCK_MONOTONIC, &ts);
+    }
+    if (!err)
+        return 0;
+    __atomic_add_fetch(&s->rx_again, 1, __ATOMIC_RELEASE);
+    return -EAGAIN;
+}
+
+int cp_udp_next_size(struct cp_sock *s)
+{
+    if (pthread_mutex_trylock(&s->rx_lock))
+        return 0; /* a receive is under way: it takes what waits */
+    void *ptr;
+    ssize_t n = circuit_peek(s->c, CIRCUIT_NONBLOCK, CIRCUIT_FOREVER, &ptr);
+    pthread_mutex_unlock(&s->rx_lock);
+    return n > 0 ? (n > 0x7fffffff ? 0x7fffffff : (int)n) : 0;
+}
+
 static bool rd_shut(struct cp_sock *s) { return __atomic_load_n(&s->rd_shut, __ATOMIC_ACQUIRE); }
 
 ssize_t cp_udp_recvmsg(struct cp_sock *s, struct msghdr *msg, int flags)
@@ -363,7 +400,11 @@ ssize_t cp_udp_recvmsg(struct cp_sock *s, struct msghdr *msg, int flags)
     if (state != CP_CONNECTED) /* neither connected nor bound to a port: no peer can send */
         return state == CP_FAILED ? -__atomic_exchange_n(&s->so_error, 0, __ATOMIC_ACQ_REL)
                                   : -ENOTCONN;
-    ssize_t n = cp_udp_take(s, s->c, msg, flags); /* ECONNREFUSED: a send connects again */
+    ssize_t n = lock_rx(s, flags);
+    if (!n) {
+        n = cp_udp_take(s, s->c, msg, flags); /* ECONNREFUSED: a send connects again */
+        pthread_mutex_unlock(&s->rx_lock);
+    }
     if (n < 0 && rd_shut(s))
         return 0; /* woken by shutdown (cp_udp_shutdown closed the circuit) */
     if (n >= 0 && msg->msg_name)
