@@ -362,3 +362,11 @@ def test_two_threads_receiving_into_vectors_share_no_datagram(operator, echoes):
     got = run_app(operator, "batch", "vector-race", DB, "7038")
     got.pop("log")
     assert got == {"count": 400, "unique": 400, "torn": 0, "errors": []}, got
+
+
+def test_connect_af_unspec_on_a_udp_server_keeps_its_port(operator):
+    """A disconnect of a socket connected to nobody: the server keeps its
+    listener and port, and serves the next peer (the kernel's does)."""
+    got, server = serve_and_judge(operator, "unspec-serve", 7039, 1)
+    assert server == {"unspec": 0, "sockname": ["0.0.0.0", 7039]}
+    assert got["ok"] == 1

@@ -13,6 +13,7 @@
     python udp_app.py fork-serve HOST PORT    a datagram, a fork whose child closes, the answer
     python udp_app.py shutdown HOST PORT      shutdown() wakes receivers of a server, a client
     python udp_app.py vector-race HOST PORT   two threads receive into two buffers each
+    python udp_app.py unspec-serve HOST PORT  bind, connect(AF_UNSPEC), serve one datagram
 
 The peer is an echo that answers each datagram with the datagram, "|" and
 the sender's address (tests/outside.py udp-echo, or the test's own echo).
@@ -356,6 +357,18 @@ def role_vector_race(host: str, port: int) -> dict:
             "errors": errors[:5]}
 
 
+def role_unspec_serve(host: str, port: int) -> dict:
+    """connect(AF_UNSPEC) on a bound server (a disconnect of an unconnected
+    socket): it keeps its port and serves on."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((host, port))
+    rc = unspec(s)
+    print("ready", flush=True)
+    data, peer = s.recvfrom(100)
+    s.sendto(data + f"|{peer[0]}:{peer[1]}".encode(), peer)
+    return {"unspec": rc, "sockname": list(s.getsockname())}
+
+
 def role_send_one(host: str, port: int) -> dict:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -373,7 +386,8 @@ if __name__ == "__main__":
              "many-peers": role_many_peers, "shutdown": role_shutdown,
              "fork-serve": role_fork_serve, "socketserver": role_socketserver,
              "threads-serve": role_threads_serve, "idle": role_idle,
-             "send-one": role_send_one, "vector-race": role_vector_race}
+             "send-one": role_send_one, "vector-race": role_vector_race,
+             "unspec-serve": role_unspec_serve}
     if role in ("echo", "sendto"):
         result = role_echo(host, ports[0], role == "sendto")
     elif role == "serve":

@@ -196,7 +196,8 @@ int cp_udp_connect(int fd, struct cp_sock *s, const struct sockaddr *addr, sockl
     if (len >= sizeof(sa_family_t) && addr->sa_family == AF_UNSPEC) {
         pthread_mutex_lock(&s->lock);
         s->fd = fd;
-        dissolve(s);
+        if (state_of(s) != CP_LISTENING) /* a server is connected to nobody: nothing to undo, */
+            dissolve(s);                 /* and it keeps its port, as the kernel's does */
         pthread_mutex_unlock(&s->lock);
         cp_log("fd %d: udp connect AF_UNSPEC: unconnected", fd);
         return 0;
