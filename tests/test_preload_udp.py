@@ -370,3 +370,13 @@ def test_connect_af_unspec_on_a_udp_server_keeps_its_port(operator):
     got, server = serve_and_judge(operator, "unspec-serve", 7039, 1)
     assert server == {"unspec": 0, "sockname": ["0.0.0.0", 7039]}
     assert got["ok"] == 1
+
+
+def test_poll_on_a_dup_follows_a_reconnect_through_the_other_number(operator, echoes):
+    """The dup's number still holds the old circuit's doorbell (ended: readable
+    for ever): poll sleeps on the socket's circuit's own instead, without
+    spinning, and wakes when the echo comes."""
+    echoes(7040), echoes(7041)
+    got = run_app(operator, "batch", "dup-poll", DB, "7040", "7041")
+    assert got["idle"] == [] and got["cpu"] < 0.005, got  # spinning: 0.02 s
+    assert got["readable"] and got["seconds"] < 2, got

@@ -14,6 +14,7 @@
     python udp_app.py shutdown HOST PORT      shutdown() wakes receivers of a server, a client
     python udp_app.py vector-race HOST PORT   two threads receive into two buffers each
     python udp_app.py unspec-serve HOST PORT  bind, connect(AF_UNSPEC), serve one datagram
+    python udp_app.py dup-poll HOST PORT1 PORT2   poll on a dup across a re-connect
 
 The peer is an echo that answers each datagram with the datagram, "|" and
 the sender's address (tests/outside.py udp-echo, or the test's own echo).
@@ -369,6 +370,37 @@ def role_unspec_serve(host: str, port: int) -> dict:
     return {"unspec": rc, "sockname": list(s.getsockname())}
 
 
+def role_dup_poll(host: str, port1: int, port2: int) -> dict:
+    """poll on a dup of a socket re-connected through its first number: it
+    sleeps while nothing comes (the old doorbell, ended, would wake it every
+    millisecond) and wakes when the new circuit's echo comes."""
+    import os
+    import threading
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect((host, port1))
+    d = os.dup(s.fileno())
+    s.connect((host, port2))
+    p = select.poll()
+    p.register(d, select.POLLIN)
+    got: dict = {}
+
+    def wait() -> None:
+        start = time.monotonic()
+        got["events"] = p.poll(5000)
+        got["seconds"] = time.monotonic() - start
+
+    cpu = time.process_time()
+    idle = p.poll(1000)  # nothing comes: asleep, not spinning on the old doorbell
+    cpu = time.process_time() - cpu
+    t = threading.Thread(target=wait)
+    t.start()
+    time.sleep(0.3)  # asleep in poll by now
+    s.send(b"d")
+    t.join()
+    return {"readable": got["events"] == [(d, select.POLLIN)], "seconds": got["seconds"],
+            "idle": idle, "cpu": cpu}
+
+
 def role_send_one(host: str, port: int) -> dict:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -387,7 +419,7 @@ if __name__ == "__main__":
              "fork-serve": role_fork_serve, "socketserver": role_socketserver,
              "threads-serve": role_threads_serve, "idle": role_idle,
              "send-one": role_send_one, "vector-race": role_vector_race,
-             "unspec-serve": role_unspec_serve}
+             "unspec-serve": role_unspec_serve, "dup-poll": role_dup_poll}
     if role in ("echo", "sendto"):
         result = role_echo(host, ports[0], role == "sendto")
     elif role == "serve":

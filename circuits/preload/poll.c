@@ -103,7 +103,10 @@ static nfds_t kernel_set(struct pollfd *k, const struct pollfd *fds, struct cp_s
         if (!cp_computed(socks[i]))
             continue;
         bool connected = __atomic_load_n(&socks[i]->state, __ATOMIC_ACQUIRE) == CP_CONNECTED;
-        k[i].fd = wait && connected ? fds[i].fd : -1;
+        /* A UDP socket re-connected through another of its numbers: this
+         * number still holds the old circuit's doorbell; sleep on the new. */
+        int bell = socks[i]->dgram ? circuit_bell(socks[i]->c) : fds[i].fd;
+        k[i].fd = wait && connected ? bell : -1;
         k[i].events = POLLIN;
         if (wait && connected)
             k[extra++] = (struct pollfd){.fd = socks[i]->peer_bell, .events = 0};
