@@ -41,7 +41,6 @@
 
 #define MAX_PEERS 4096 /* beyond, new peers' circuits are refused (closed) */
 
-
 struct peer {
     struct cp_endpoint addr; /* the peer, as recvfrom names it */
     struct circuit *c;
