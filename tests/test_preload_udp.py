@@ -255,3 +255,128 @@ def test_unmodified_nc_udp_listener_talks_with_a_guest(operator):
     finally:
         server.kill()
         server.communicate(timeout=10)
+
+
+def test_reconnects_of_a_socket_in_an_epoll_set_unmap_the_old_circuits(operator, echoes):
+    """An epoll registration holds a reference but no circuit: each replaced
+    circuit is unmapped at once, so 50 more connects leave no mappings."""
+    echoes(7030), echoes(7031)
+    got = run_app(operator, "batch", "reconnects", DB, "7030", "7031")
+    assert got["ok"]
+    assert got["maps"][1] - got["maps"][0] < 10, got["maps"]
+
+
+def test_a_threaded_server_drops_leaving_peers_under_concurrent_sends(operator):
+    """Two threads in recvfrom and one in sendto while 100 peers come and go:
+    the server survives, answers all, and unmaps the dropped peers' circuits."""
+    server = subprocess.Popen([sys.executable, "-m", "circuits", "run", "--guest", "db",
+                               "--config", str(operator.config), "--", sys.executable,
+                               str(UDP_APP), "threads-serve", "0.0.0.0", "7032", "100"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready", server.communicate(timeout=10)
+        got = run_app(operator, "batch", "many-peers", DB, "7032", "100")
+        out, err = server.communicate(timeout=30)
+    finally:
+        server.kill()
+    assert got["ok"] == 100
+    assert server.returncode == 0, err[-3000:]
+    maps = json.loads(out.splitlines()[-1])["maps"]
+    assert maps[1] - maps[0] < 20, maps
+
+
+def serve_and_judge(operator, role: str, port: int, n: int, *args: str) -> tuple[dict, dict]:
+    """A server role of udp_app.py under guest db for n datagrams of n peers."""
+    server = subprocess.Popen([sys.executable, "-m", "circuits", "run", "--guest", "db",
+                               "--config", str(operator.config), "--", sys.executable,
+                               str(UDP_APP), role, "0.0.0.0", str(port), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready", server.communicate(timeout=10)
+        got = run_app(operator, "batch", "many-peers", DB, str(port), str(n))
+        out, err = server.communicate(timeout=30)
+    finally:
+        server.kill()
+    assert server.returncode == 0, err[-3000:]
+    return got, json.loads(out.splitlines()[-1])
+
+
+def test_socketserver_udpserver_serve_forever_then_shutdown(operator):
+    """select says readable only while a datagram (or a new peer) waits: after
+    each datagram taken, and each peer gone, the server's descriptor is quiet,
+    so serve_forever's blocking recvfrom never waits for the next datagram and
+    shutdown() returns."""
+    got, server = serve_and_judge(operator, "socketserver", 7033, 5, "5")
+    assert got["ok"] == 5
+    assert server["shutdown"] and server["seconds"] < 2, server
+
+
+def test_select_on_a_udp_server_means_a_datagram_waits(operator):
+    """role serve: select, then a non-blocking recvfrom that dies of EAGAIN."""
+    server = start_server(operator, "db", "0.0.0.0", 7034)
+    try:
+        with contextlib.suppress(AssertionError):
+            got = {}
+            got = run_app(operator, "batch", "many-peers", DB, "7034", "5")
+        time.sleep(0.5)  # the peers are gone: select must not wake the server
+        alive = server.poll() is None
+    finally:
+        server.kill()
+        _, err = server.communicate(timeout=10)
+    assert alive, err[-3000:]
+    assert got["ok"] == 5
+
+
+def test_a_forked_child_closing_a_udp_server_leaves_the_parents_peers(operator):
+    """The child's close of its copy only detaches the peers' circuits: the
+    parent's answer reaches the peer on the circuit it sent on."""
+    got, server = serve_and_judge(operator, "fork-serve", 7035, 1)
+    assert server["child"] == 0
+    assert got["ok"] == 1
+
+
+def test_shutdown_wakes_a_blocked_udp_receiver_with_zero_bytes(operator, echoes):
+    """As Linux: shutdown(SHUT_RDWR) of a bound, unconnected socket says
+    ENOTCONN but shuts it; of a connected one, 0.  Either way a thread asleep
+    in recvfrom returns 0 bytes, and so does every receive after; a send is
+    EPIPE."""
+    echoes(7036)
+    got = run_app(operator, "batch", "shutdown", DB, "7036")
+    assert got["server"] == {"data": "", "shutdown": 107, "woke": True, "after": ""}, got
+    assert got["connected"] == {"data": "", "shutdown": 0, "woke": True, "after": ""}, got
+    assert got["send_after"] == 32  # EPIPE
+
+
+def test_msg_errqueue_is_eagain_and_takes_no_datagram(operator, echoes):
+    """No ICMP error crosses a circuit: MSG_ERRQUEUE finds the queue empty
+    (EAGAIN), as Linux's does, and leaves the waiting datagram alone."""
+    echoes(7037)
+    got = run_app(operator, "batch", "shutdown", DB, "7037")
+    assert got["errqueue"] == 11 and got["kept"], got
+
+
+def test_two_threads_receiving_into_vectors_share_no_datagram(operator, echoes):
+    """recvmsg with two buffers peeks, copies, then consumes: one receive at a
+    time per socket, so 400 datagrams reach the two threads once each, whole."""
+    echoes(7038, ring_size=1 << 20)
+    got = run_app(operator, "batch", "vector-race", DB, "7038")
+    got.pop("log")
+    assert got == {"count": 400, "unique": 400, "torn": 0, "errors": []}, got
+
+
+def test_connect_af_unspec_on_a_udp_server_keeps_its_port(operator):
+    """A disconnect of a socket connected to nobody: the server keeps its
+    listener and port, and serves the next peer (the kernel's does)."""
+    got, server = serve_and_judge(operator, "unspec-serve", 7039, 1)
+    assert server == {"unspec": 0, "sockname": ["0.0.0.0", 7039]}
+    assert got["ok"] == 1
+
+
+def test_poll_on_a_dup_follows_a_reconnect_through_the_other_number(operator, echoes):
+    """The dup's number still holds the old circuit's doorbell (ended: readable
+    for ever): poll sleeps on the socket's circuit's own instead, without
+    spinning, and wakes when the echo comes."""
+    echoes(7040), echoes(7041)
+    got = run_app(operator, "batch", "dup-poll", DB, "7040", "7041")
+    assert got["idle"] == [] and got["cpu"] < 0.005, got  # spinning: 0.02 s
+    assert got["readable"] and got["seconds"] < 2, got

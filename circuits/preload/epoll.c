@@ -138,7 +138,7 @@ static void free_regs(struct reg *r)
 {
     for (struct reg *next; r; r = next) {
         next = r->next;
-        cp_sock_put(r->s);
+        cp_sock_release(r->s);
         free(r);
     }
 }
@@ -297,6 +297,8 @@ CP_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
     free_regs(dead);
     if (op != EPOLL_CTL_ADD || err) /* an added registration keeps the reference */
         cp_sock_put(s);
+    else
+        cp_sock_keep(s); /* a registration is no call in flight (udp.c) */
     if (err == 1) /* a parked registration came back: it holds one already */
         err = 0;
     ep_put(e);
@@ -329,7 +331,10 @@ static uint32_t edge(struct reg *r, uint32_t ready)
  * circuit per look (a poll(2) each made epoll loops of many circuits slow). */
 static uint32_t ready_of(struct reg *r, bool ask_kernel)
 {
-    return (uint16_t)cp_revents(r->s, (short)(r->events & 0xffff), ask_kernel);
+    cp_call_enter(r->s); /* a UDP socket's circuit stays mapped while we look (udp.c) */
+    uint32_t ready = (uint16_t)cp_revents(r->s, (short)(r->events & 0xffff), ask_kernel);
+    cp_call_leave(r->s);
+    return ready;
 }
 
 /* Report ready circuits; with `arm`, arm those that are not ready. */
@@ -348,8 +353,11 @@ static int collect(struct ep *e, struct epoll_event *out, int max, bool arm)
         }
         uint32_t ready = ready_of(r, ask);
         if (arm && !ready) {
-            /* Armed, look again: what came before the flag went up rang nobody. */
+            /* Armed, look again: what came before the flag went up rang nobody.
+             * Counted in as a call: arming touches the circuit (udp.c retires). */
+            cp_call_enter(r->s);
             cp_arm(r->s, (short)(r->events & 0xffff), true);
+            cp_call_leave(r->s);
             ready = ready_of(r, false);
         }
         if (ready && (r->events & EPOLLET))

@@ -15,6 +15,11 @@
  * is read under a read lock of one of 64 stripes (by descriptor number):
  * calls on different descriptors rarely share a stripe, and readers never
  * block each other.
+ *
+ * A UDP socket's circuit can be replaced under a call that still uses the
+ * old one (udp.c retires it), so its calls in flight are counted apart
+ * (calls): references also stand for descriptors and epoll registrations,
+ * which hold no circuit.  cp_fd_get counts a call in, cp_sock_put out.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -66,6 +71,7 @@ struct cp_sock *cp_sock_new(int family)
     s->ctl = -1, s->lep = -1, s->timer = -1;
     s->peer_bell = -1;
     pthread_mutex_init(&s->lock, NULL);
+    pthread_mutex_init(&s->rx_lock, NULL);
     return s;
 }
 
@@ -80,7 +86,7 @@ int cp_fd_install(int fd, struct cp_sock *s)
     __atomic_store_n(p, s, __ATOMIC_RELEASE);
     pthread_rwlock_unlock(stripe(fd));
     if (old) /* its descriptor was closed behind our back and reused */
-        cp_sock_put(old);
+        cp_sock_release(old);
     return 0;
 }
 
@@ -99,7 +105,39 @@ struct cp_sock *cp_fd_get(int fd)
     if (s)
         __atomic_add_fetch(&s->refs, 1, __ATOMIC_ACQ_REL);
     pthread_rwlock_unlock(stripe(fd));
+    if (s)
+        cp_call_enter(s);
     return s;
+}
+
+bool cp_fd_is(int fd, struct cp_sock *s)
+{
+    if (!cp_fd_maybe(fd))
+        return false;
+    pthread_rwlock_rdlock(stripe(fd));
+    bool is = __atomic_load_n(slot(fd), __ATOMIC_ACQUIRE) == s;
+    pthread_rwlock_unlock(stripe(fd));
+    return is;
+}
+
+void cp_call_enter(struct cp_sock *s)
+{
+    /* Sequentially consistent: pairs with cp_udp_retire's fence, so either
+     * this call loads the new circuit or the retiring one counts it. */
+    if (s->dgram)
+        __atomic_add_fetch(&s->calls, 1, __ATOMIC_SEQ_CST);
+}
+
+void cp_call_leave(struct cp_sock *s)
+{
+    if (s->dgram && __atomic_sub_fetch(&s->calls, 1, __ATOMIC_SEQ_CST) == 0 &&
+        __atomic_load_n(&s->retired, __ATOMIC_ACQUIRE))
+        cp_udp_reap(s);
+}
+
+void cp_sock_keep(struct cp_sock *s)
+{
+    cp_call_leave(s);
 }
 
 struct cp_sock *cp_fd_remove(int fd)
@@ -113,6 +151,14 @@ struct cp_sock *cp_fd_remove(int fd)
 }
 
 void cp_sock_put(struct cp_sock *s)
+{
+    if (!s)
+        return;
+    cp_call_leave(s);
+    cp_sock_release(s);
+}
+
+void cp_sock_release(struct cp_sock *s)
 {
     if (!s || __atomic_sub_fetch(&s->refs, 1, __ATOMIC_ACQ_REL) > 0)
         return;
@@ -134,6 +180,7 @@ void cp_sock_put(struct cp_sock *s)
     if (s->timer >= 0)
         real.close(s->timer);
     pthread_mutex_destroy(&s->lock);
+    pthread_mutex_destroy(&s->rx_lock);
     free(s);
 }
 

@@ -244,10 +244,13 @@ CP_EXPORT int execle(const char *path, const char *arg0, ...)
 static void leave_at_exit(int fd, struct cp_sock *s, void *arg)
 {
     (void)fd, (void)arg;
-    if (!s->c || s->fork_seen == fork_gen || getpid() != owner)
+    bool server = __atomic_load_n(&s->state, __ATOMIC_ACQUIRE) == CP_LISTENING && s->dgram;
+    if ((!s->c && !server) || s->fork_seen == fork_gen || getpid() != owner)
         return;
     s->fork_seen = fork_gen;
-    if (cp_procs_leave(s))
+    if (server)
+        cp_procs_leave(s); /* a UDP server: the process that stays ends its peers */
+    else if (cp_procs_leave(s))
         circuit_close(s->c); /* the last holder: the peer reads end of data */
 }
 

@@ -128,12 +128,27 @@ static nfds_t kernel_set(struct pollfd *k, const struct pollfd *fds, struct cp_s
         if (!cp_computed(socks[i]))
             continue;
         bool connected = __atomic_load_n(&socks[i]->state, __ATOMIC_ACQUIRE) == CP_CONNECTED;
-        k[i].fd = wait && connected ? fds[i].fd : -1;
+        /* A UDP socket re-connected through another of its numbers: this
+         * number still holds the old circuit's doorbell; sleep on the new. */
+        int bell = socks[i]->dgram ? circuit_bell(socks[i]->c) : fds[i].fd;
+        k[i].fd = wait && connected ? bell : -1;
         k[i].events = POLLIN;
         if (wait && connected)
             k[extra++] = (struct pollfd){.fd = socks[i]->peer_bell, .events = 0};
     }
     return extra;
+}
+
+/* What the kernel said of a descriptor it polls.  A UDP server's is our
+ * epoll of its peers: it also wakes for a peer that left or a new peer
+ * with nothing sent yet; readable only if a receive would not wait. */
+static short kernel_revents(struct cp_sock *s, short re)
+{
+    if (s && s->dgram && (re & POLLIN) &&
+        __atomic_load_n(&s->state, __ATOMIC_ACQUIRE) == CP_LISTENING &&
+        !cp_udp_server_pending(s))
+        re &= (short)~(POLLIN | POLLRDNORM);
+    return re;
 }
 
 /* Sleep until something may be ready; 0, or -errno (EINTR). */
@@ -189,7 +204,7 @@ static int poll_loop(struct pollfd *fds, struct cp_sock **socks, struct pollfd *
             return rc;
         int ready = compute_all(fds, socks, n);
         for (nfds_t i = 0; i < n; i++)
-            if (!cp_computed(socks[i]) && (fds[i].revents = k[i].revents))
+            if (!cp_computed(socks[i]) && (fds[i].revents = kernel_revents(socks[i], k[i].revents)))
                 ready++;
         if (ready || !wait || expired || (deadline >= 0 && cp_now_ns() >= deadline))
             return ready;

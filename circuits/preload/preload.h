@@ -180,7 +180,7 @@ enum cp_state {
 };
 
 struct cp_sock {
-    int refs;              /* one per descriptor in the table, one per call in (atomic) */
+    int refs;              /* one per descriptor in the table, call in, epoll registration (atomic) */
     int family;            /* AF_INET or AF_INET6 */
     int state;             /* enum cp_state (atomic: published after what it guards) */
     bool bound;            /* bind() recorded `local` */
@@ -207,7 +207,9 @@ struct cp_sock {
     int fd;               /* UDP: the number it was made or last connected on */
     bool implicit;        /* UDP: connected by sendto, not connect (getpeername: ENOTCONN) */
     struct cp_endpoint peer; /* UDP: the address the program connected or sent to */
-    void *retired;        /* UDP: replaced circuits a call may still use (udp.c) */
+    void *retired;        /* UDP: replaced circuits a call may still use (udp.c; atomic) */
+    int calls;            /* UDP: calls in flight, which may hold a circuit (atomic) */
+    pthread_mutex_t rx_lock; /* UDP connected: one receive at a time, peek to consume */
     void *server;         /* UDP bound to a port: its peers (udpserver.c) */
 };
 
@@ -224,7 +226,18 @@ bool cp_fd_maybe(int fd);
 struct cp_sock *cp_fd_get(int fd);
 /* Take fd out of the table; returns the table's reference, or NULL. */
 struct cp_sock *cp_fd_remove(int fd);
+/* Is s the socket on fd now?  (No reference taken.) */
+bool cp_fd_is(int fd, struct cp_sock *s);
+/* A call's reference (cp_fd_get's) is given back: the call has left. */
 void cp_sock_put(struct cp_sock *s);
+/* Another reference (the table's, an epoll registration's) is given back. */
+void cp_sock_release(struct cp_sock *s);
+/* A call's reference becomes a lasting one (an epoll registration). */
+void cp_sock_keep(struct cp_sock *s);
+/* A call on a UDP socket begins or ends without a reference of its own
+ * (epoll_wait looking at a registration; a server asleep in recvfrom). */
+void cp_call_enter(struct cp_sock *s);
+void cp_call_leave(struct cp_sock *s);
 
 /* ---- socket.c, shared with io.c and poll.c --------------------------- */
 
@@ -280,10 +293,17 @@ ssize_t cp_udp_recv(struct cp_sock *s, void *buf, size_t len, int flags, struct 
                     socklen_t *alen);
 ssize_t cp_udp_send(struct cp_sock *s, const void *buf, size_t len, int flags,
                     const struct sockaddr *addr, socklen_t alen);
+/* shutdown(how) of a UDP socket: 0, or -ENOTCONN if unconnected (it is
+ * shut all the same, and blocked receivers wake and return 0, as Linux's). */
+int cp_udp_shutdown(struct cp_sock *s, int how);
+/* FIONREAD of a connected UDP socket: the next datagram's size, or 0. */
+int cp_udp_next_size(struct cp_sock *s);
 /* The last reference is gone: end a UDP server, unmap replaced circuits. */
 void cp_udp_free(struct cp_sock *s);
 /* A circuit replaced or dropped: unmapped now, or when no call can hold it. */
 void cp_udp_retire(struct cp_sock *s, struct circuit *old);
+/* The last call in flight left: unmap the retired circuits if none came in. */
+void cp_udp_reap(struct cp_sock *s);
 /* The next datagram of c into msg, as recvmsg says it (without the name). */
 ssize_t cp_udp_take(struct cp_sock *s, struct circuit *c, struct msghdr *msg, int flags);
 /* msg as one datagram into c, to the peer `to`; as sendmsg says it. */
@@ -308,6 +328,12 @@ ssize_t cp_udp_server_sendmsg(struct cp_sock *s, const struct msghdr *msg, int f
                               const struct cp_endpoint *to);
 /* FIONREAD: the size of the datagram a receive would take now, or 0. */
 int cp_udp_server_next_size(struct cp_sock *s);
+/* shutdown() of reading: the server's descriptor turns readable for good,
+ * waking receivers, which return 0 (s->lock held). */
+void cp_udp_server_shut(struct cp_sock *s);
+/* Would a receive return at once?  poll's check of the kernel's word that
+ * the server's descriptor is readable (a peer that left wakes it too). */
+bool cp_udp_server_pending(struct cp_sock *s);
 
 /* ---- poll.c, shared with epoll.c ------------------------------------- */
 

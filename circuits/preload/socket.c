@@ -67,6 +67,8 @@ CP_EXPORT int socket(int domain, int type, int protocol)
     if (fd < 0 || !cp_active() || !(dgram || is_circuit_kind(domain, type, protocol)))
         return fd;
     struct cp_sock *s = cp_sock_new(domain);
+    if (s) /* before it is in the table: its calls are counted from the first (udp.c) */
+        s->dgram = dgram, s->fd = fd;
     if (!s || cp_fd_install(fd, s)) {
         free(s);
         real.close(fd);
@@ -74,7 +76,6 @@ CP_EXPORT int socket(int domain, int type, int protocol)
         return -1;
     }
     s->nonblock = type & SOCK_NONBLOCK;
-    s->dgram = dgram, s->fd = fd;
     cp_log("fd %d: socket %s %s", fd, domain == AF_INET ? "inet" : "inet6",
            dgram ? "dgram" : "stream");
     return fd;
@@ -83,7 +84,7 @@ CP_EXPORT int socket(int domain, int type, int protocol)
 /* The kernel keeps fd from now on: it is a plain socket again. */
 static void hand_back(int fd, const char *why)
 {
-    cp_sock_put(cp_fd_remove(fd));
+    cp_sock_release(cp_fd_remove(fd));
     cp_log("fd %d: handed to the kernel (%s)", fd, why);
 }
 
@@ -472,6 +473,8 @@ CP_EXPORT int shutdown(int fd, int how)
     int rc = 0;
     if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR)
         rc = -EINVAL;
+    else if (s->dgram)
+        rc = cp_udp_shutdown(s, how);
     else if (state_of(s) == CP_LISTENING) {
         s->lst_shut = true;
         if (s->ctl >= 0)
@@ -501,7 +504,7 @@ CP_EXPORT int close(int fd)
     int rc = real.close(fd);
     if (s) {
         cp_log("fd %d: close", fd);
-        cp_sock_put(s); /* the last descriptor and call out closes the circuit */
+        cp_sock_release(s); /* the last descriptor and call out closes the circuit */
     }
     return rc;
 }
@@ -518,7 +521,7 @@ static int mirror_dup(int from, int to)
         cp_fd_install(to, s); /* replaces whatever the table had on `to` */
         cp_sock_put(s);
     } else {
-        cp_sock_put(cp_fd_remove(to));
+        cp_sock_release(cp_fd_remove(to));
     }
     return to;
 }
@@ -589,6 +592,8 @@ static int readable_bytes(struct cp_sock *s)
     void *ptr;
     if (state_of(s) != CP_CONNECTED)
         return 0;
+    if (s->dgram)
+        return cp_udp_next_size(s); /* a peek must not cut into a receive's (udp.c) */
     ssize_t n = circuit_peek(s->c, CIRCUIT_NONBLOCK, CIRCUIT_FOREVER, &ptr);
     return n > 0 ? (n > 0x7fffffff ? 0x7fffffff : (int)n) : 0;
 }

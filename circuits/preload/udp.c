@@ -34,7 +34,8 @@
  *
  * A replaced circuit may still be in use by another thread's call on the
  * same socket: it is ended at once but unmapped only when no call can hold
- * it (the socket's last reference, or at once when nobody else holds one).
+ * it: at once when no other call is in flight (s->calls), else when the
+ * last call in flight leaves, or with the socket.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -42,6 +43,7 @@
 #include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "preload.h"
 
@@ -64,40 +66,60 @@ bool cp_udp_kind(int domain, int type, int protocol)
 
 /* ---- the circuit under the socket ---------------------------------------- */
 
+/* Unmap every retired circuit (s->lock held, no other call in flight). */
+static void free_retired(struct cp_sock *s)
+{
+    struct retired *r = __atomic_exchange_n((struct retired **)&s->retired, NULL, __ATOMIC_ACQ_REL);
+    for (struct retired *next; r; r = next) {
+        next = r->next;
+        circuit_free(r->c);
+        free(r);
+    }
+}
+
+/*
+ * Only calls load s->c or a peer's circuit, and each is counted in s->calls
+ * before it does (cp_call_enter).  Pairs with that count: either the call
+ * sees the new circuit, or we see it in flight.  The caller is itself a
+ * call (or the socket's end, with none in flight): with no other, nobody
+ * can hold `old` or an earlier retired one.
+ */
 void cp_udp_retire(struct cp_sock *s, struct circuit *old)
 {
-    /* Pairs with the reference a call takes before it loads s->c: either
-     * that call sees the new circuit, or we see its reference. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&s->refs, __ATOMIC_SEQ_CST) <= 2) { /* the table's and ours */
+    if (__atomic_load_n(&s->calls, __ATOMIC_SEQ_CST) <= 1) {
         circuit_free(old);
+        free_retired(s);
         return;
     }
     struct retired *r = malloc(sizeof(*r));
     if (!r)
         return; /* out of memory with a call in flight: leak it rather than pull it away */
     r->c = old, r->next = s->retired;
-    s->retired = r;
+    __atomic_store_n((struct retired **)&s->retired, r, __ATOMIC_RELEASE);
+}
+
+void cp_udp_reap(struct cp_sock *s)
+{
+    /* Not waiting for the lock: whoever holds it is a call, which reaps as it leaves. */
+    if (pthread_mutex_trylock(&s->lock))
+        return;
+    if (__atomic_load_n(&s->calls, __ATOMIC_SEQ_CST) == 0)
+        free_retired(s); /* a call that came in since loaded the current circuit */
+    pthread_mutex_unlock(&s->lock);
 }
 
 void cp_udp_free(struct cp_sock *s)
 {
     cp_udp_unserve(s);
-    for (struct retired *r = s->retired, *next; r; r = next) {
-        next = r->next;
-        circuit_free(r->c);
-        free(r);
-    }
-    s->retired = NULL;
+    free_retired(s);
 }
 
 /* Is fd still a descriptor of s?  The program may have closed that number
  * (and kept a duplicate): then it is not ours to replace. */
 static bool holds(int fd, struct cp_sock *s)
 {
-    struct cp_sock *t = cp_fd_get(fd);
-    cp_sock_put(t); /* the table keeps its own reference */
-    return t == s;
+    return cp_fd_is(fd, s);
 }
 
 /*
@@ -174,7 +196,8 @@ int cp_udp_connect(int fd, struct cp_sock *s, const struct sockaddr *addr, sockl
     if (len >= sizeof(sa_family_t) && addr->sa_family == AF_UNSPEC) {
         pthread_mutex_lock(&s->lock);
         s->fd = fd;
-        dissolve(s);
+        if (state_of(s) != CP_LISTENING) /* a server is connected to nobody: nothing to undo, */
+            dissolve(s);                 /* and it keeps its port, as the kernel's does */
         pthread_mutex_unlock(&s->lock);
         cp_log("fd %d: udp connect AF_UNSPEC: unconnected", fd);
         return 0;
@@ -197,6 +220,26 @@ int cp_udp_connect(int fd, struct cp_sock *s, const struct sockaddr *addr, sockl
 static bool same_peer(const struct cp_endpoint *a, const struct cp_endpoint *b)
 {
     return a->port == b->port && memcmp(a->addr, b->addr, sizeof(a->addr)) == 0;
+}
+
+int cp_udp_shutdown(struct cp_sock *s, int how)
+{
+    pthread_mutex_lock(&s->lock);
+    int state = state_of(s);
+    if (how != SHUT_WR)
+        __atomic_store_n(&s->rd_shut, true, __ATOMIC_RELEASE);
+    if (how != SHUT_RD)
+        __atomic_store_n(&s->wr_shut, true, __ATOMIC_RELEASE);
+    if (how != SHUT_WR && state == CP_LISTENING)
+        cp_udp_server_shut(s);
+    /* A receiver asleep in the ring wakes only at the circuit's end: end it
+     * (it stays mapped; a send after SHUT_RD alone connects again). */
+    if (how != SHUT_WR && state == CP_CONNECTED)
+        circuit_close(s->c);
+    else if (how == SHUT_WR && state == CP_CONNECTED)
+        circuit_shutdown_write(s->c);
+    pthread_mutex_unlock(&s->lock);
+    return state == CP_CONNECTED ? 0 : -ENOTCONN;
 }
 
 /* sendto's address: connect implicitly, or check it names the circuit's peer. */
@@ -308,17 +351,63 @@ ssize_t cp_udp_take(struct cp_sock *s, struct circuit *c, struct msghdr *msg, in
     return flags & MSG_TRUNC || full <= room ? full : room;
 }
 
+/*
+ * One receive at a time on a connected socket: a vector or MSG_PEEK receive
+ * peeks, copies, then consumes, and any other receive (or peek) in between
+ * would hand the same datagram to two threads, or tear the copy (the core
+ * keeps one pending peek per circuit).  A non-blocking receive that finds
+ * another under way says EAGAIN (the other one waits: nothing is there);
+ * a blocking one waits its turn, within SO_RCVTIMEO.
+ */
+static int lock_rx(struct cp_sock *s, int flags)
+{
+    int err;
+    if (udp_flags(s, flags) & CIRCUIT_NONBLOCK)
+        err = pthread_mutex_trylock(&s->rx_lock);
+    else if (s->timeo_ns[0] <= 0)
+        err = pthread_mutex_lock(&s->rx_lock);
+    else {
+        int64_t d = udp_deadline(s, false);
+        struct timespec ts = {.tv_sec = d / 1000000000LL, .tv_nsec = d % 1000000000LL};
+        err = pthread_mutex_clocklock(&s->rx_lock, CLOCK_MONOTONIC, &ts);
+    }
+    if (!err)
+        return 0;
+    __atomic_add_fetch(&s->rx_again, 1, __ATOMIC_RELEASE);
+    return -EAGAIN;
+}
+
+int cp_udp_next_size(struct cp_sock *s)
+{
+    if (pthread_mutex_trylock(&s->rx_lock))
+        return 0; /* a receive is under way: it takes what waits */
+    void *ptr;
+    ssize_t n = circuit_peek(s->c, CIRCUIT_NONBLOCK, CIRCUIT_FOREVER, &ptr);
+    pthread_mutex_unlock(&s->rx_lock);
+    return n > 0 ? (n > 0x7fffffff ? 0x7fffffff : (int)n) : 0;
+}
+
+static bool rd_shut(struct cp_sock *s) { return __atomic_load_n(&s->rd_shut, __ATOMIC_ACQUIRE); }
+
 ssize_t cp_udp_recvmsg(struct cp_sock *s, struct msghdr *msg, int flags)
 {
     int state = state_of(s);
+    if (flags & MSG_ERRQUEUE)
+        return -EAGAIN; /* no ICMP error crosses a circuit: the queue is always empty */
+    if (rd_shut(s))
+        return 0; /* shutdown(SHUT_RD): Linux's UDP says 0, connected or not */
     if (state == CP_LISTENING)
         return cp_udp_server_recvmsg(s, msg, flags);
     if (state != CP_CONNECTED) /* neither connected nor bound to a port: no peer can send */
         return state == CP_FAILED ? -__atomic_exchange_n(&s->so_error, 0, __ATOMIC_ACQ_REL)
                                   : -ENOTCONN;
-    if (s->rd_shut)
-        return 0;
-    ssize_t n = cp_udp_take(s, s->c, msg, flags); /* ECONNREFUSED: a send connects again */
+    ssize_t n = lock_rx(s, flags);
+    if (!n) {
+        n = cp_udp_take(s, s->c, msg, flags); /* ECONNREFUSED: a send connects again */
+        pthread_mutex_unlock(&s->rx_lock);
+    }
+    if (n < 0 && rd_shut(s))
+        return 0; /* woken by shutdown (cp_udp_shutdown closed the circuit) */
     if (n >= 0 && msg->msg_name)
         cp_endpoint_to(&s->remote, s->family, msg->msg_name, &msg->msg_namelen);
     else if (n >= 0)
@@ -374,6 +463,8 @@ ssize_t cp_udp_sendmsg(struct cp_sock *s, const struct msghdr *msg, int flags)
 {
     if (msg->msg_controllen)
         return -EOPNOTSUPP; /* IP_PKTINFO and the like cannot cross a circuit */
+    if (__atomic_load_n(&s->wr_shut, __ATOMIC_ACQUIRE))
+        return -EPIPE;
     if (state_of(s) == CP_LISTENING)
         return serve_one(s, msg, flags);
     int err = 0;
@@ -383,8 +474,6 @@ ssize_t cp_udp_sendmsg(struct cp_sock *s, const struct msghdr *msg, int flags)
         err = state_of(s) == CP_FAILED ? -ECONNREFUSED : -EDESTADDRREQ;
     if (err)
         return err;
-    if (s->wr_shut)
-        return -EPIPE;
     struct circuit *c = s->c;
     ssize_t n = cp_udp_put_msg(s, c, msg, flags, &s->peer);
     if ((n == -EPIPE || n == -EBADF) && !(err = rejoin(s, c)))

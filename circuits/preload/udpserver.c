@@ -22,6 +22,11 @@
  *
  * The table changes under s->lock; a removed circuit is retired as udp.c
  * retires a replaced one, so a call on another thread never loses it.
+ *
+ * After fork, parent and child share the server as they would a kernel
+ * socket: the server has a process count (s->procs, fork.c), and a process
+ * that closes its copy while another holds one leaves its peers' circuits
+ * (detached) rather than ending them.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -29,6 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include "preload.h"
@@ -46,6 +52,7 @@ struct cp_udp_server {
     struct peer *peers;
     int n, cap;
     unsigned next; /* where the round robin starts */
+    int shut;      /* shutdown(SHUT_RD): an eventfd in the server's epoll, -1 before */
 };
 
 /* ---- the table --------------------------------------------------------- */
@@ -97,6 +104,15 @@ static void drop_peer(struct cp_sock *s, int i)
     cp_udp_retire(s, p.c);
 }
 
+/* Let go of peer i's circuit without ending it: another process that
+ * shares the server (fork) still serves that peer (s->lock held). */
+static void leave_peer(struct cp_sock *s, int i)
+{
+    struct peer p = unwatch(s, i);
+    circuit_detach(p.c);
+    cp_udp_retire(s, p.c);
+}
+
 static struct peer *find_peer(struct cp_udp_server *t, const struct cp_endpoint *addr)
 {
     for (int i = 0; i < t->n; i++)
@@ -139,6 +155,8 @@ int cp_udp_serve(int fd, struct cp_sock *s)
     if (ctl < 0)
         return cp_unreachable(ctl);
     s->server = calloc(1, sizeof(struct cp_udp_server));
+    if (s->server)
+        ((struct cp_udp_server *)s->server)->shut = -1;
     int lep = cp_hide_fd(real.epoll_create1(EPOLL_CLOEXEC));
     struct epoll_event ev = {.events = EPOLLIN};
     int err = !s->server || lep < 0 ? -ENOMEM : cp_ctl_listen(ctl, &s->local, SOMAXCONN);
@@ -157,6 +175,7 @@ int cp_udp_serve(int fd, struct cp_sock *s)
         return err;
     }
     s->ctl = ctl, s->lep = lep;
+    s->procs = cp_procs_new(); /* the processes sharing the server, and its peers (fork.c) */
     __atomic_store_n(&s->state, CP_LISTENING, __ATOMIC_RELEASE);
     return 0;
 }
@@ -171,7 +190,8 @@ int cp_udp_adopt(struct cp_sock *s, const struct cp_endpoint *addr)
     int cloexec = real.fcntl(s->fd, F_GETFD) & FD_CLOEXEC ? O_CLOEXEC : 0;
     if (real.dup3(p.bell, s->fd, cloexec) < 0) {
         int err = -errno;
-        circuit_free(p.c);
+        circuit_close(p.c);
+        cp_udp_retire(s, p.c); /* another thread may be sending on it */
         return err;
     }
     int fl = real.fcntl(s->fd, F_GETFL); /* the doorbell's file: O_NONBLOCK as the program set it */
@@ -192,16 +212,32 @@ void cp_udp_unserve(struct cp_sock *s)
     struct cp_udp_server *t = s->server;
     if (!t)
         return;
+    bool last = cp_procs_leave(s); /* else a forked copy serves the peers on */
     while (t->n)
-        drop_peer(s, t->n - 1);
+        (last ? drop_peer : leave_peer)(s, t->n - 1);
     if (s->ctl >= 0)
         real.close(s->ctl); /* the operator drops the listener with it */
     if (s->lep >= 0)
         real.close(s->lep);
+    if (t->shut >= 0)
+        real.close(t->shut);
     s->ctl = s->lep = -1;
     free(t->peers);
     free(t);
     s->server = NULL;
+}
+
+void cp_udp_server_shut(struct cp_sock *s)
+{
+    struct cp_udp_server *t = s->server;
+    if (!t || t->shut >= 0)
+        return;
+    /* Readable for good: poll, select, epoll and receivers asleep on the
+     * server's epoll all wake, as they do for a kernel socket shut down. */
+    t->shut = cp_hide_fd(eventfd(1, EFD_CLOEXEC | EFD_NONBLOCK));
+    struct epoll_event in = {.events = EPOLLIN};
+    if (t->shut >= 0)
+        real.epoll_ctl(s->lep, EPOLL_CTL_ADD, t->shut, &in);
 }
 
 /* A peer whose circuit says this is gone for good. */
@@ -210,11 +246,26 @@ static bool ended(ssize_t err)
     return err == -ECONNREFUSED || err == -ECONNRESET || err == -EPIPE || err == -EPROTO;
 }
 
+/* Peer i was found empty: arm its doorbell, so that it rings at the next
+ * datagram; false if that showed the peer gone (its end of our doorbell
+ * closed): then it is dropped, or it would keep the descriptor readable. */
+static bool rearm(struct cp_sock *s, int i)
+{
+    struct circuit *c = ((struct cp_udp_server *)s->server)->peers[i].c;
+    circuit_arm_read(c);
+    if (!(circuit_poll_known(c) & CIRCUIT_HANGUP))
+        return true;
+    drop_peer(s, i);
+    return false;
+}
+
 /*
  * One look at every peer, without waiting (s->lock held): the next datagram
- * into msg, and its peer in *from; -EAGAIN if none waits.  Each peer found
- * empty is armed (its doorbell rings at its next datagram); a peer that
- * ended is dropped.
+ * into msg, and its peer in *from; -EAGAIN if none waits.  The descriptor
+ * must be readable exactly when a datagram (or a new peer) waits, as a
+ * kernel socket's is: a peer found empty, or whose datagram was just taken,
+ * is armed (its doorbell rings again at once if another waits, else at the
+ * next); a peer that ended is dropped.
  */
 static ssize_t look(struct cp_sock *s, struct msghdr *msg, int flags, struct cp_endpoint *from)
 {
@@ -229,15 +280,41 @@ static ssize_t look(struct cp_sock *s, struct msghdr *msg, int flags, struct cp_
         }
         if (n != -EAGAIN) {
             *from = t->peers[i].addr;
-            if (!(flags & MSG_PEEK)) /* a peek leaves that datagram the next to take */
+            if (!(flags & MSG_PEEK)) { /* a peek leaves that datagram the next to take */
+                circuit_arm_read(t->peers[i].c);
                 t->next = (unsigned)i + 1;
+            }
             return n;
         }
-        circuit_arm_read(t->peers[i].c);
+        if (!rearm(s, i))
+            continue; /* dropped: slot i now holds another peer, or none */
         t->next = (unsigned)i + 1;
         tried++;
     }
     return -EAGAIN;
+}
+
+/* Sleep until the server's descriptor is readable, at most ms (-1: for ever);
+ * 0, or -errno (EINTR: a signal handler ran). */
+static int nap(struct cp_sock *s, int lep, int ms)
+{
+    struct pollfd p = {.fd = lep, .events = POLLIN};
+    cp_call_leave(s); /* asleep, this call holds no circuit: let retired ones go */
+    int rc = real.poll(&p, 1, ms);
+    int err = errno;
+    cp_call_enter(s);
+    return rc < 0 ? -err : 0;
+}
+
+/* One look, s->lock taken here; *lep: the descriptor to sleep on. */
+static ssize_t look_locked(struct cp_sock *s, struct msghdr *msg, int flags,
+                           struct cp_endpoint *from, int *lep)
+{
+    pthread_mutex_lock(&s->lock);
+    ssize_t n = s->server ? look(s, msg, flags, from) : -ENOTCONN;
+    *lep = s->lep;
+    pthread_mutex_unlock(&s->lock);
+    return n;
 }
 
 ssize_t cp_udp_server_recvmsg(struct cp_sock *s, struct msghdr *msg, int flags)
@@ -246,10 +323,10 @@ ssize_t cp_udp_server_recvmsg(struct cp_sock *s, struct msghdr *msg, int flags)
     int64_t deadline = s->timeo_ns[0] > 0 ? cp_now_ns() + s->timeo_ns[0] : -1;
     for (;;) {
         struct cp_endpoint from;
-        pthread_mutex_lock(&s->lock);
-        ssize_t n = s->server ? look(s, msg, flags, &from) : -ENOTCONN;
-        int lep = s->lep;
-        pthread_mutex_unlock(&s->lock);
+        int lep;
+        if (__atomic_load_n(&s->rd_shut, __ATOMIC_ACQUIRE))
+            return 0; /* woken by shutdown(), as Linux's UDP */
+        ssize_t n = look_locked(s, msg, flags, &from, &lep);
         if (n >= 0) {
             if (msg->msg_name)
                 cp_endpoint_to(&from, s->family, msg->msg_name, &msg->msg_namelen);
@@ -260,9 +337,9 @@ ssize_t cp_udp_server_recvmsg(struct cp_sock *s, struct msghdr *msg, int flags)
         int64_t left = deadline < 0 ? -1 : (deadline - cp_now_ns()) / 1000000;
         if (deadline >= 0 && left <= 0)
             return -EAGAIN; /* SO_RCVTIMEO ran out */
-        struct pollfd p = {.fd = lep, .events = POLLIN};
-        if (real.poll(&p, 1, (int)(left < 0 ? -1 : left > 1000 ? 1000 : left)) < 0)
-            return -errno; /* EINTR: a signal handler ran */
+        int err = nap(s, lep, (int)(left < 0 ? -1 : left > 1000 ? 1000 : left));
+        if (err)
+            return err;
     }
 }
 
@@ -294,13 +371,24 @@ ssize_t cp_udp_server_sendmsg(struct cp_sock *s, const struct msghdr *msg, int f
     return ended(n) ? -ECONNREFUSED : n; /* that peer left; recvfrom drops it */
 }
 
-int cp_udp_server_next_size(struct cp_sock *s)
+/* A receive's look, taking nothing: the next datagram's size, or -errno. */
+static ssize_t next_size(struct cp_sock *s)
 {
     struct iovec none = {0};
     struct msghdr m = {.msg_iov = &none, .msg_iovlen = 1};
     struct cp_endpoint from;
-    pthread_mutex_lock(&s->lock);
-    ssize_t n = s->server ? look(s, &m, MSG_PEEK | MSG_TRUNC, &from) : -ENOTCONN;
-    pthread_mutex_unlock(&s->lock);
+    int lep;
+    return look_locked(s, &m, MSG_PEEK | MSG_TRUNC, &from, &lep);
+}
+
+int cp_udp_server_next_size(struct cp_sock *s)
+{
+    ssize_t n = next_size(s);
     return n < 0 ? 0 : n > 0x7fffffff ? 0x7fffffff : (int)n;
+}
+
+bool cp_udp_server_pending(struct cp_sock *s)
+{
+    /* a datagram, an error a receive reports, or the 0 of a shut socket */
+    return __atomic_load_n(&s->rd_shut, __ATOMIC_ACQUIRE) || next_size(s) != -EAGAIN;
 }
