@@ -97,11 +97,12 @@ def _give_guest_files(config, guest: str) -> list[str]:
     that cannot be (it needs root), never the host's files."""
     from circuits.dnsrelay import local_addresses
     from circuits.guestnet.etcfiles import give_guest_files
+    from circuits.operator.hosts import hosts_file
 
     g = config.guests[guest]
     addresses = local_addresses(len(g.resolvers))
     try:
-        give_guest_files(config, g, addresses)
+        give_guest_files(g, addresses, hosts_file(config))
     except OSError as e:
         raise click.ClickException(f"cannot give guest {guest} its resolver ({e}); it needs"
                                    " root (CAP_SYS_ADMIN), or no resolver for the guest") from None

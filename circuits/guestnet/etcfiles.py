@@ -22,8 +22,6 @@ import os
 import tempfile
 from pathlib import Path
 
-from circuits.operator.hosts import hosts_file
-
 CLONE_NEWNS = 0x00020000
 MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_SLAVE = 1, 32, 4096, 16384, 1 << 19
 MNT_DETACH = 2
@@ -49,13 +47,14 @@ def resolv_conf(guest, nameservers: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def guest_hosts(config, host_hosts: str = "/etc/hosts") -> str:
-    """The host's /etc/hosts (localhost and the like) and the guests' names."""
+def guest_hosts(guests_lines: str, host_hosts: str = "/etc/hosts") -> str:
+    """The host's /etc/hosts (localhost and the like), then `guests_lines`
+    (the guests' names: what `circuits ctl hosts` prints)."""
     try:
         base = Path(host_hosts).read_text()
     except OSError:
         base = "127.0.0.1\tlocalhost\n::1\tlocalhost\n"
-    return base.rstrip("\n") + "\n" + hosts_file(config)
+    return base.rstrip("\n") + "\n" + guests_lines
 
 
 def _bind_files(files: dict[str, str]) -> None:
@@ -86,10 +85,11 @@ def _bind_files(files: dict[str, str]) -> None:
         os.rmdir(scratch)
 
 
-def give_guest_files(config, guest, nameservers: list[str]) -> None:
+def give_guest_files(guest, nameservers: list[str], guests_lines: str) -> None:
     """This process (about to exec the guest's program) sees the guest's own
-    resolv.conf and hosts; the host's stay as they are.  Needs CAP_SYS_ADMIN."""
+    resolv.conf and hosts (with `guests_lines` added); the host's stay as
+    they are.  Needs CAP_SYS_ADMIN."""
     _check(_libc.unshare(CLONE_NEWNS), "a mount namespace of its own (unshare)")
     _mount(None, "/", MS_REC | MS_SLAVE, "keeping its mounts from the host's (make-rslave /)")
     _bind_files({"/etc/resolv.conf": resolv_conf(guest, nameservers),
-                 "/etc/hosts": guest_hosts(config)})
+                 "/etc/hosts": guest_hosts(guests_lines)})
