@@ -396,14 +396,6 @@ static int drop_inner(struct ep *e, struct epoll_event *ev, int k)
     return kept;
 }
 
-static int remaining_ms(int64_t deadline)
-{
-    if (deadline < 0)
-        return -1;
-    int64_t left = deadline - cp_now_ns();
-    return left <= 0 ? 0 : (int)((left + 999999) / 1000000);
-}
-
 struct look {
     struct ep *e;
     struct epoll_event *ev;
@@ -422,13 +414,13 @@ static int wait_loop(struct ep *e, struct epoll_event *ev, int max, int64_t dead
     struct look look = {e, ev, max, 0};
     for (int empty = 0;; empty++) {
         int n = collect(e, ev, max, false);
-        bool wait = n == 0 && remaining_ms(deadline) != 0;
+        bool wait = n == 0 && cp_ms_until(deadline) != 0;
         if (wait && !empty && cp_spin(any_ready, &look, deadline)) /* before a sleep */
             n = look.n, wait = false;
         if (wait)
             wait = (n = collect(e, ev, max, true)) == 0;
         if (n < max) {
-            int k = real.epoll_pwait(e->epfd, ev + n, max - n, wait ? remaining_ms(deadline) : 0, mask);
+            int k = real.epoll_pwait(e->epfd, ev + n, max - n, wait ? cp_ms_until(deadline) : 0, mask);
             if (k < 0)
                 return n ? n : -errno;
             n += drop_inner(e, ev + n, k);
@@ -436,7 +428,7 @@ static int wait_loop(struct ep *e, struct epoll_event *ev, int max, int64_t dead
         bool woke = __atomic_exchange_n(&e->woke, false, __ATOMIC_ACQ_REL);
         if (woke && !n)
             free_regs(drop_parked(e)); /* a parked doorbell rang for nothing */
-        if (n || !wait || remaining_ms(deadline) == 0)
+        if (n || !wait || cp_ms_until(deadline) == 0)
             return n;
         if (empty >= EMPTY_WAKES_BEFORE_NAP)
             usleep(1000); /* rings we cannot drain (another thread sleeps on them) */

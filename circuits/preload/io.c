@@ -22,13 +22,6 @@
 
 static int state_of(struct cp_sock *s) { return __atomic_load_n(&s->state, __ATOMIC_ACQUIRE); }
 
-/* When a blocking call gives up: SO_RCVTIMEO or SO_SNDTIMEO from now, or never. */
-static int64_t deadline_of(struct cp_sock *s, bool sending)
-{
-    int64_t t = s->timeo_ns[sending];
-    return t > 0 ? cp_now_ns() + t : CIRCUIT_FOREVER;
-}
-
 static int core_flags(struct cp_sock *s, int flags)
 {
     bool nonblock = (flags & MSG_DONTWAIT) || __atomic_load_n(&s->nonblock, __ATOMIC_RELAXED);
@@ -46,7 +39,7 @@ static long not_connected(struct cp_sock *s)
 static ssize_t peek(struct cp_sock *s, void *buf, size_t len, int cflags)
 {
     void *ptr;
-    ssize_t n = circuit_peek(s->c, cflags, deadline_of(s, false), &ptr);
+    ssize_t n = circuit_peek(s->c, cflags, cp_deadline(s, false), &ptr);
     if (n > 0) {
         n = (size_t)n < len ? n : (ssize_t)len;
         memcpy(buf, ptr, (size_t)n);
@@ -80,7 +73,7 @@ ssize_t cp_recv(struct cp_sock *s, void *buf, size_t len, int flags)
     int cflags = core_flags(s, flags) | (flags & MSG_WAITALL ? CIRCUIT_ALL : 0);
     ssize_t n = refused(s, cflags, CIRCUIT_READABLE) ? -EAGAIN
                 : flags & MSG_PEEK ? peek(s, buf, len, cflags)
-                                   : circuit_recv(s->c, buf, len, cflags, deadline_of(s, false));
+                                   : circuit_recv(s->c, buf, len, cflags, cp_deadline(s, false));
     if (n == -ESHUTDOWN)
         return 0; /* end of data */
     if (n == -EAGAIN || n == -ETIMEDOUT) {
@@ -102,7 +95,7 @@ ssize_t cp_send(struct cp_sock *s, const void *buf, size_t len, int flags)
         int cflags = core_flags(s, flags);
         n = refused(s, cflags, CIRCUIT_WRITABLE)
                 ? -EAGAIN
-                : circuit_send(s->c, buf, len, cflags ? cflags : CIRCUIT_ALL, deadline_of(s, true));
+                : circuit_send(s->c, buf, len, cflags ? cflags : CIRCUIT_ALL, cp_deadline(s, true));
     }
     if (n == -EPIPE && !(flags & MSG_NOSIGNAL))
         raise(SIGPIPE);

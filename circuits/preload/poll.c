@@ -106,6 +106,20 @@ int64_t cp_now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+int64_t cp_deadline(struct cp_sock *s, bool sending)
+{
+    int64_t t = s->timeo_ns[sending];
+    return t > 0 ? cp_now_ns() + t : CIRCUIT_FOREVER;
+}
+
+int cp_ms_until(int64_t deadline)
+{
+    if (deadline < 0)
+        return -1;
+    int64_t left = deadline - cp_now_ns();
+    return left <= 0 ? 0 : (int)((left + 999999) / 1000000);
+}
+
 static struct timespec left(int64_t deadline)
 {
     int64_t ns = deadline - cp_now_ns();

@@ -346,6 +346,11 @@ short cp_revents(struct cp_sock *s, short events, bool ask_kernel);
  * which costs no system call while the circuit is still armed. */
 void cp_arm(struct cp_sock *s, short events, bool edge);
 int64_t cp_now_ns(void);
+/* When a blocking call on s gives up: SO_SNDTIMEO (sending) or SO_RCVTIMEO
+ * from now, or CIRCUIT_FOREVER if none is set. */
+int64_t cp_deadline(struct cp_sock *s, bool sending);
+/* Milliseconds to poll for until deadline (-1: no deadline), rounded up; 0 once past. */
+int cp_ms_until(int64_t deadline);
 /* Time to ask the kernel whether s's peer vanished (at most once a
  * millisecond while it is ready): true once, then false for a while. */
 bool cp_ask_due(struct cp_sock *s, int64_t now);

@@ -264,20 +264,11 @@ static int relisten(struct cp_sock *s)
     return 0;
 }
 
-/* Milliseconds to poll for until deadline (-1: none), rounded up; 0 once past. */
-static int ms_until(int64_t deadline)
-{
-    if (deadline < 0)
-        return -1;
-    int64_t left = deadline - cp_now_ns();
-    return left <= 0 ? 0 : (int)((left + 999999) / 1000000);
-}
-
 /* Wait for, and take, the reply to our outstanding ACCEPT; then send the next.
  * SO_RCVTIMEO bounds the wait, as the kernel's accept: EAGAIN once it runs out. */
 static int take_circuit(struct cp_sock *s, struct cp_circuit_msg *m, int fds[4])
 {
-    int64_t deadline = s->timeo_ns[0] > 0 ? cp_now_ns() + s->timeo_ns[0] : -1;
+    int64_t deadline = cp_deadline(s, false);
     for (;;) {
         int err = s->ctl >= 0 ? cp_ctl_recv_circuit(s->ctl, false, m, fds) : -ECONNABORTED;
         if (err == -ECONNABORTED && s->lst_shut)
@@ -297,7 +288,7 @@ static int take_circuit(struct cp_sock *s, struct cp_circuit_msg *m, int fds[4])
         if (__atomic_load_n(&s->nonblock, __ATOMIC_RELAXED))
             return -EAGAIN;
         struct pollfd p = {.fd = s->lep, .events = POLLIN};
-        int ms = ms_until(deadline);
+        int ms = cp_ms_until(deadline);
         if (ms == 0)
             return -EAGAIN;
         if (real.poll(&p, 1, ms) < 0)

@@ -271,12 +271,6 @@ static int rejoin(struct cp_sock *s, struct circuit *ended)
 
 /* ---- data ------------------------------------------------------------------ */
 
-static int64_t udp_deadline(struct cp_sock *s, bool sending)
-{
-    int64_t t = s->timeo_ns[sending];
-    return t > 0 ? cp_now_ns() + t : CIRCUIT_FOREVER;
-}
-
 static int udp_flags(struct cp_sock *s, int flags)
 {
     return (flags & MSG_DONTWAIT) || __atomic_load_n(&s->nonblock, __ATOMIC_RELAXED)
@@ -320,7 +314,7 @@ static ssize_t take(struct cp_sock *s, struct circuit *c, const struct iovec *io
                     size_t room, int flags)
 {
     int cflags = udp_flags(s, flags);
-    int64_t deadline = udp_deadline(s, false);
+    int64_t deadline = cp_deadline(s, false);
     if (cnt == 1 && !(flags & MSG_PEEK)) /* the common case: one copy, one call */
         return circuit_recv(c, iov[0].iov_base, iov[0].iov_len, cflags, deadline);
     void *ptr;
@@ -367,7 +361,7 @@ static int lock_rx(struct cp_sock *s, int flags)
     else if (s->timeo_ns[0] <= 0)
         err = pthread_mutex_lock(&s->rx_lock);
     else {
-        int64_t d = udp_deadline(s, false);
+        int64_t d = cp_deadline(s, false);
         struct timespec ts = {.tv_sec = d / 1000000000LL, .tv_nsec = d % 1000000000LL};
         err = pthread_mutex_clocklock(&s->rx_lock, CLOCK_MONOTONIC, &ts);
     }
@@ -420,7 +414,7 @@ static ssize_t put(struct cp_sock *s, struct circuit *c, const struct iovec *iov
                    size_t total, int flags)
 {
     int cflags = udp_flags(s, flags);
-    int64_t deadline = udp_deadline(s, true);
+    int64_t deadline = cp_deadline(s, true);
     if (cnt <= 1) /* an empty datagram may have no buffer at all */
         return circuit_send(c, cnt ? iov[0].iov_base : NULL, total, cflags, deadline);
     void *ptr;

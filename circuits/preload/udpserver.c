@@ -320,7 +320,7 @@ static ssize_t look_locked(struct cp_sock *s, struct msghdr *msg, int flags,
 ssize_t cp_udp_server_recvmsg(struct cp_sock *s, struct msghdr *msg, int flags)
 {
     bool nonblock = (flags & MSG_DONTWAIT) || __atomic_load_n(&s->nonblock, __ATOMIC_RELAXED);
-    int64_t deadline = s->timeo_ns[0] > 0 ? cp_now_ns() + s->timeo_ns[0] : -1;
+    int64_t deadline = cp_deadline(s, false);
     for (;;) {
         struct cp_endpoint from;
         int lep;
@@ -334,10 +334,10 @@ ssize_t cp_udp_server_recvmsg(struct cp_sock *s, struct msghdr *msg, int flags)
         }
         if (n != -EAGAIN || nonblock)
             return n;
-        int64_t left = deadline < 0 ? -1 : (deadline - cp_now_ns()) / 1000000;
-        if (deadline >= 0 && left <= 0)
+        int ms = cp_ms_until(deadline);
+        if (ms == 0)
             return -EAGAIN; /* SO_RCVTIMEO ran out */
-        int err = nap(s, lep, (int)(left < 0 ? -1 : left > 1000 ? 1000 : left));
+        int err = nap(s, lep, ms > 1000 ? 1000 : ms); /* -1: no deadline */
         if (err)
             return err;
     }
