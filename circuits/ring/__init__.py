@@ -14,7 +14,7 @@ from circuits.ring._ring import ffi, lib
 from circuits.ring.endpoint import Circuit, CircuitSpec, Kind, ViewError
 
 __all__ = ["Circuit", "CircuitSpec", "Kind", "Made", "ViewError", "create", "endpoint_fds", "make",
-           "pair", "ring_end_alive", "MIN_RING", "MAX_RING", "DATA_OFFSET"]
+           "pair", "MIN_RING", "MAX_RING", "DATA_OFFSET"]
 
 MIN_RING: int = lib.CIRCUIT_MIN_RING
 MAX_RING: int = lib.CIRCUIT_MAX_RING
@@ -65,12 +65,6 @@ def make(spec: CircuitSpec) -> Made:
     if rc < 0:
         raise OSError(-rc, f"cannot create circuit {spec}: {os.strerror(-rc)}")
     return Made(m.memfd, (m.bell[0], m.bell[1]), (m.ring[0], m.ring[1]))
-
-
-def ring_end_alive(fd: int) -> bool:
-    """For a creator holding a duplicate of a side's self_bell: False once
-    that side is gone.  Never blocks; drains what the side rang itself with."""
-    return bool(lib.circuit_ring_end_alive(fd))
 
 
 def pair(kind: Kind = "stream", size: int = DEFAULT_RING,

@@ -36,7 +36,6 @@ int circuit_create(const struct circuit_params *p);
 int circuit_create_endpoints(const struct circuit_params *p, int side0[4], int side1[4]);
 struct circuit_made { int memfd; int bell[2]; int ring[2]; };
 int circuit_make(const struct circuit_params *p, struct circuit_made *m);
-int circuit_ring_end_alive(int fd);
 int circuit_attach(int memfd, const struct circuit_fds *fds,
                    const struct circuit_params *p, int side, struct circuit **out);
 void circuit_set_spin(struct circuit *c, uint32_t spin_ns);
