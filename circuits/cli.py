@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 from rich.console import Console
@@ -366,25 +367,34 @@ def bench_ring(rounds: int, quick: bool, sizes: tuple[int, ...], as_json: bool,
 
 @bench.command("setup")
 @click.option("--rounds", default=5, show_default=True, help="Rounds; figures are medians.")
-@click.option("--count", default=2000, show_default=True, help="Setups per round.")
+@click.option("--count", default=1000, show_default=True, help="Setups per client per run.")
+@click.option("--clients", default=4, show_default=True,
+              help="Client processes at once for the rate (the latency rows have one).")
+@click.option("--transport", "transports", multiple=True, type=click.Choice(["circuit", "preload", "tcp"]),
+              help="Only these transports (repeatable; default: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def bench_setup(rounds: int, count: int, as_json: bool) -> None:
+def bench_setup(rounds: int, count: int, clients: int, transports: tuple[str, ...],
+                as_json: bool) -> None:
     """Connection setups per second: through the operator vs TCP on loopback."""
     from rich.table import Table
 
     from circuits.bench import setup as setup_bench
 
-    figures = setup_bench.run(rounds=rounds, count=count)
+    figures = setup_bench.run(rounds=rounds, count=count, clients=clients,
+                              transports=transports or setup_bench.TRANSPORTS)
     out = setup_bench.as_json(figures)
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
-    table = Table(title="setup, 1-byte exchange, close (median of rounds)")
-    for col in ("transport", "setups/s", "p50", "p99"):
-        table.add_column(col, justify="left" if col == "transport" else "right")
+    table = Table(title="setups: connect, 1-byte exchange, close (medians of rounds)")
+    roles = ("operator", "client", "server")
+    for col in ("transport", "clients", "setups/s", "p50", "p99", *roles):
+        table.add_column(col if col not in roles else f"{col} CPU",
+                         justify="left" if col == "transport" else "right")
     for f in figures:
-        table.add_row(f.transport, f"{f.per_second:,.0f}", f"{f.p50_us:.0f} us", f"{f.p99_us:.0f} us")
-    console = Console()
+        table.add_row(f.transport, str(f.clients), f"{f.per_second:,.0f}", f"{f.p50_us:.0f} us",
+                      f"{f.p99_us:.0f} us", *(f"{f.cpu_us[r]:.0f} us" for r in roles))
+    console = Console(width=None if sys.stdout.isatty() else 110)  # a log keeps every column
     console.print(table)
     for name, value in out["ratios"].items():
         console.print(f"{name}: [bold]{value:.2f}[/bold]")

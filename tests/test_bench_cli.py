@@ -36,11 +36,18 @@ def test_example_two_processes_runs():
 
 def test_bench_setup_json():
     run = subprocess.run([sys.executable, "-m", "circuits.bench", "setup", "--rounds", "1",
-                          "--count", "50", "--json"], capture_output=True, text=True, timeout=120)
+                          "--count", "50", "--clients", "2", "--json"],
+                         capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
-    assert {f["transport"] for f in out["figures"]} == {"circuit", "tcp"}
-    assert all(f["per_second"] > 0 and f["p99_us"] >= f["p50_us"] for f in out["figures"])
+    seen = {(f["transport"], f["clients"]) for f in out["figures"]}
+    assert seen == {(t, k) for t in ("circuit", "preload", "tcp") for k in (1, 2)}
+    for f in out["figures"]:
+        assert f["per_second"] > 0 and f["p99_us"] >= f["p50_us"]
+        assert f["cpu_us"]["client"] > 0 and f["cpu_us"]["server"] > 0
+        # the operator works for every circuit setup, and for no TCP one
+        assert (f["cpu_us"]["operator"] > 0) == (f["transport"] != "tcp")
+    assert len(out["ratios"]) == 2
 
 
 def test_operator_demo_runs():
