@@ -84,21 +84,35 @@ class Control:
         unread: the connection is then closed, and the next request raises
         EOFError, which callers treat as the operator gone (they reconnect)."""
         with self._lock:
-            if self.sock.fileno() < 0:
-                raise EOFError("the control connection was closed")
-            msg = type(msg)(**{**msg.__dict__, "request": next(self._ids)})
-            try:
-                p.send(self.sock, msg)
-                reply, fds = _receive_soon(self.sock)
-            except BaseException:
-                self.close()
-                raise
+            return self.answer(self.ask(msg))
+
+    def ask(self, msg: p.Message) -> int:
+        """Send a request without waiting; its number, for answer().  Callers
+        that split a request so hold their own lock (a Listener does)."""
+        if self.sock.fileno() < 0:
+            raise EOFError("the control connection was closed")
+        request = next(self._ids)
+        try:
+            p.send(self.sock, msg, request=request)
+        except BaseException:
+            self.close()
+            raise
+        return request
+
+    def answer(self, request: int) -> tuple[p.Message, list[int]]:
+        """Wait for the reply to `request` (the next message: replies come in
+        order); an ERROR reply raises OSError."""
+        try:
+            reply, fds = _receive_soon(self.sock)
+        except BaseException:
+            self.close()
+            raise
         if isinstance(reply, p.Error):
             p.close_all(fds)
             raise OSError(reply.code, f"{os.strerror(reply.code)}: {reply.reason}")
-        if reply.request != msg.request:
+        if reply.request != request:
             p.close_all(fds)
-            raise p.ProtocolError(f"reply to request {reply.request}, expected {msg.request}")
+            raise p.ProtocolError(f"reply to request {reply.request}, expected {request}")
         return reply, fds
 
     def close(self) -> None:
@@ -175,28 +189,48 @@ def _forget(path: str | None) -> None:
 
 
 class Listener:
-    """A listening endpoint: accept() returns (Connection, peer address)."""
+    """A listening endpoint: accept() returns (Connection, peer address).
+
+    One ACCEPT is kept waiting at the operator once accept() was first
+    called, as a kernel listener has its accept queue: the next circuit is
+    handed over while the program sets up and serves the one it has (a
+    setup then needs no round trip of its own to the operator).  Circuits
+    handed over and never accepted end with the listener: their connectors
+    see a reset, as a kernel listener's unaccepted connections do."""
 
     def __init__(self, address: Address, backlog: int = 128, *, kind: str = "stream",
                  ring_size: int = 0, control: str | None = None):
         proto = p.TCP if kind == "stream" else p.UDP
         self.local = _endpoint(address, proto)
         self._listen = p.Listen(self.local, backlog, ring_size)
+        self._accept = p.Accept(self.local)
         self._closed = False
+        self._waiting: int | None = None  # the ACCEPT request waiting at the operator
+        self._lock = threading.Lock()  # accept() splits requests: one thread at a time
         self._control = Control(control)  # its own: an ACCEPT may wait long
         self._control.request(self._listen)
 
     def accept(self) -> tuple[Connection, Address]:
         """The next circuit to this endpoint.  If the operator goes away, wait
         for it to come back and listen again (circuits already set up go on)."""
-        while True:
-            try:
-                reply, fds = self._control.request(p.Accept(self.local))
-                break
+        with self._lock:
+            reply, fds = self._next()
+            try:  # the next one is asked for before this one is set up
+                self._waiting = self._control.ask(self._accept)
             except GONE:
-                self._listen_again()
+                pass  # the next accept() finds the operator gone, and listens again
         conn = _connection(reply, fds)
         return conn, conn.getpeername()
+
+    def _next(self) -> tuple[p.Message, list[int]]:
+        while True:
+            try:
+                if self._waiting is None:
+                    self._waiting = self._control.ask(self._accept)
+                request, self._waiting = self._waiting, None
+                return self._control.answer(request)
+            except GONE:
+                self._listen_again()
 
     def _listen_again(self) -> None:
         path, deadline = self._control.path, time.monotonic() + REREGISTER_FOR

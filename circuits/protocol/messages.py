@@ -420,8 +420,10 @@ def _reserved(*values: int) -> None:
         raise ProtocolError("reserved field is not zero")
 
 
-def encode(msg: Message, nfds: int = 0) -> bytes:
-    """The bytes of a message; ``nfds`` descriptors will travel with it."""
+def encode(msg: Message, nfds: int = 0, request: int | None = None) -> bytes:
+    """The bytes of a message; ``nfds`` descriptors will travel with it.
+    ``request`` numbers it instead of ``msg.request`` (a requester numbers
+    the requests it sends without making a new message for each)."""
     msg.check()
     if nfds not in msg.NFDS:
         raise ValueError(f"{type(msg).__name__} carries {msg.NFDS} descriptors, not {nfds}")
@@ -432,7 +434,8 @@ def encode(msg: Message, nfds: int = 0) -> bytes:
     length = HEADER.size + len(body)
     if length > MAX_MESSAGE:
         raise ValueError(f"message of {length} bytes exceeds {MAX_MESSAGE}")
-    return HEADER.pack(VERSION, msg.TYPE, length, msg.request, nfds, 0, 0) + body
+    rid = msg.request if request is None else request
+    return HEADER.pack(VERSION, msg.TYPE, length, rid, nfds, 0, 0) + body
 
 
 def decode(data: bytes, nfds: int = 0) -> Message:

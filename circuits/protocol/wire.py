@@ -15,9 +15,11 @@ _CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 _FDS_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
 
-def send(sock: socket.socket, msg: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
-    """Send one message, with its descriptors, as one packet."""
-    data = encode(msg, len(fds))
+def send(sock: socket.socket, msg: Message, fds: list[int] | tuple[int, ...] = (),
+         request: int | None = None) -> None:
+    """Send one message, with its descriptors, as one packet (numbered
+    ``request`` if given, see encode)."""
+    data = encode(msg, len(fds), request)
     if fds:
         socket.send_fds(sock, [data], list(fds))
     else:
