@@ -79,6 +79,22 @@ class Handler(socketserver.BaseRequestHandler):
         while data := s.recv(65536):
             s.sendall(data)
 
+    def echoend(self, s: socket.socket) -> None:
+        """Echo; print how the connection ended: "eof" (a FIN) or the error."""
+        try:
+            self.echo(s)
+            print("eof", flush=True)
+        except OSError as e:
+            print(type(e).__name__, flush=True)
+
+    def talk(self, s: socket.socket) -> None:
+        """Send until the peer stops it; print the error that did."""
+        try:
+            while True:
+                s.sendall(BLOCK)
+        except OSError as e:
+            print(type(e).__name__, flush=True)
+
     def reset(self, s: socket.socket) -> None:
         s.recv(100)
         s.sendall(BLOCK)

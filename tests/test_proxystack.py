@@ -181,6 +181,58 @@ def test_half_close_both_ways(world):
     assert greeter.stdout.readline().strip() == "read 300000"
 
 
+def _resets_sent(world) -> int:
+    """TCP resets sent from the host namespace, where the proxy stack's sockets are."""
+    rows = [line.split() for line in world.in_host("cat", "/proc/net/snmp").splitlines()
+            if line.startswith("Tcp:")]
+    return int(rows[1][rows[0].index("OutRsts")])
+
+
+@both_placements
+def test_a_guests_close_is_a_fin_not_a_reset(world):
+    """A guest that closes once its exchange is done, as a client or as a
+    server, ends the outside connection as a kernel socket's close does: a
+    FIN, and no reset, since nothing is left unread."""
+    echo = world.serve("echoend", 91)
+    before = _resets_sent(world)
+    for _ in range(10):
+        conn = connect(world, "web", 91)
+        conn.settimeout(10)
+        conn.sendall(b"ping")
+        assert conn.recv(100) == b"ping"
+        conn.close()
+        assert echo.stdout.readline().strip() == "eof"
+    with circuits.listen(("0.0.0.0", 80), control=world.control("web")) as lst:
+        client = world.in_outside([sys.executable, "-c", f"""
+import socket
+for _ in range(10):
+    s = socket.create_connection(("{HOST_IP}", {PUBLISHED}), timeout=10)
+    s.sendall(b"hi")
+    print(s.recv(100).decode(), repr(s.recv(100)), flush=True)
+"""])
+        for _ in range(10):
+            conn, _ = lst.accept()
+            conn.settimeout(10)
+            assert conn.recv(100) == b"hi"
+            conn.sendall(b"bye")
+            conn.close()
+            assert client.stdout.readline().strip() == "bye b''"
+        assert client.wait(10) == 0
+    time.sleep(0.2)  # a reset would go out as the proxy stack ends the connection
+    assert _resets_sent(world) == before
+
+
+def test_a_guests_close_with_data_still_coming_resets(world):
+    """Data that reaches a closed socket is answered with a reset, by the
+    kernel's TCP as here: the outside's sender learns the guest is gone."""
+    talker = world.serve("talk", 92)
+    conn = connect(world, "web", 92)
+    conn.settimeout(10)
+    assert conn.recv(100)
+    conn.close()
+    assert talker.stdout.readline().strip() in ("ConnectionResetError", "BrokenPipeError")
+
+
 def test_200_concurrent_egress_connections(world):
     world.serve("echo", 84)
     conns = [connect(world, "db", 84) for _ in range(200)]

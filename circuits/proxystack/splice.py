@@ -78,6 +78,11 @@ class Splice:
                 view = c.write_view(1)
             except BlockingIOError:
                 return CIRCUIT
+            except BrokenPipeError:
+                # The guest closed: nothing more is read for it.  The socket's
+                # close then does what a kernel socket's would: a FIN if nothing
+                # came unread, else (or for data that comes later) a reset.
+                return DONE
             n = _move(view, s.recv_into, c.commit, SOCK_READ)
             if isinstance(n, str):
                 return n
