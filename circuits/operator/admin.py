@@ -7,6 +7,7 @@ line (`circuits ctl` speaks it).  Only root may use it: the socket is mode
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 import json
 import logging
@@ -74,7 +75,10 @@ class AdminServer:
                 if uid != 0:
                     raise PermissionError("the admin socket is for root only")
                 line = await asyncio.wait_for(self._read_line(conn), CLIENT_TIMEOUT)
-                answer = {"ok": True, "result": self.handle(json.loads(line))}
+                result = self.handle(json.loads(line))
+                if inspect.isawaitable(result):  # an answer that waits for the proxy stack
+                    result = await result
+                answer = {"ok": True, "result": result}
             except Exception as e:  # an answer for every request, whatever went wrong
                 answer = {"ok": False, "error": f"{type(e).__name__}: {e}"}
             try:
@@ -101,7 +105,8 @@ class AdminServer:
             return {"config": op.config.path, "uptime_s": round(time.time() - op.started, 1),
                     "guests": len(op.config.guests), "connections": len(op.conns),
                     "listeners": len(op.listeners), "circuits": len(op.live_circuits()),
-                    "proxystack": self._proxystack(), "errors": guestnet.problems(op.guestnet)}
+                    "proxystack": self._proxystack(), "publish": self._publish(),
+                    "errors": guestnet.problems(op.guestnet) + self._publish_errors()}
         if cmd == "hosts":
             return hosts_file(op.config)
         if cmd == "guests":
@@ -114,7 +119,7 @@ class AdminServer:
             return {"allow": v.allow, "verdict": v.describe(), "to_guest": v.dest_guest}
         if cmd == "reload":
             try:
-                return op.reload()
+                return self._reloaded(op.reload())
             except ConfigError as e:
                 raise ValueError(f"reload refused, the running policy stays: {e}") from None
         if cmd == "stop-proxystack":
@@ -124,6 +129,27 @@ class AdminServer:
         if cmd == "metrics":
             return self.metrics()
         raise ValueError(f"unknown command {cmd!r}")
+
+    async def _reloaded(self, text: str) -> dict:
+        """The reload's answer, once the proxy stack has answered its new
+        publish table (at most PUBLISH_TIMEOUT seconds: ProxyLink.publish)."""
+        op = self.op
+        if op.supervisor is None:
+            return {"reloaded": text}
+        if op.table_sent is not None:
+            await asyncio.shield(op.table_sent)  # a client gone meanwhile leaves it be
+        return {"reloaded": text, "publish": self._publish(), "errors": self._publish_errors()}
+
+    def _publish(self) -> str:
+        op = self.op
+        if op.supervisor is None:
+            return "off"
+        if op.publishing is None:
+            return "no proxy stack connected: the next one to link gets the table"
+        return op.publishing.summary()
+
+    def _publish_errors(self) -> list[str]:
+        return self.op.publishing.errors() if self.op.publishing is not None else []
 
     def _proxystack(self) -> str:
         op = self.op

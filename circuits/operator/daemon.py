@@ -25,6 +25,7 @@ from circuits.operator import guests as guestnet
 from circuits.operator.config import PROXY_IDENTITY, Config, ConfigError, Guest, Limits, load
 from circuits.operator.policy import Policy
 from circuits.operator.proxy import ProxyLink, Supervisor
+from circuits.operator.published import PublishReport
 from circuits.operator.table import Record, Table
 from circuits.ring import DATA_OFFSET, CircuitSpec, Made, make
 
@@ -91,9 +92,13 @@ class GuestConn:
             return
         except p.ProtocolError as e:
             log.warning("guest %s: bad message: %s", self.guest.name, e)
-            self.reply(p.Error(e.errno, str(e), request=e.request))
+            self.refuse(e)
             return
         self.dispatch(msg, fds)
+
+    def refuse(self, e: p.ProtocolError) -> None:
+        """A bad message is answered ERROR (docs/protocol.md, section 5)."""
+        self.reply(p.Error(e.errno, str(e), request=e.request))
 
     def dispatch(self, msg: p.Message, fds: list[int]) -> None:
         handler = self.op.handlers.get(type(msg))
@@ -119,15 +124,25 @@ class GuestConn:
 
 
 class ProxyConn(GuestConn):
-    """The proxy stack's control connection: it answers our EGRESS requests
-    (OK, ERROR) and asks INGRESS; nothing else."""
+    """The proxy stack's control connection: it answers our EGRESS and
+    PUBLISH requests (OK, ERROR, PUBLISHED) and asks INGRESS; nothing else."""
+
+    REPLIES = frozenset(m.TYPE for m in (p.Ok, p.Error, p.Published))
 
     def __init__(self, op: Operator, guest: Guest, sock: socket.socket):
         super().__init__(op, guest, sock)
-        self.link = ProxyLink(sock)
+        self.link = ProxyLink(sock, op.loop)
+
+    def refuse(self, e: p.ProtocolError) -> None:
+        """A bad reply fails the request it answers (answering it would look
+        like a reply to the proxy stack's own request of that number)."""
+        if e.type in self.REPLIES:
+            self.link.answered(p.Error(e.errno, f"a bad reply: {e}", request=e.request))
+        else:
+            super().refuse(e)
 
     def dispatch(self, msg: p.Message, fds: list[int]) -> None:
-        if isinstance(msg, (p.Ok, p.Error)):
+        if isinstance(msg, (p.Ok, p.Error, p.Published)):
             p.close_all(fds)
             self.link.answered(msg)
         elif isinstance(msg, (p.Hello, p.Ingress)):
@@ -162,6 +177,8 @@ class Operator:
         self.guestnet = None  # namespaced guests and the host table, once started
         self.proxy: ProxyConn | None = None  # the proxy stack's connection, once it said HELLO
         self.supervisor: Supervisor | None = None
+        self.publishing: PublishReport | None = None  # the last table given to the proxy stack
+        self.table_sent: asyncio.Future | None = None  # its report, once answered
         self.handlers = {p.Hello: self.hello, p.Listen: self.listen, p.Unlisten: self.unlisten,
                          p.Connect: self.connect, p.Accept: self.accept, p.Close: self.close,
                          p.Ingress: self.ingress}
@@ -253,19 +270,23 @@ class Operator:
         if conn is self.proxy:
             self.proxy = None
             conn.link.fail_all("the proxy stack went away")
+            self.publishing = None  # what its next link serves is not known yet
         for key in conn.listeners:
             self.listeners.pop(key).drop()
         self.loop.remove_reader(conn.sock)
         conn.sock.close()
 
     def reload(self) -> str:
-        """Read the configuration again; a bad file keeps the running policy."""
+        """Read the configuration again; a bad file keeps the running policy
+        (and published ports).  A good one applies to every setup from now on,
+        and its publish table goes to the proxy stack (table_sent)."""
         try:
             config = load(self.config.path)
         except ConfigError as e:
             log.error("reload refused, keeping the running policy: %s", e)
             raise
         self.config, self.policy = config, Policy(config)
+        self.send_table()
         revoked = 0
         if config.revoke:
             for record in list(self.live_circuits().values()):
@@ -279,6 +300,25 @@ class Operator:
                     revoked += 1
         log.info("reloaded %s; %d circuits revoked", config.path, revoked)
         return f"reloaded {config.path}; {revoked} circuits revoked"
+
+    def send_table(self) -> None:
+        """Give the proxy stack the running configuration's publish table and
+        timeouts (it applies the difference); table_sent gets the report once
+        it answers.  With none connected, the next one to link gets it."""
+        self.table_sent = None
+        if self.proxy is None:
+            return
+        config, report = self.config, PublishReport(self.config.publish)
+        done = self.table_sent = self.loop.create_future()
+
+        def answered(reply: p.Message) -> None:
+            report.answered(reply)
+            if not done.done():
+                done.set_result(report)
+
+        self.publishing = report
+        self.proxy.link.publish(p.entries_of(config.publish), config.proxystack.udp_idle_timeout,
+                                config.proxystack.orphan_grace, answered)
 
     # -- requests -----------------------------------------------------------
 
@@ -294,6 +334,8 @@ class Operator:
             self.proxy = conn
             log.info("proxy stack: connected")
         conn.reply(p.Welcome(p.VERSION, conn.guest.name, request=msg.request))
+        if conn is self.proxy:
+            self.send_table()  # on every link: a fresh worker, an adopted one, the in-process one
 
     def _key(self, guest: str, ep: p.Endpoint) -> tuple:
         wildcard = ep.address.is_unspecified
