@@ -19,8 +19,10 @@ from proxystack_fixtures import (  # noqa: F401 - fixtures
     CONFIG, HOST_IP, OUTSIDE_IP, _world, both_placements, requires_netns)
 
 pytestmark = requires_netns
-# The fixtures' file (tcp and udp 8080 to web's 80 and 53), and tcp 8082 to web's 82.
-TEMPLATE = CONFIG + """
+# The fixtures' file (tcp and udp 8080 to web's 80 and 53), and tcp 8082 to web's 82;
+# UDP flows live 5 s without a datagram, so none ends by itself while a test runs.
+assert "udp_idle_timeout = 1\n" in CONFIG
+TEMPLATE = CONFIG.replace("udp_idle_timeout = 1\n", "udp_idle_timeout = 5\n") + """
 [[publish]]
 address = "{host_ip}"
 port = 8082
@@ -68,7 +70,7 @@ def listening_socket(world, proto: str, port: int) -> str | None:
 
 class Web:
     """Guest web's listeners; each answers "PORT PEER DATA": its own port, the
-    outside peer its accept showed, and what it got."""
+    outside peer its accept showed, and what it got ("bye": then it closes)."""
 
     def __init__(self, world):
         self.world, self.listeners = world, []
@@ -99,6 +101,8 @@ class Web:
             try:
                 while data := conn.recv(200):
                     conn.sendto(f"{port} {peer[0]}:{peer[1]} ".encode() + data, peer)
+                    if data == b"bye":  # then this guest ends the connection (or UDP flow)
+                        return
             except OSError:
                 pass
 
@@ -209,9 +213,11 @@ def test_a_reload_unpublishes_a_port_and_leaves_the_others_alone(world, web, out
     assert listening_socket(world, "tcp", 8082) == kept_socket  # the same socket, never rebound
     again = outside.open("tcp", "again", 8082)
     assert outside("say", "again", "f") == f"82 {again} f"
-    # A removed UDP port's socket carries its flows on until they end (udp_idle_timeout is
-    # 1 s here), then closes: the outside then gets the kernel's port unreachable.
+    # A removed UDP port's socket carries its flows on until they end (here: the guest
+    # closes it), then closes: the outside then gets the kernel's port unreachable.
     assert outside("say", "flow", "g") == f"53 {flow} g"
+    assert listening_socket(world, "udp", 8080) is not None
+    assert outside("say", "flow", "bye") == f"53 {flow} bye"
     deadline = time.monotonic() + 10
     while listening_socket(world, "udp", 8080) is not None:
         assert time.monotonic() < deadline, "the removed UDP port's socket stayed open"
@@ -325,15 +331,20 @@ def test_the_adopted_worker_serves_the_changed_file_after_an_operator_kill_9(wor
 
 def test_a_reload_gives_new_udp_flows_the_new_idle_timeout(world):
     world.serve("udp-echo", 53)
+    before = circuits.connect((OUTSIDE_IP, 53), kind="dgram", control=world.control("web"))
+    before.settimeout(10)
+    before.send(b"one")
+    assert before.recv(100).startswith(b"one|")  # a flow with the file's 5 s
     text = world.config.read_text()
-    assert "udp_idle_timeout = 1\n" in text
-    world.config.write_text(text.replace("udp_idle_timeout = 1\n", "udp_idle_timeout = 30\n"))
+    world.config.write_text(text.replace("udp_idle_timeout = 5\n", "udp_idle_timeout = 1\n"))
     reload(world, 3, 3)
-    conn = circuits.connect((OUTSIDE_IP, 53), kind="dgram", control=world.control("web"))
-    conn.settimeout(10)
-    conn.send(b"one")
-    assert conn.recv(100).startswith(b"one|")
-    time.sleep(1.5)  # past the old timeout of 1 s: under the new one the flow is open still
-    conn.send(b"two")
-    assert conn.recv(100).startswith(b"two|")
-    conn.close()
+    after = circuits.connect((OUTSIDE_IP, 53), kind="dgram", control=world.control("web"))
+    after.settimeout(10)
+    after.send(b"two")
+    assert after.recv(100).startswith(b"two|")
+    time.sleep(1.5)  # past the new timeout, well within the old one
+    assert after.recv(100) == b""  # the new flow was closed for idleness
+    before.send(b"three")  # the flow opened before the reload keeps its own timeout
+    assert before.recv(100).startswith(b"three|")
+    before.close()
+    after.close()
