@@ -5,9 +5,10 @@ operator starts, which connects back over its own control socket as the
 identity "proxystack" (or, with placement "operator", a service on the
 operator's own loop, linked by a socketpair).  The operator hands it egress
 circuits (EGRESS, whose reply decides the guest's CONNECT) and its publish
-table (PUBLISH, on every link and reload), and serves its INGRESS requests.  If it dies, the operator starts it again (at most
-`restarts` times a minute); while none is connected, egress is refused with
-ENETUNREACH.  A worker outlives the operator; the next operator adopts it.
+table (PUBLISH, on every link and reload), and serves its INGRESS requests.
+If it dies, the operator starts it again (at most `restarts` times a
+minute); while none is connected, egress is refused with ENETUNREACH.  A
+worker outlives the operator; the next operator adopts it.
 """
 from __future__ import annotations
 
@@ -50,9 +51,11 @@ class ProxyLink:
     def publish(self, table: tuple[p.PublishEntry, ...], udp_idle_timeout: float,
                 orphan_grace: float, on_done: Callable[[p.Message], None]) -> None:
         """Send a publish table, in as many PUBLISH parts as it takes; on_done
-        gets PUBLISHED, or an ERROR: the first part's refusal (EPROTO from a
-        proxy stack older than PUBLISH), ETIMEDOUT after PUBLISH_TIMEOUT
-        seconds (one so old it answers nothing), or the link's end."""
+        gets PUBLISHED, or an ERROR: the first refusal of a part (EPROTO from a
+        proxy stack older than PUBLISH), or the link's end.  With no answer
+        after PUBLISH_TIMEOUT seconds (a proxy stack so old it answers nothing,
+        or a stuck one) it gets ETIMEDOUT first, and the answer too if it
+        comes later."""
         refused: list[p.Message] = []
         asked: list[int] = []
 
@@ -65,8 +68,6 @@ class ProxyLink:
             on_done(refused[0] if refused else reply)
 
         def too_late() -> None:
-            for request in asked:
-                self.pending.pop(request, None)
             on_done(p.Error(errno.ETIMEDOUT, f"no answer in {PUBLISH_TIMEOUT:.0f} s"))
 
         timer = self.loop.call_later(PUBLISH_TIMEOUT, too_late)

@@ -50,13 +50,16 @@ class PublishReport:
         if isinstance(self.reply, p.Published):
             return f"{len(self.entries) - len(self.reply.failures)} of {len(self.entries)}" \
                    " published ports listening"
+        if self.reply.code == errno.ETIMEDOUT:
+            return "not known: the proxy stack has not answered"
         return "not applied; the proxy stack serves the ports it had"
 
     def errors(self) -> list[str]:
         """What is wrong, one line each: an entry that could not be bound, or
-        a table the proxy stack did not take."""
+        a table the proxy stack did not take (or has not answered)."""
         if isinstance(self.reply, p.Error):
-            return [f"the proxy stack did not take the publish table: {errno_text(self.reply.code)}"
+            how = "has not answered" if self.reply.code == errno.ETIMEDOUT else "did not take"
+            return [f"the proxy stack {how} the publish table: {errno_text(self.reply.code)}"
                     f" {self.reply.reason}".rstrip()]
         if not isinstance(self.reply, p.Published):
             return []
