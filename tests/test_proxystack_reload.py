@@ -242,6 +242,10 @@ def test_a_reload_points_a_port_at_another_guest_port_without_rebinding(world, w
 
 @both_placements
 def test_a_port_that_cannot_be_bound_is_reported_and_the_rest_applied(world, web, outside):
+    taken = re.compile(r"publish 4 \(line \d+\) tcp://198\.18\.0\.1:8084 -> web:84: cannot"
+                       r" listen: EADDRINUSE \(Address already in use\)")
+    absent = re.compile(r"publish 6 \(line \d+\) tcp://198\.18\.0\.99:8086 -> web:85: cannot"
+                        r" listen: EADDRNOTAVAIL")
     web.tcp(84)
     web.tcp(85)
     squatter = subprocess.Popen(["ip", "netns", "exec", world.host, sys.executable, "-c", f"""
@@ -256,10 +260,6 @@ sys.stdin.read()
                     ("tcp", "198.18.0.99", 8086, 85))  # not an address of the host namespace
         out = reload(world, 4, 6)
         assert out.returncode == 1, out
-        taken = re.compile(r"publish 4 \(line \d+\) tcp://198\.18\.0\.1:8084 -> web:84: cannot"
-                           r" listen: EADDRINUSE \(Address already in use\)")
-        absent = re.compile(r"publish 6 \(line \d+\) tcp://198\.18\.0\.99:8086 -> web:85: cannot"
-                            r" listen: EADDRNOTAVAIL")
         assert taken.search(out.stdout) and absent.search(out.stdout), out.stdout
         status = ctl(world, "status")
         assert status.returncode == 1 and taken.search(status.stdout), status.stdout

@@ -71,7 +71,7 @@ class ProxyLink:
             on_done(p.Error(errno.ETIMEDOUT, f"no answer in {PUBLISH_TIMEOUT:.0f} s"))
 
         timer = self.loop.call_later(PUBLISH_TIMEOUT, too_late)
-        msgs = p.parts(table, round(udp_idle_timeout * 1000), round(orphan_grace * 1000))
+        msgs = p.parts(table, _ms(udp_idle_timeout), _ms(orphan_grace))
         try:
             for msg in msgs:
                 asked.append(self._request(msg, (), last_done if msg.last else part_done))
@@ -101,6 +101,11 @@ class ProxyLink:
         pending, self.pending = self.pending, {}
         for on_done in pending.values():
             on_done(p.Error(errno.ENETUNREACH, reason))
+
+
+def _ms(seconds: float) -> int:
+    """Seconds as the protocol's milliseconds: 1 at least (the file allows any above 0)."""
+    return max(1, round(seconds * 1000))
 
 
 class Supervisor:
