@@ -83,7 +83,8 @@ def refuse_as_an_older_peer(sock: socket.socket) -> None:
     """Answer the operator's next PUBLISH as a peer that does not know the type."""
     msg, _ = p.receive(sock)
     assert isinstance(msg, p.Publish) and msg.total == 1 and msg.entries[0].guest == "web"
-    p.send(sock, p.Error(errno.EPROTO, f"unknown message type {p.Publish.TYPE}", request=msg.request))
+    p.send(sock, p.Error(errno.EPROTO, f"unknown message type {p.Publish.TYPE}",
+                         request=msg.request))
 
 
 def test_a_proxy_stack_older_than_publish_keeps_the_operator_working(config):
@@ -97,7 +98,8 @@ def test_a_proxy_stack_older_than_publish_keeps_the_operator_working(config):
         older = hello(str(config.parent / "run" / "proxystack.sock"))  # its HELLO is version 1
         refuse_as_an_older_peer(older)  # the table on its link
         wait_for(lambda: status(config)["publish"].startswith("not applied"))
-        assert "the proxy stack did not take the publish table: EPROTO" in status(config)["errors"][0]
+        (error,) = status(config)["errors"]
+        assert "the proxy stack did not take the publish table: EPROTO" in error
         reload = subprocess.Popen([sys.executable, "-m", "circuits", "ctl", "--config",
                                    str(config), "reload"], stdout=subprocess.PIPE, text=True)
         refuse_as_an_older_peer(older)  # the reload's table
@@ -112,7 +114,8 @@ def test_a_proxy_stack_older_than_publish_keeps_the_operator_working(config):
         start = time.monotonic()
         out = circuits_cmd("ctl", "--config", str(config), "reload")
         assert out.returncode == 1 and "publish: not known: the proxy stack has not answered" \
-            in out.stdout and "ETIMEDOUT (Connection timed out) no answer in 5 s" in out.stdout, out
+            in out.stdout and "ETIMEDOUT (Connection timed out) no answer in 5 s" \
+            in out.stdout, out
         assert time.monotonic() - start < 20  # bounded: the operator stopped waiting
         late, _ = p.receive(older)  # an answer that comes after all still counts
         assert isinstance(late, p.Publish)
