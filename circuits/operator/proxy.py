@@ -41,7 +41,8 @@ class ProxyLink:
 
     def __init__(self, sock, loop: asyncio.AbstractEventLoop) -> None:
         self.sock, self.loop = sock, loop
-        self.pending: dict[int, Callable[[p.Message], None]] = {}  # request -> its on_done
+        # request -> its on_done, the reply types it takes besides ERROR, and its name
+        self.pending: dict[int, tuple[Callable[[p.Message], None], tuple[type, ...], str]] = {}
         self._ids = 0
 
     def egress(self, msg: p.Egress, fds: list[int], on_done: Callable[[p.Message], None]) -> None:
@@ -65,6 +66,9 @@ class ProxyLink:
 
         def last_done(reply: p.Message) -> None:
             timer.cancel()
+            if isinstance(reply, p.Published) and not _names_entries_of(reply, table):
+                reply = p.Error(errno.EPROTO, "a bad reply: a PUBLISHED naming entries twice"
+                                f" or beyond the table's {len(table)}")
             on_done(refused[0] if refused else reply)
 
         def too_late() -> None:
@@ -74,33 +78,50 @@ class ProxyLink:
         msgs = p.parts(table, _ms(udp_idle_timeout), _ms(orphan_grace))
         try:
             for msg in msgs:
-                asked.append(self._request(msg, (), last_done if msg.last else part_done))
+                asked.append(self._request(msg, (), last_done, (p.Published,)) if msg.last
+                             else self._request(msg, (), part_done))
         except OSError as e:  # a stuck or gone proxy stack: the table is not applied
             timer.cancel()
             for request in asked:
                 self.pending.pop(request, None)
             on_done(p.Error(e.errno or errno.EIO, f"cannot send it: {e}"))
 
-    def _request(self, msg: p.Message, fds, on_done: Callable[[p.Message], None]) -> int:
+    def _request(self, msg: p.Message, fds, on_done: Callable[[p.Message], None],
+                 replies: tuple[type, ...] = (p.Ok,)) -> int:
+        """Send a request whose answer is ERROR or one of `replies`."""
         self._ids = self._ids % 0xFFFFFFFF + 1
         p.send(self.sock, msg, fds, request=self._ids)
-        self.pending[self._ids] = on_done
+        self.pending[self._ids] = (on_done, replies, type(msg).__name__.upper())
         return self._ids
 
     def answered(self, msg: p.Message) -> None:
-        """An OK, ERROR or PUBLISHED from the proxy stack: the reply to one of ours."""
-        on_done = self.pending.pop(msg.request, None)
-        if on_done is None:
+        """An OK, ERROR or PUBLISHED from the proxy stack: the reply to one of
+        ours.  A reply of a kind its request does not take (a PUBLISHED to an
+        EGRESS, an OK to a table's last part) fails that request with EPROTO."""
+        pending = self.pending.pop(msg.request, None)
+        if pending is None:
             log.warning("proxy stack: a reply to no request (%d)", msg.request)
             return
+        on_done, replies, asked = pending
+        if not isinstance(msg, (p.Error, *replies)):
+            reply = type(msg).__name__.upper()
+            log.error("proxy stack: a %s in answer to a %s (%d)", reply, asked, msg.request)
+            msg = p.Error(errno.EPROTO, f"a bad reply: a {reply} to a {asked}",
+                          request=msg.request)
         on_done(msg)
 
     def fail_all(self, reason: str) -> None:
         """The link is gone: every request waiting is answered ENETUNREACH
         (every waiting connect is refused)."""
         pending, self.pending = self.pending, {}
-        for on_done in pending.values():
+        for on_done, _, _ in pending.values():
             on_done(p.Error(errno.ENETUNREACH, reason))
+
+
+def _names_entries_of(reply: p.Published, table: tuple) -> bool:
+    """Whether each failure of a PUBLISHED is an entry of the table, once."""
+    indices = [index for index, _ in reply.failures]
+    return len(set(indices)) == len(indices) and all(i < len(table) for i in indices)
 
 
 def _ms(seconds: float) -> int:

@@ -1,0 +1,168 @@
+"""The operator's side of its link with the proxy stack, against a proxy stack played by
+the test: replies of the wrong kind, reloads that overlap, and what each EGRESS carries
+after a reload.  A real operator process; the test holds the worker's pidfile lock, so
+the operator adopts the test's stand-in instead of starting a worker.  No host socket
+is opened and nothing leaves the test's own Unix sockets."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from circuits import protocol as p
+from circuits.operator import child
+from circuits.operator.admin import request
+
+CONFIG = """
+[operator]
+control_dir = "{dir}"
+admin_socket = "{dir}/admin.sock"
+
+[proxystack]
+connect_timeout = 10
+
+[[guests]]
+name = "web"
+addresses = ["10.0.0.1"]
+mark = 0x10
+[guests.stack]
+keepalive = 60
+
+[[publish]]
+address = "127.0.0.1"
+port = 18080
+guest = "web"
+guest_port = 80
+
+[[rules]]
+from = "*"
+to = "external"
+action = "allow"
+"""
+
+
+class Stack:
+    """The proxy stack's end of its control socket, played by the test."""
+
+    def __init__(self, path: str):
+        deadline = time.monotonic() + 10
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            self.sock.settimeout(10)
+            try:
+                self.sock.connect(path)
+                break
+            except OSError:  # the operator serves it a moment after the guests' sockets
+                self.sock.close()
+                assert time.monotonic() < deadline, "no proxy stack control socket"
+                time.sleep(0.05)
+        p.send(self.sock, p.Hello(request=1))
+        assert isinstance(p.receive(self.sock)[0], p.Welcome)
+
+    def next(self, kind: type[p.Message]) -> tuple[p.Message, list[int]]:
+        msg, fds = p.receive(self.sock)
+        assert isinstance(msg, kind), msg
+        return msg, fds
+
+    def answer(self, msg: p.Message) -> None:
+        p.send(self.sock, msg)
+
+
+class Operator:
+    def __init__(self, root):
+        self.root, self.run = root, root / "run"
+        self.config = root / "link.toml"
+        self.config.write_text(CONFIG.format(dir=self.run))
+
+    def status(self) -> dict:
+        return request(str(self.run / "admin.sock"), "status")["result"]
+
+    def wait_status(self, key: str, value: str) -> dict:
+        deadline = time.monotonic() + 10
+        while (status := self._status()) is None or status[key] != value:
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        return status
+
+    def _status(self) -> dict | None:
+        try:
+            return self.status()
+        except OSError:  # the admin socket comes a moment after the control sockets
+            return None
+
+    def reload(self) -> subprocess.Popen:
+        """`circuits ctl reload`, under way: it answers once the table is answered."""
+        return subprocess.Popen([sys.executable, "-m", "circuits", "ctl", "--config",
+                                 str(self.config), "reload"], stdout=subprocess.PIPE, text=True)
+
+    def guest(self, name: str = "web") -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.settimeout(10)
+        sock.connect(str(self.run / f"{name}.sock"))
+        p.send(sock, p.Hello(request=1))
+        assert isinstance(p.receive(sock)[0], p.Welcome)
+        return sock
+
+
+@pytest.fixture
+def op(tmp_path):
+    """An operator that adopted the test's stand-in for a worker, and that stand-in."""
+    run = tmp_path / "run"
+    run.mkdir()
+    stand_in = subprocess.Popen(["sleep", "600"])  # the "worker" the operator watches
+    lock = os.open(run / "proxystack.pid", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    os.write(lock, str(stand_in.pid).encode())
+    operator = Operator(tmp_path)
+    proc = child.start(str(operator.config))
+    try:
+        operator.stack = Stack(str(run / "proxystack.sock"))
+        yield operator
+    finally:
+        child.stop(proc)
+        os.close(lock)
+        stand_in.kill()
+        stand_in.wait(10)
+
+
+def connect_outside(guest: socket.socket, request_id: int = 2) -> None:
+    p.send(guest, p.Connect(p.Endpoint.parse("192.0.2.1", 80), 0, request=request_id))
+
+
+def test_a_reply_of_the_wrong_kind_fails_its_request(op):
+    # OK is what a table's other parts get; its last part needs PUBLISHED.
+    table, _ = op.stack.next(p.Publish)
+    op.stack.answer(p.Ok(request=table.request))
+    status = op.wait_status("publish", "not applied; the proxy stack serves the ports it had")
+    assert any("EPROTO" in line for line in status["errors"]), status
+    # PUBLISHED to an EGRESS: the guest's CONNECT fails instead of waiting for ever.
+    guest = op.guest()
+    connect_outside(guest)
+    egress, fds = op.stack.next(p.Egress)
+    p.close_all(fds)
+    op.stack.answer(p.Published(request=egress.request))
+    reply, _ = p.receive(guest)
+    assert isinstance(reply, p.Error) and reply.code == errno.EPROTO, reply
+    # and the link still serves: the next EGRESS gets the stack's own answer
+    connect_outside(guest, 3)
+    egress, fds = op.stack.next(p.Egress)
+    p.close_all(fds)
+    op.stack.answer(p.Error(errno.ECONNREFUSED, "refused", request=egress.request))
+    reply, _ = p.receive(guest)
+    assert isinstance(reply, p.Error) and reply.code == errno.ECONNREFUSED, reply
+
+
+@pytest.mark.parametrize("failures", [((5, errno.EADDRINUSE),),  # the table has 1 entry
+                                      ((0, errno.EADDRINUSE), (0, errno.EADDRINUSE))])
+def test_a_published_that_names_no_entry_of_the_table_is_a_bad_reply(op, failures):
+    table, _ = op.stack.next(p.Publish)
+    op.stack.answer(p.Published(failures, request=table.request))
+    status = op.wait_status("publish", "not applied; the proxy stack serves the ports it had")
+    assert any("EPROTO" in line for line in status["errors"]), status
+
