@@ -166,3 +166,21 @@ def test_a_published_that_names_no_entry_of_the_table_is_a_bad_reply(op, failure
     status = op.wait_status("publish", "not applied; the proxy stack serves the ports it had")
     assert any("EPROTO" in line for line in status["errors"]), status
 
+
+def test_each_reload_answers_with_its_own_table(op):
+    table, _ = op.stack.next(p.Publish)
+    op.stack.answer(p.Published(request=table.request))
+    op.wait_status("publish", "1 of 1 published ports listening")
+    first = op.reload()
+    a, _ = op.stack.next(p.Publish)
+    second = op.reload()
+    b, _ = op.stack.next(p.Publish)  # a second reload before the first table is answered
+    op.stack.answer(p.Published(((0, errno.EADDRINUSE),), request=a.request))
+    out, _ = first.communicate(timeout=30)
+    assert first.returncode == 1, out
+    assert "publish: 0 of 1 published ports listening" in out
+    assert "cannot listen: EADDRINUSE" in out
+    op.stack.answer(p.Published(request=b.request))
+    out, _ = second.communicate(timeout=30)
+    assert second.returncode == 0 and "publish: 1 of 1 published ports listening" in out, out
+    assert op.status()["errors"] == []

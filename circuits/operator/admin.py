@@ -20,6 +20,7 @@ from circuits.operator import guests as guestnet
 from circuits.operator.config import ConfigError
 from circuits.operator.daemon import Operator
 from circuits.operator.hosts import hosts_file
+from circuits.operator.published import PublishReport
 
 log = logging.getLogger("circuits.operator")
 MAX_CLIENTS = 16  # admin connections served at once
@@ -105,8 +106,8 @@ class AdminServer:
             return {"config": op.config.path, "uptime_s": round(time.time() - op.started, 1),
                     "guests": len(op.config.guests), "connections": len(op.conns),
                     "listeners": len(op.listeners), "circuits": len(op.live_circuits()),
-                    "proxystack": self._proxystack(), "publish": self._publish(),
-                    "errors": guestnet.problems(op.guestnet) + self._publish_errors()}
+                    "proxystack": self._proxystack(), "publish": self._publish(op.publishing),
+                    "errors": guestnet.problems(op.guestnet) + self._publish_errors(op.publishing)}
         if cmd == "hosts":
             return hosts_file(op.config)
         if cmd == "guests":
@@ -119,9 +120,10 @@ class AdminServer:
             return {"allow": v.allow, "verdict": v.describe(), "to_guest": v.dest_guest}
         if cmd == "reload":
             try:
-                return self._reloaded(op.reload())
+                text = op.reload()
             except ConfigError as e:
                 raise ValueError(f"reload refused, the running policy stays: {e}") from None
+            return self._reloaded(text, op.table_sent)
         if cmd == "stop-proxystack":
             if op.supervisor is None:
                 raise ValueError("this operator runs no proxy stack")
@@ -130,26 +132,26 @@ class AdminServer:
             return self.metrics()
         raise ValueError(f"unknown command {cmd!r}")
 
-    async def _reloaded(self, text: str) -> dict:
-        """The reload's answer, once the proxy stack has answered its new
-        publish table (at most PUBLISH_TIMEOUT seconds: ProxyLink.publish)."""
-        op = self.op
-        if op.supervisor is None:
+    async def _reloaded(self, text: str, sent: asyncio.Future | None) -> dict:
+        """The reload's answer, once the proxy stack has answered this reload's
+        publish table (`sent`; at most PUBLISH_TIMEOUT seconds: ProxyLink.publish).
+        It tells of that table, whatever a later reload sent meanwhile."""
+        if self.op.supervisor is None:
             return {"reloaded": text}
-        if op.table_sent is not None:
-            await asyncio.shield(op.table_sent)  # a client gone meanwhile leaves it be
-        return {"reloaded": text, "publish": self._publish(), "errors": self._publish_errors()}
+        report = None if sent is None else await asyncio.shield(sent)  # a client gone: no matter
+        return {"reloaded": text, "publish": self._publish(report),
+                "errors": self._publish_errors(report)}
 
-    def _publish(self) -> str:
-        op = self.op
-        if op.supervisor is None:
+    def _publish(self, report: PublishReport | None) -> str:
+        if self.op.supervisor is None:
             return "off"
-        if op.publishing is None:
+        if report is None:
             return "no proxy stack connected: the next one to link gets the table"
-        return op.publishing.summary()
+        return report.summary()
 
-    def _publish_errors(self) -> list[str]:
-        return self.op.publishing.errors() if self.op.publishing is not None else []
+    @staticmethod
+    def _publish_errors(report: PublishReport | None) -> list[str]:
+        return report.errors() if report is not None else []
 
     def _proxystack(self) -> str:
         op = self.op

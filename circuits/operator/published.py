@@ -47,6 +47,8 @@ class PublishReport:
         """One line for `circuits ctl status` and the reload's answer."""
         if self.reply is None:
             return "given to the proxy stack, no answer yet"
+        if self._link_gone():
+            return "no proxy stack connected: the next one to link gets the table"
         if isinstance(self.reply, p.Published):
             return f"{len(self.entries) - len(self.reply.failures)} of {len(self.entries)}" \
                    " published ports listening"
@@ -57,6 +59,8 @@ class PublishReport:
     def errors(self) -> list[str]:
         """What is wrong, one line each: an entry that could not be bound, or
         a table the proxy stack did not take (or has not answered)."""
+        if self._link_gone():
+            return []  # not refused: the next proxy stack to link gets the table
         if isinstance(self.reply, p.Error):
             how = "has not answered" if self.reply.code == errno.ETIMEDOUT else "did not take"
             return [f"the proxy stack {how} the publish table: {errno_text(self.reply.code)}"
@@ -65,3 +69,7 @@ class PublishReport:
             return []
         return [f"{describe(i, self.entries[i])}: cannot listen: {errno_text(code)}"
                 for i, code in self.reply.failures if i < len(self.entries)]
+
+    def _link_gone(self) -> bool:
+        """Whether the link ended before an answer (ProxyLink.fail_all)."""
+        return isinstance(self.reply, p.Error) and self.reply.code == errno.ENETUNREACH
