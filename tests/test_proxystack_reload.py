@@ -348,3 +348,25 @@ def test_a_reload_gives_new_udp_flows_the_new_idle_timeout(world):
     assert before.recv(100).startswith(b"three|")
     before.close()
     after.close()
+
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_a_port_moves_to_an_overlapping_address_while_it_carries_a_connection(world, web, outside,
+                                                                               proto):
+    """198.18.0.1:8080 to 0.0.0.0:8080 (and web's port 84) while an outside peer uses it."""
+    old_port = 80 if proto == "tcp" else 53
+    getattr(web, proto)(old_port)
+    getattr(web, proto)(84)
+    old = outside.open(proto, "old", 8080)
+    assert outside("say", "old", "a") == f"{old_port} {old} a"
+    others = [e for e in FIRST if (e[0], e[2]) != (proto, 8080)]
+    set_publish(world, *others, (proto, "0.0.0.0", 8080, 84))
+    out = reload(world, 3, 3)
+    assert out.returncode == 0, out
+    new = outside.open(proto, "new", 8080)
+    assert outside("say", "new", "b") == f"84 {new} b"
+    if proto == "tcp":  # an established connection goes on with its guest port
+        assert outside("say", "old", "c") == f"80 {old} c"
+    else:  # the old socket made way: the peer's next datagram is a new flow, to port 84
+        assert outside("say", "old", "c") == f"84 {old} c"

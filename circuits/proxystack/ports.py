@@ -14,11 +14,14 @@ reload of nginx or haproxy adds and removes listeners:
   and the errno) and never stops the others.
 
 Retired ports close before new ones are bound, so a port can move between
-addresses that overlap (`0.0.0.0` and `198.18.0.1`, same port).
+addresses that overlap (`0.0.0.0` and `198.18.0.1`, same port); a retired UDP
+port still draining flows there closes when the new one needs its port, and
+its flows end (their peers' next datagrams reach the new one).
 """
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from typing import Awaitable, Callable
 
@@ -70,9 +73,27 @@ class Ports:
             return
         if entry.host.proto == p.TCP:
             self.open[entry.host] = PublishedTcp(self.loop, entry, self.hand_over, self.sockets)
-        else:
-            self.open[entry.host] = PublishedUdp(self.loop, entry, idle, self.ask_circuit,
-                                                 self.sockets)
+            return
+        try:
+            port = PublishedUdp(self.loop, entry, idle, self.ask_circuit, self.sockets)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE or not self._end_overlapping(entry.host):
+                raise
+            port = PublishedUdp(self.loop, entry, idle, self.ask_circuit, self.sockets)
+        self.open[entry.host] = port
+
+    def _end_overlapping(self, host: p.Endpoint) -> bool:
+        """A UDP port moving to an address that overlaps a retired one still
+        draining (`0.0.0.0` and `198.18.0.1`, same port): the retired socket
+        holds the port, so it closes now and its flows end.  Whether one did."""
+        clash = [port for other, port in self.draining.items()
+                 if other.port == host.port and _overlap(other.address, host.address)]
+        for port in clash:
+            log.info("unpublished %s: %s takes its port, its flows end", describe(port.entry),
+                     host)
+            del self.draining[port.entry.host]
+            port.close()
+        return bool(clash)
 
     def _revived(self, host: p.Endpoint) -> PublishedUdp | None:
         """A retired UDP port published again while its flows drain: its socket
@@ -106,3 +127,12 @@ class Ports:
         self.open, self.draining = {}, {}
         for port in ports:
             port.close()
+
+
+def _overlap(a, b) -> bool:
+    """Whether sockets bound to addresses a and b (one port) clash: the same
+    address, or a wildcard of its family (IPv6's also takes IPv4's)."""
+    if a == b:
+        return True
+    wild, other = (a, b) if a.is_unspecified else (b, a)
+    return wild.is_unspecified and (wild.version == other.version or wild.version == 6)
