@@ -184,3 +184,36 @@ def test_each_reload_answers_with_its_own_table(op):
     out, _ = second.communicate(timeout=30)
     assert second.returncode == 0 and "publish: 1 of 1 published ports listening" in out, out
     assert op.status()["errors"] == []
+
+
+def test_a_reload_gives_egress_the_new_stack_options_and_keeps_the_mark(op):
+    """[guests.stack] applies to the next connects; the mark is the one the host table
+    counts and limits by, set when the operator started: a reload keeps it."""
+    table, _ = op.stack.next(p.Publish)
+    op.stack.answer(p.Published(request=table.request))
+    guest = op.guest()
+
+    def egress(request_id: int) -> p.Egress:
+        connect_outside(guest, request_id)
+        msg, fds = op.stack.next(p.Egress)
+        p.close_all(fds)
+        op.stack.answer(p.Error(errno.ECONNREFUSED, "refused", request=msg.request))
+        assert isinstance(p.receive(guest)[0], p.Error)
+        return msg
+
+    before = egress(2)
+    assert (before.mark, before.keepalive, before.connect_timeout_ms) == (0x10, 60, 10_000)
+    op.config.write_text(op.config.read_text().replace("mark = 0x10", "mark = 0x20").replace(
+        "keepalive = 60", "keepalive = 30\nconnect_timeout = 3"))
+    reload = op.reload()
+    table, _ = op.stack.next(p.Publish)
+    op.stack.answer(p.Published(request=table.request))
+    out, _ = reload.communicate(timeout=30)
+    assert reload.returncode == 0, out
+    assert "the mark of guest web changes at the operator's next start (0x10 until then)" in out
+    after = egress(3)
+    assert (after.mark, after.keepalive, after.connect_timeout_ms) == (0x10, 30, 3_000)
+    again = op.guest()  # a control connection made after the reload: the same
+    guest.close()
+    guest = again
+    assert egress(2).mark == 0x10

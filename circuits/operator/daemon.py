@@ -158,6 +158,7 @@ class Operator:
 
     def __init__(self, config: Config):
         self.config = config
+        self.start_config = config  # what netns, mark, egress_rate and host_netns stay as
         self.policy = Policy(config)
         self.listeners: dict[tuple, Listener] = {}
         self.conns: set[GuestConn] = set()
@@ -299,7 +300,10 @@ class Operator:
                     record.revoke()
                     revoked += 1
         log.info("reloaded %s; %d circuits revoked", config.path, revoked)
-        return f"reloaded {config.path}; {revoked} circuits revoked"
+        later = _at_next_start(self.start_config, config)
+        for line in later:
+            log.warning("%s", line)
+        return "\n".join([f"reloaded {config.path}; {revoked} circuits revoked", *later])
 
     def send_table(self) -> None:
         """Give the proxy stack the running configuration's publish table and
@@ -449,7 +453,9 @@ class Operator:
 
     def _egress_message(self, guest: Guest, cid: int, kind: int, size: int, local: p.Endpoint,
                         remote: p.Endpoint) -> p.Egress:
-        stack = guest.stack
+        # The running file's stack options; but the mark is the one the host table
+        # counts and limits by, set up at start (guest: the start's, as its socket is).
+        stack = getattr(self.config.guests.get(guest.name), "stack", guest.stack)
         # A source address applies to the connections of its own family.
         address = stack.source if stack.source and stack.source.version == remote.address.version \
             else ipaddress.ip_address("::" if remote.address.version == 6 else "0.0.0.0")
@@ -624,3 +630,22 @@ def _open_audit(path: str):
         return None
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     return open(path, "a", buffering=1)
+
+
+def _at_next_start(start: Config, new: Config) -> list[str]:
+    """What a reload to `new` leaves as it was at start (docs/policy.md): one line each."""
+    lines = []
+    if new.host_netns != start.host_netns:
+        lines.append(f"host_netns changes at the operator's next start ({start.host_netns!r}"
+                     " until then)")
+    for name, guest in new.guests.items():
+        was = start.guests.get(name)
+        if was is None:
+            continue
+        for key, old, now in (("netns", was.netns, guest.netns), ("mark", was.mark, guest.mark),
+                              ("egress_rate", was.limits.egress_rate, guest.limits.egress_rate)):
+            if old != now:
+                shown = hex(old) if key == "mark" else old
+                lines.append(f"the {key} of guest {name} changes at the operator's next start"
+                             f" ({shown} until then)")
+    return lines
