@@ -130,6 +130,9 @@ BAD = [
      "[[publish]]\naddress = '198.18.0.2'\nport = 80\nguest = 'a'\n"
      "[[publish]]\naddress = '198.18.0.1'\nport = 80\nguest = 'a'\nguest_port = 81\n", 11,
      "publish 3: tcp 198.18.0.1 port 80 is published already (line 3)"),
+    ("[[guests]]\nname = 'a'\n" + "[[publish]]\naddress = '198.18.0.1'\nport = 80\nguest = 'a'\n"
+     "[[publish]]\naddress = '::ffff:198.18.0.1'\nport = 80\nguest = 'a'\n", 7,
+     "publish 2: tcp 198.18.0.1 port 80 is published already (line 3)"),  # the same, mapped
     ("[[guests]]\nname = 'a'\n" + "".join(
         f"[[publish]]\naddress = '198.18.0.1'\nport = {1 + i}\nguest = 'a'\n" for i in range(1001)),
      3 + 4 * 1000, "1001 [[publish]] entries: at most 1000"),

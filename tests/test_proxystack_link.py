@@ -1,10 +1,12 @@
 """The operator's side of its link with the proxy stack, against a proxy stack played by
 the test: replies of the wrong kind, reloads that overlap, and what each EGRESS carries
 after a reload.  A real operator process; the test holds the worker's pidfile lock, so
-the operator adopts the test's stand-in instead of starting a worker.  No host socket
-is opened and nothing leaves the test's own Unix sockets."""
+the operator adopts the test's stand-in instead of starting a worker.  Nothing leaves the
+test's own Unix sockets, but for the last test, of the proxy stack's side of a table
+(one socket on 127.0.0.1)."""
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import os
@@ -18,6 +20,8 @@ import pytest
 from circuits import protocol as p
 from circuits.operator import child
 from circuits.operator.admin import request
+from circuits.proxystack.ports import Ports
+from circuits.proxystack.sockets import PLAIN
 
 CONFIG = """
 [operator]
@@ -217,3 +221,21 @@ def test_a_reload_gives_egress_the_new_stack_options_and_keeps_the_mark(op):
     guest.close()
     guest = again
     assert egress(2).mark == 0x10
+
+
+def test_a_table_that_names_a_host_twice_serves_the_first_and_reports_the_second():
+    """The proxy stack's side, for an operator that breaks section 4.7 (its own check
+    refuses such a file): the count of listening ports stays true."""
+    loop = asyncio.new_event_loop()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        host = p.Endpoint.parse("127.0.0.1", probe.getsockname()[1])
+    ports = Ports(loop, PLAIN, None, None)
+    try:
+        failures = ports.apply((p.PublishEntry(host, 80, "web"), p.PublishEntry(host, 81, "db")),
+                               1.0)
+        assert [(i, e.errno) for i, e in failures] == [(1, errno.EADDRINUSE)]
+        assert list(ports.open) == [host] and ports.open[host].entry.guest == "web"
+    finally:
+        ports.close()
+        loop.close()

@@ -303,6 +303,8 @@ class _Checker:
             address = ipaddress.ip_address(e["address"])
         except ValueError:
             self.fail(at("address"), f"publish {i + 1}: {e['address']!r} is not an IP address")
+        if address.version == 6 and address.ipv4_mapped:  # the IPv4 address it maps, as on
+            address = address.ipv4_mapped  # the wire: it may be published once, not twice
         port, guest_port = e["port"], e.get("guest_port", e["port"])
         for key, v in (("port", port), ("guest_port", guest_port)):
             if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 65535:

@@ -51,10 +51,17 @@ class Ports:
         """Serve exactly `entries` from now on (UDP flows opened from now on
         get `idle`); the entries that could not be bound, by index."""
         self.applied = True
-        wanted = {entry.host: (i, entry) for i, entry in enumerate(entries)}
+        wanted: dict[p.Endpoint, tuple[int, p.PublishEntry]] = {}
+        failures = []
+        for i, entry in enumerate(entries):
+            if entry.host in wanted:  # an operator's bug: the first one is served
+                log.error("cannot publish %s: %s is in the table already", describe(entry),
+                          entry.host)
+                failures.append((i, OSError(errno.EADDRINUSE, "published twice")))
+            else:
+                wanted[entry.host] = (i, entry)
         for host in [h for h in self.open if h not in wanted]:
             self._retire(host)
-        failures = []
         for i, entry in wanted.values():
             try:
                 self._publish(entry, idle)
