@@ -80,7 +80,9 @@ def hello(path: str) -> socket.socket:
 
 
 def refuse_as_an_older_peer(sock: socket.socket) -> None:
-    """Answer the operator's next PUBLISH as a peer that does not know the type."""
+    """Answer the operator's next PUBLISH as a peer that does not know the type and
+    refuses it, as section 2 asks (the proxy stack from before PUBLISH answered nothing:
+    below)."""
     msg, _ = p.receive(sock)
     assert isinstance(msg, p.Publish) and msg.total == 1 and msg.entries[0].guest == "web"
     p.send(sock, p.Error(errno.EPROTO, f"unknown message type {p.Publish.TYPE}",
@@ -109,8 +111,9 @@ def test_a_proxy_stack_older_than_publish_keeps_the_operator_working(config):
         assert "error: the proxy stack did not take the publish table: EPROTO" in out
         assert status(config)["proxystack"].startswith("connected")  # the link stays
 
-        # One so old that it answers a message it does not know with nothing at all
-        # (or one stuck for a while): the reload's answer does not wait for ever.
+        # The proxy stack from before PUBLISH answers a message it does not know with
+        # nothing at all (so does one stuck for a while): the reload's answer does not wait
+        # for ever.
         start = time.monotonic()
         out = circuits_cmd("ctl", "--config", str(config), "reload")
         assert out.returncode == 1 and "publish: not known: the proxy stack has not answered" \
