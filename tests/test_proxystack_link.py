@@ -1,9 +1,10 @@
-"""The operator's side of its link with the proxy stack, against a proxy stack played by
-the test: replies of the wrong kind, reloads that overlap, and what each EGRESS carries
-after a reload.  A real operator process; the test holds the worker's pidfile lock, so
-the operator adopts the test's stand-in instead of starting a worker.  Nothing leaves the
-test's own Unix sockets, but for the last test, of the proxy stack's side of a table
-(one socket on 127.0.0.1)."""
+"""The link between the operator and the proxy stack, one end at a time.  The operator's
+end against a proxy stack played by the test: replies of the wrong kind, reloads that
+overlap, what each EGRESS carries after a reload.  A real operator process; the test
+holds the worker's pidfile lock, so the operator adopts the test's stand-in instead of
+starting a worker.  Then the proxy stack's end (its Link and Ports, on the test's own
+loop) against an operator that breaks the protocol.  Nothing leaves the test's own Unix
+sockets but one socket bound on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
@@ -20,6 +21,7 @@ import pytest
 from circuits import protocol as p
 from circuits.operator import child
 from circuits.operator.admin import request
+from circuits.proxystack.link import Link
 from circuits.proxystack.ports import Ports
 from circuits.proxystack.sockets import PLAIN
 
@@ -238,4 +240,32 @@ def test_a_table_that_names_a_host_twice_serves_the_first_and_reports_the_second
         assert list(ports.open) == [host] and ports.open[host].entry.guest == "web"
     finally:
         ports.close()
+        loop.close()
+
+
+def test_the_proxy_stack_does_not_answer_a_bad_reply():
+    """A bad PUBLISHED (or any bad reply) on the proxy stack's link fails the request it
+    names, if any, and is not answered: an ERROR would read as the reply to the
+    operator's own request of that number (docs/protocol.md, section 5)."""
+    loop = asyncio.new_event_loop()
+    ours, operator = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    operator.settimeout(5)
+    link = Link(loop, ours, lambda msg, fds: None, lambda table: None)
+    try:
+        hello = loop.create_task(link.hello())
+        loop.run_until_complete(asyncio.sleep(0))
+        msg, _ = p.receive(operator)
+        p.send(operator, p.Welcome(p.VERSION, "proxystack", request=msg.request))
+        loop.run_until_complete(hello)
+        bad = bytearray(p.encode(p.Published(((0, errno.EADDRINUSE),)), request=7))
+        bad[16] = 2  # `failed` says 2, one follows
+        operator.send(bytes(bad))
+        loop.run_until_complete(asyncio.sleep(0.1))
+        operator.setblocking(False)
+        with pytest.raises(BlockingIOError):  # nothing came back
+            operator.recv(4096)
+        assert not link.gone.done()
+    finally:
+        link.close()
+        operator.close()
         loop.close()

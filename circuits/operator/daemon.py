@@ -127,8 +127,6 @@ class ProxyConn(GuestConn):
     """The proxy stack's control connection: it answers our EGRESS and
     PUBLISH requests (OK, ERROR, PUBLISHED) and asks INGRESS; nothing else."""
 
-    REPLIES = frozenset(m.TYPE for m in (p.Ok, p.Error, p.Published))
-
     def __init__(self, op: Operator, guest: Guest, sock: socket.socket):
         super().__init__(op, guest, sock)
         self.link = ProxyLink(sock, op.loop)
@@ -136,7 +134,7 @@ class ProxyConn(GuestConn):
     def refuse(self, e: p.ProtocolError) -> None:
         """A bad reply fails the request it answers (answering it would look
         like a reply to the proxy stack's own request of that number)."""
-        if e.type in self.REPLIES:
+        if e.type in p.REPLIES:
             self.link.answered(p.Error(e.errno, f"a bad reply: {e}", request=e.request))
         else:
             super().refuse(e)

@@ -534,6 +534,10 @@ class Published(Message):
 TYPES: dict[int, type[Message]] = {m.TYPE: m for m in (
     Hello, Welcome, Listen, Unlisten, Connect, Circuit, Close, Ok, Error, Accept, Egress,
     Ingress, Publish, Published)}
+# The replies (docs/protocol.md, section 5): on the proxy stack's socket, where both
+# sides make requests, a bad one fails its receiver's own request instead of being
+# answered (an answer would read as a reply to the other side's request of that number).
+REPLIES = frozenset(m.TYPE for m in (Welcome, Circuit, Ok, Error, Published))
 
 
 def _reserved(*values: int) -> None:

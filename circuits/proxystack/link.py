@@ -22,8 +22,6 @@ log = logging.getLogger("circuits.proxystack")
 
 
 RETRY_FIRST, RETRY_MAX = 0.02, 0.25  # seconds between attempts to reach an operator
-# Replies to our own requests: a bad one fails that request, and is not answered.
-REPLIES = frozenset(m.TYPE for m in (p.Welcome, p.Circuit, p.Ok, p.Error))
 
 
 class OperatorGone(Exception):
@@ -110,7 +108,7 @@ class Link:
     def _refuse(self, e: p.ProtocolError) -> None:
         """A bad reply fails the request it answers; anything else (a request,
         a type we do not know) is answered ERROR EPROTO (docs/protocol.md 5)."""
-        if e.type in REPLIES:
+        if e.type in p.REPLIES:
             future = self.waiting.pop(e.request, None)
             if future is not None and not future.done():
                 future.set_result((p.Error(e.errno, f"a bad reply: {e}"), []))
