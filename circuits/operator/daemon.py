@@ -451,8 +451,8 @@ class Operator:
 
     def _egress_message(self, guest: Guest, cid: int, kind: int, size: int, local: p.Endpoint,
                         remote: p.Endpoint) -> p.Egress:
-        # The running file's stack options; but the mark is the one the host table
-        # counts and limits by, set up at start (guest: the start's, as its socket is).
+        # The running file's stack options, but the start's mark (`guest` is the one
+        # its control socket was served as at start): the host table counts by it.
         stack = getattr(self.config.guests.get(guest.name), "stack", guest.stack)
         # A source address applies to the connections of its own family.
         address = stack.source if stack.source and stack.source.version == remote.address.version \
