@@ -307,8 +307,17 @@ def ctl_check(ctx: click.Context, source: str, dest: str, port: int, proto: str)
 @ctl.command("reload")
 @click.pass_context
 def ctl_reload(ctx: click.Context) -> None:
-    """Read the configuration again (a bad file keeps the running policy)."""
-    click.echo(_ask(ctx, "reload"))
+    """Read the configuration again (a bad file keeps the running policy and
+    published ports); exit 1 if a published port could not be bound."""
+    answer = _ask(ctx, "reload")
+    if isinstance(answer, str):  # an operator from before publish tables
+        answer = {"reloaded": answer}
+    errors = answer.pop("errors", [])
+    for key, value in answer.items():
+        click.echo(value if key == "reloaded" else f"{key}: {value}")
+    for error in errors:
+        click.echo(f"error: {error}")
+    ctx.exit(1 if errors else 0)
 
 
 @ctl.command("stop-proxystack")

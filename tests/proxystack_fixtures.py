@@ -113,6 +113,7 @@ class World:
         self.pidfile = str(self.dir / "proxystack.pid")
         self.proc: subprocess.Popen | None = None
         self.servers: list[subprocess.Popen] = []
+        self.log: Path | None = None  # set: the operator's stderr (and its worker's) go there
 
     def control(self, guest: str) -> str:
         return str(self.dir / f"{guest}.sock")
@@ -132,7 +133,11 @@ class World:
         sh("ip", "-n", self.host, "addr", "add", f"{SOURCE_IP}/24", "dev", host_if)
 
     def start(self) -> None:
-        self.proc = child.start(str(self.config))
+        if self.log is None:
+            self.proc = child.start(str(self.config))
+        else:
+            with open(self.log, "a") as log:
+                self.proc = child.start(str(self.config), stderr=log)
         self.wait_proxystack()
         if self.placement == "operator":  # the same service, in the operator's own process
             assert self.status()["proxystack"] == f"connected, in the operator, pid {self.proc.pid}"
@@ -190,8 +195,9 @@ class World:
         assert left is None, f"a proxy stack worker is left behind: pid {left}"
 
 
-def _world(root: Path, **kw):
+def _world(root: Path, log: bool = False, **kw):
     w = World(root, **kw)
+    w.log = root / "operator.log" if log else None
     try:
         w.make_network()
         w.start()

@@ -126,6 +126,16 @@ BAD = [
     ("[[guests]]\nname = 'a'\n[[publish]]\naddress = '198.18.0.1'\nport = 80\nguest = 'a'\n"
      "proto = 'sctp'\n", 7, "proto must be"),
     ("[[publish]]\nport = 80\n", 1, "has no 'address'"),
+    ("[[guests]]\nname = 'a'\n" + "[[publish]]\naddress = '198.18.0.1'\nport = 80\nguest = 'a'\n"
+     "[[publish]]\naddress = '198.18.0.2'\nport = 80\nguest = 'a'\n"
+     "[[publish]]\naddress = '198.18.0.1'\nport = 80\nguest = 'a'\nguest_port = 81\n", 11,
+     "publish 3: tcp 198.18.0.1 port 80 is published already (line 3)"),
+    ("[[guests]]\nname = 'a'\n" + "[[publish]]\naddress = '198.18.0.1'\nport = 80\nguest = 'a'\n"
+     "[[publish]]\naddress = '::ffff:198.18.0.1'\nport = 80\nguest = 'a'\n", 7,
+     "publish 2: tcp 198.18.0.1 port 80 is published already (line 3)"),  # the same, mapped
+    ("[[guests]]\nname = 'a'\n" + "".join(
+        f"[[publish]]\naddress = '198.18.0.1'\nport = {1 + i}\nguest = 'a'\n" for i in range(1001)),
+     3 + 4 * 1000, "1001 [[publish]] entries: at most 1000"),
 ]
 
 
@@ -158,6 +168,10 @@ guest_port = 80
     assert (str(pub.address), pub.port, pub.proto, pub.guest, pub.guest_port) == \
         ("198.18.0.1", 8080, "tcp", "b", 80)
     assert cfg.proxystack.enabled  # a published port needs one
+    udp = parse("[[guests]]\nname = 'a'\n" + "".join(  # a port for TCP and one for UDP
+        f"[[publish]]\naddress = '198.18.0.1'\nport = 80\nproto = '{proto}'\nguest = 'a'\n"
+        for proto in ("tcp", "udp"))).publish
+    assert [e.proto for e in udp] == ["tcp", "udp"]
     assert cfg.proxystack.control == "/run/x/proxystack.sock"
     assert cfg.proxystack.pidfile == "/run/x/proxystack.pid"
     assert cfg.proxystack.placement == "worker"

@@ -7,6 +7,7 @@ line (`circuits ctl` speaks it).  Only root may use it: the socket is mode
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 import json
 import logging
@@ -19,6 +20,7 @@ from circuits.operator import guests as guestnet
 from circuits.operator.config import ConfigError
 from circuits.operator.daemon import Operator
 from circuits.operator.hosts import hosts_file
+from circuits.operator.published import PublishReport
 
 log = logging.getLogger("circuits.operator")
 MAX_CLIENTS = 16  # admin connections served at once
@@ -74,7 +76,10 @@ class AdminServer:
                 if uid != 0:
                     raise PermissionError("the admin socket is for root only")
                 line = await asyncio.wait_for(self._read_line(conn), CLIENT_TIMEOUT)
-                answer = {"ok": True, "result": self.handle(json.loads(line))}
+                result = self.handle(json.loads(line))
+                if inspect.isawaitable(result):  # an answer that waits for the proxy stack
+                    result = await result
+                answer = {"ok": True, "result": result}
             except Exception as e:  # an answer for every request, whatever went wrong
                 answer = {"ok": False, "error": f"{type(e).__name__}: {e}"}
             try:
@@ -101,7 +106,8 @@ class AdminServer:
             return {"config": op.config.path, "uptime_s": round(time.time() - op.started, 1),
                     "guests": len(op.config.guests), "connections": len(op.conns),
                     "listeners": len(op.listeners), "circuits": len(op.live_circuits()),
-                    "proxystack": self._proxystack(), "errors": guestnet.problems(op.guestnet)}
+                    "proxystack": self._proxystack(), "publish": self._publish(op.publishing),
+                    "errors": guestnet.problems(op.guestnet) + self._publish_errors(op.publishing)}
         if cmd == "hosts":
             return hosts_file(op.config)
         if cmd == "guests":
@@ -114,9 +120,10 @@ class AdminServer:
             return {"allow": v.allow, "verdict": v.describe(), "to_guest": v.dest_guest}
         if cmd == "reload":
             try:
-                return op.reload()
+                text = op.reload()
             except ConfigError as e:
                 raise ValueError(f"reload refused, the running policy stays: {e}") from None
+            return self._reloaded(text, op.table_sent)
         if cmd == "stop-proxystack":
             if op.supervisor is None:
                 raise ValueError("this operator runs no proxy stack")
@@ -124,6 +131,27 @@ class AdminServer:
         if cmd == "metrics":
             return self.metrics()
         raise ValueError(f"unknown command {cmd!r}")
+
+    async def _reloaded(self, text: str, sent: asyncio.Future | None) -> dict:
+        """The reload's answer, once the proxy stack has answered this reload's
+        publish table (`sent`; at most PUBLISH_TIMEOUT seconds: ProxyLink.publish).
+        It tells of that table, whatever a later reload sent meanwhile."""
+        if self.op.supervisor is None:
+            return {"reloaded": text}
+        report = None if sent is None else await asyncio.shield(sent)  # a client gone: no matter
+        return {"reloaded": text, "publish": self._publish(report),
+                "errors": self._publish_errors(report)}
+
+    def _publish(self, report: PublishReport | None) -> str:
+        if self.op.supervisor is None:
+            return "off"
+        if report is None:
+            return "no proxy stack connected: the next one to link gets the table"
+        return report.summary()
+
+    @staticmethod
+    def _publish_errors(report: PublishReport | None) -> list[str]:
+        return report.errors() if report is not None else []
 
     def _proxystack(self) -> str:
         op = self.op

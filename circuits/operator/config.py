@@ -13,6 +13,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from circuits.protocol.messages import MAX_PUBLISH  # what one PUBLISHED can report on
+
 DEFAULT_CONTROL_DIR = "/run/circuits/guests"
 DEFAULT_ADMIN_SOCKET = "/run/circuits/admin.sock"
 DEFAULT_RING = 1 << 20
@@ -240,7 +242,7 @@ class _Checker:
         if not isinstance(host_netns, str) or "/" in host_netns or host_netns in (".", ".."):
             self.fail(self.lines.of("operator", 0, "host_netns"),
                       f"host_netns must be a network namespace's name, not {host_netns!r}")
-        publish = tuple(self.publish(i, e, guests) for i, e in enumerate(data.get("publish", [])))
+        publish = self.publish_table(data.get("publish", []), guests)
         proxy = self.proxystack(data.get("proxystack"), control_dir, bool(publish))
         return Config(self.path, default == "allow", ring, control_dir,
                       op.get("admin_socket", DEFAULT_ADMIN_SOCKET), op.get("audit_log", ""),
@@ -276,6 +278,21 @@ class _Checker:
             self.fail(line, f"{what} must be seconds, above 0 and at most 3600, not {value!r}")
         return float(value)
 
+    def publish_table(self, items: list, guests: dict[str, Guest]) -> tuple[Publish, ...]:
+        """[[publish]]: at most MAX_PUBLISH entries, each host port once."""
+        if len(items) > MAX_PUBLISH:
+            self.fail(self.lines.of("publish", MAX_PUBLISH), f"{len(items)} [[publish]] entries:"
+                      f" at most {MAX_PUBLISH}")
+        table: dict[tuple, Publish] = {}
+        for i, e in enumerate(items):
+            entry = self.publish(i, e, guests)
+            key = (entry.proto, entry.address, entry.port)
+            if key in table:
+                self.fail(entry.line, f"publish {i + 1}: {entry.proto} {entry.address} port"
+                          f" {entry.port} is published already (line {table[key].line})")
+            table[key] = entry
+        return tuple(table.values())
+
     def publish(self, i: int, e: dict, guests: dict[str, Guest]) -> Publish:
         at = lambda key=None: self.lines.of("publish", i, key)  # noqa: E731
         self.only(e, {"address", "port", "proto", "guest", "guest_port"}, "publish", i)
@@ -286,6 +303,8 @@ class _Checker:
             address = ipaddress.ip_address(e["address"])
         except ValueError:
             self.fail(at("address"), f"publish {i + 1}: {e['address']!r} is not an IP address")
+        if address.version == 6 and address.ipv4_mapped:  # the IPv4 address it maps, as on
+            address = address.ipv4_mapped  # the wire: it may be published once, not twice
         port, guest_port = e["port"], e.get("guest_port", e["port"])
         for key, v in (("port", port), ("guest_port", guest_port)):
             if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 65535:

@@ -25,6 +25,7 @@ from circuits.operator import guests as guestnet
 from circuits.operator.config import PROXY_IDENTITY, Config, ConfigError, Guest, Limits, load
 from circuits.operator.policy import Policy
 from circuits.operator.proxy import ProxyLink, Supervisor
+from circuits.operator.published import PublishReport
 from circuits.operator.table import Record, Table
 from circuits.ring import DATA_OFFSET, CircuitSpec, Made, make
 
@@ -91,9 +92,13 @@ class GuestConn:
             return
         except p.ProtocolError as e:
             log.warning("guest %s: bad message: %s", self.guest.name, e)
-            self.reply(p.Error(e.errno, str(e), request=e.request))
+            self.refuse(e)
             return
         self.dispatch(msg, fds)
+
+    def refuse(self, e: p.ProtocolError) -> None:
+        """A bad message is answered ERROR (docs/protocol.md, section 5)."""
+        self.reply(p.Error(e.errno, str(e), request=e.request))
 
     def dispatch(self, msg: p.Message, fds: list[int]) -> None:
         handler = self.op.handlers.get(type(msg))
@@ -119,15 +124,23 @@ class GuestConn:
 
 
 class ProxyConn(GuestConn):
-    """The proxy stack's control connection: it answers our EGRESS requests
-    (OK, ERROR) and asks INGRESS; nothing else."""
+    """The proxy stack's control connection: it answers our EGRESS and
+    PUBLISH requests (OK, ERROR, PUBLISHED) and asks INGRESS; nothing else."""
 
     def __init__(self, op: Operator, guest: Guest, sock: socket.socket):
         super().__init__(op, guest, sock)
-        self.link = ProxyLink(sock)
+        self.link = ProxyLink(sock, op.loop)
+
+    def refuse(self, e: p.ProtocolError) -> None:
+        """A bad reply fails the request it answers (answering it would look
+        like a reply to the proxy stack's own request of that number)."""
+        if e.type in p.REPLIES:
+            self.link.answered(p.Error(e.errno, f"a bad reply: {e}", request=e.request))
+        else:
+            super().refuse(e)
 
     def dispatch(self, msg: p.Message, fds: list[int]) -> None:
-        if isinstance(msg, (p.Ok, p.Error)):
+        if isinstance(msg, (p.Ok, p.Error, p.Published)):
             p.close_all(fds)
             self.link.answered(msg)
         elif isinstance(msg, (p.Hello, p.Ingress)):
@@ -143,6 +156,7 @@ class Operator:
 
     def __init__(self, config: Config):
         self.config = config
+        self.start_config = config  # what netns, mark, egress_rate and host_netns stay as
         self.policy = Policy(config)
         self.listeners: dict[tuple, Listener] = {}
         self.conns: set[GuestConn] = set()
@@ -162,6 +176,8 @@ class Operator:
         self.guestnet = None  # namespaced guests and the host table, once started
         self.proxy: ProxyConn | None = None  # the proxy stack's connection, once it said HELLO
         self.supervisor: Supervisor | None = None
+        self.publishing: PublishReport | None = None  # the last table given to the proxy stack
+        self.table_sent: asyncio.Future | None = None  # its report, once answered
         self.handlers = {p.Hello: self.hello, p.Listen: self.listen, p.Unlisten: self.unlisten,
                          p.Connect: self.connect, p.Accept: self.accept, p.Close: self.close,
                          p.Ingress: self.ingress}
@@ -253,19 +269,23 @@ class Operator:
         if conn is self.proxy:
             self.proxy = None
             conn.link.fail_all("the proxy stack went away")
+            self.publishing = None  # what its next link serves is not known yet
         for key in conn.listeners:
             self.listeners.pop(key).drop()
         self.loop.remove_reader(conn.sock)
         conn.sock.close()
 
     def reload(self) -> str:
-        """Read the configuration again; a bad file keeps the running policy."""
+        """Read the configuration again; a bad file keeps the running policy
+        (and published ports).  A good one applies to every setup from now on,
+        and its publish table goes to the proxy stack (table_sent)."""
         try:
             config = load(self.config.path)
         except ConfigError as e:
             log.error("reload refused, keeping the running policy: %s", e)
             raise
         self.config, self.policy = config, Policy(config)
+        self.send_table()
         revoked = 0
         if config.revoke:
             for record in list(self.live_circuits().values()):
@@ -278,7 +298,29 @@ class Operator:
                     record.revoke()
                     revoked += 1
         log.info("reloaded %s; %d circuits revoked", config.path, revoked)
-        return f"reloaded {config.path}; {revoked} circuits revoked"
+        later = _at_next_start(self.start_config, config)
+        for line in later:
+            log.warning("%s", line)
+        return "\n".join([f"reloaded {config.path}; {revoked} circuits revoked", *later])
+
+    def send_table(self) -> None:
+        """Give the proxy stack the running configuration's publish table and
+        timeouts (it applies the difference); table_sent gets the report once
+        it answers.  With none connected, the next one to link gets it."""
+        self.table_sent = None
+        if self.proxy is None:
+            return
+        config, report = self.config, PublishReport(self.config.publish)
+        done = self.table_sent = self.loop.create_future()
+
+        def answered(reply: p.Message) -> None:
+            report.answered(reply)
+            if not done.done():
+                done.set_result(report)
+
+        self.publishing = report
+        self.proxy.link.publish(p.entries_of(config.publish), config.proxystack.udp_idle_timeout,
+                                config.proxystack.orphan_grace, answered)
 
     # -- requests -----------------------------------------------------------
 
@@ -294,6 +336,8 @@ class Operator:
             self.proxy = conn
             log.info("proxy stack: connected")
         conn.reply(p.Welcome(p.VERSION, conn.guest.name, request=msg.request))
+        if conn is self.proxy:
+            self.send_table()  # on every link: a fresh worker, an adopted one, the in-process one
 
     def _key(self, guest: str, ep: p.Endpoint) -> tuple:
         wildcard = ep.address.is_unspecified
@@ -407,7 +451,9 @@ class Operator:
 
     def _egress_message(self, guest: Guest, cid: int, kind: int, size: int, local: p.Endpoint,
                         remote: p.Endpoint) -> p.Egress:
-        stack = guest.stack
+        # The running file's stack options, but the start's mark (`guest` is the one
+        # its control socket was served as at start): the host table counts by it.
+        stack = getattr(self.config.guests.get(guest.name), "stack", guest.stack)
         # A source address applies to the connections of its own family.
         address = stack.source if stack.source and stack.source.version == remote.address.version \
             else ipaddress.ip_address("::" if remote.address.version == 6 else "0.0.0.0")
@@ -582,3 +628,22 @@ def _open_audit(path: str):
         return None
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     return open(path, "a", buffering=1)
+
+
+def _at_next_start(start: Config, new: Config) -> list[str]:
+    """What a reload to `new` leaves as it was at start (docs/policy.md): one line each."""
+    lines = []
+    if new.host_netns != start.host_netns:
+        lines.append(f"host_netns changes at the operator's next start ({start.host_netns!r}"
+                     " until then)")
+    for name, guest in new.guests.items():
+        was = start.guests.get(name)
+        if was is None:
+            continue
+        for key, old, now in (("netns", was.netns, guest.netns), ("mark", was.mark, guest.mark),
+                              ("egress_rate", was.limits.egress_rate, guest.limits.egress_rate)):
+            if old != now:
+                shown = hex(old) if key == "mark" else old
+                lines.append(f"the {key} of guest {name} changes at the operator's next start"
+                             f" ({shown} until then)")
+    return lines

@@ -4,10 +4,11 @@ The proxy stack is a guest-like peer (docs/proxystack.md): a process the
 operator starts, which connects back over its own control socket as the
 identity "proxystack" (or, with placement "operator", a service on the
 operator's own loop, linked by a socketpair).  The operator hands it egress
-circuits (EGRESS, whose reply decides the guest's CONNECT) and serves its
-INGRESS requests.  If it dies, the operator starts it again (at most
-`restarts` times a minute); while none is connected, egress is refused with
-ENETUNREACH.  A worker outlives the operator; the next operator adopts it.
+circuits (EGRESS, whose reply decides the guest's CONNECT) and its publish
+table (PUBLISH, on every link and reload), and serves its INGRESS requests.
+If it dies, the operator starts it again (at most `restarts` times a
+minute); while none is connected, egress is refused with ENETUNREACH.  A
+worker outlives the operator; the next operator adopts it.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable
 
 from circuits import protocol as p
@@ -32,43 +32,101 @@ from circuits.operator.config import Config
 log = logging.getLogger("circuits.operator")
 RESTART_WINDOW = 60.0  # seconds over which restarts are counted
 STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL
-
-
-@dataclass
-class PendingEgress:
-    """A guest's CONNECT waiting for the proxy stack's connect."""
-
-    on_done: Callable[[p.Message], None]  # called with OK or ERROR
+PUBLISH_TIMEOUT = 5.0  # seconds a proxy stack may take to answer a publish table
 
 
 class ProxyLink:
-    """The proxy stack's control connection, as the operator sees it."""
+    """The proxy stack's control connection, as the operator sees it: our
+    requests on it (EGRESS, PUBLISH) and their replies."""
 
-    def __init__(self, sock) -> None:
-        self.sock = sock
-        self.pending: dict[int, PendingEgress] = {}
+    def __init__(self, sock, loop: asyncio.AbstractEventLoop) -> None:
+        self.sock, self.loop = sock, loop
+        # request -> its on_done, the reply types it takes besides ERROR, and its name
+        self.pending: dict[int, tuple[Callable[[p.Message], None], tuple[type, ...], str]] = {}
         self._ids = 0
 
     def egress(self, msg: p.Egress, fds: list[int], on_done: Callable[[p.Message], None]) -> None:
         """Send an EGRESS; on_done gets its reply (or an ERROR if the link dies)."""
+        self._request(msg, fds, on_done)  # BlockingIOError/OSError: the caller refuses
+
+    def publish(self, table: tuple[p.PublishEntry, ...], udp_idle_timeout: float,
+                orphan_grace: float, on_done: Callable[[p.Message], None]) -> None:
+        """Send a publish table, in as many PUBLISH parts as it takes; on_done
+        gets PUBLISHED, or an ERROR: the first refusal of a part (EPROTO from a
+        proxy stack older than PUBLISH), or the link's end.  With no answer
+        after PUBLISH_TIMEOUT seconds (a proxy stack so old it answers nothing,
+        or a stuck one) it gets ETIMEDOUT first, and the answer too if it
+        comes later."""
+        refused: list[p.Message] = []
+        asked: list[int] = []
+
+        def part_done(reply: p.Message) -> None:
+            if isinstance(reply, p.Error) and not refused:
+                refused.append(reply)
+
+        def last_done(reply: p.Message) -> None:
+            timer.cancel()
+            if isinstance(reply, p.Published) and not _names_entries_of(reply, table):
+                reply = p.Error(errno.EPROTO, "a bad reply: a PUBLISHED naming entries twice"
+                                f" or beyond the table's {len(table)}")
+            on_done(refused[0] if refused else reply)
+
+        def too_late() -> None:
+            on_done(p.Error(errno.ETIMEDOUT, f"no answer in {PUBLISH_TIMEOUT:.0f} s"))
+
+        timer = self.loop.call_later(PUBLISH_TIMEOUT, too_late)
+        msgs = p.parts(table, _ms(udp_idle_timeout), _ms(orphan_grace))
+        try:
+            for msg in msgs:
+                asked.append(self._request(msg, (), last_done, (p.Published,)) if msg.last
+                             else self._request(msg, (), part_done))
+        except OSError as e:  # a stuck or gone proxy stack: the table is not applied
+            timer.cancel()
+            for request in asked:
+                self.pending.pop(request, None)
+            on_done(p.Error(e.errno or errno.EIO, f"cannot send it: {e}"))
+
+    def _request(self, msg: p.Message, fds, on_done: Callable[[p.Message], None],
+                 replies: tuple[type, ...] = (p.Ok,)) -> int:
+        """Send a request whose answer is ERROR or one of `replies`."""
         self._ids = self._ids % 0xFFFFFFFF + 1
-        msg = p.Egress(**{**msg.__dict__, "request": self._ids})
-        p.send(self.sock, msg, fds)  # BlockingIOError/OSError: the caller refuses
-        self.pending[self._ids] = PendingEgress(on_done)
+        p.send(self.sock, msg, fds, request=self._ids)
+        self.pending[self._ids] = (on_done, replies, type(msg).__name__.upper())
+        return self._ids
 
     def answered(self, msg: p.Message) -> None:
-        """An OK or ERROR from the proxy stack: the reply to one of our EGRESS."""
+        """An OK, ERROR or PUBLISHED from the proxy stack: the reply to one of
+        ours.  A reply of a kind its request does not take (a PUBLISHED to an
+        EGRESS, an OK to a table's last part) fails that request with EPROTO."""
         pending = self.pending.pop(msg.request, None)
         if pending is None:
             log.warning("proxy stack: a reply to no request (%d)", msg.request)
             return
-        pending.on_done(msg)
+        on_done, replies, asked = pending
+        if not isinstance(msg, (p.Error, *replies)):
+            reply = type(msg).__name__.upper()
+            log.error("proxy stack: a %s in answer to a %s (%d)", reply, asked, msg.request)
+            msg = p.Error(errno.EPROTO, f"a bad reply: a {reply} to a {asked}",
+                          request=msg.request)
+        on_done(msg)
 
     def fail_all(self, reason: str) -> None:
-        """The link is gone: every waiting connect is refused."""
+        """The link is gone: every request waiting is answered ENETUNREACH
+        (every waiting connect is refused)."""
         pending, self.pending = self.pending, {}
-        for request in pending.values():
-            request.on_done(p.Error(errno.ENETUNREACH, reason))
+        for on_done, _, _ in pending.values():
+            on_done(p.Error(errno.ENETUNREACH, reason))
+
+
+def _names_entries_of(reply: p.Published, table: tuple) -> bool:
+    """Whether each failure of a PUBLISHED is an entry of the table, once."""
+    indices = [index for index, _ in reply.failures]
+    return len(set(indices)) == len(indices) and all(i < len(table) for i in indices)
+
+
+def _ms(seconds: float) -> int:
+    """Seconds as the protocol's milliseconds: 1 at least (the file allows any above 0)."""
+    return max(1, round(seconds * 1000))
 
 
 class Supervisor:

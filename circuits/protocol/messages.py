@@ -34,6 +34,7 @@ class ProtocolError(Exception):
         super().__init__(reason)
         self.errno = code
         self.request = request
+        self.type = 0  # the header's message type, once the header could be read
 
 
 @dataclass(frozen=True)
@@ -96,12 +97,19 @@ class Message:
     TYPE: ClassVar[int]
     BODY: ClassVar[struct.Struct]
     HAS_TEXT: ClassVar[bool] = False
+    # Records of this layout fill the rest of the body (a table), instead of a
+    # text; from_body then gets the list of their unpacked fields as `text`.
+    ITEM: ClassVar[struct.Struct | None] = None
     NFDS: ClassVar[tuple[int, ...]] = (0,)  # how many fds may come with it
 
     request: int = field(default=0, kw_only=True)
 
     def body_fields(self) -> tuple:
         raise NotImplementedError
+
+    def item_fields(self) -> list[tuple]:
+        """The fields of each ITEM record, for messages that carry a table."""
+        return []
 
     @classmethod
     def from_body(cls, values: tuple, text: str, request: int) -> Message:
@@ -410,9 +418,126 @@ class Ingress(Message):
             raise ProtocolError("ingress: remote and local differ in protocol")
 
 
+GUEST_LEN = 32  # a guest's name in a fixed field: at most 32 bytes (docs/policy.md)
+MAX_PUBLISH = 1000  # entries in a publish table: every failure fits in one PUBLISHED
+MAX_TIMEOUT_MS = 3_600_000  # the configuration's bound on a timeout: an hour
+
+
+@dataclass(frozen=True)
+class PublishEntry:
+    """One published port of a PUBLISH table: the host socket's address, port
+    and protocol, and the guest listener it serves."""
+
+    host: Endpoint
+    guest_port: int
+    guest: str
+
+
+PUBLISH_ENTRY = struct.Struct(f"<{ENDPOINT.size}sHH{GUEST_LEN}s")  # host, guest_port, 0, guest
+
+
+@dataclass(frozen=True)
+class Publish(Message):
+    """Operator -> proxy stack: the published ports and timeouts to serve from
+    now on, a part of the table (entries first .. first + len(entries) - 1 of
+    total).  The proxy stack answers OK to every part but the last, and the
+    last with PUBLISHED once it has applied the whole table."""
+
+    TYPE = 13
+    BODY = struct.Struct("<HHHHII")  # first, count, total, reserved, udp idle ms, orphan grace ms
+    ITEM = PUBLISH_ENTRY
+    first: int
+    total: int
+    udp_idle_timeout_ms: int
+    orphan_grace_ms: int
+    entries: tuple[PublishEntry, ...] = ()
+
+    def body_fields(self):
+        return (self.first, len(self.entries), self.total, 0, self.udp_idle_timeout_ms,
+                self.orphan_grace_ms)
+
+    def item_fields(self):
+        return [(e.host.pack(), e.guest_port, 0, e.guest.encode("ascii", "replace"))
+                for e in self.entries]
+
+    @classmethod
+    def from_body(cls, v, items, request):
+        _reserved(v[3])
+        if v[1] != len(items):
+            raise ProtocolError(f"publish: count {v[1]}, {len(items)} entries")
+        return cls(v[0], v[2], v[4], v[5], tuple(_publish_entry(i) for i in items),
+                   request=request)
+
+    @property
+    def last(self) -> bool:
+        """Whether this part ends its table."""
+        return self.first + len(self.entries) == self.total
+
+    def check(self):
+        if self.total > MAX_PUBLISH or self.first + len(self.entries) > self.total:
+            raise ProtocolError(f"publish: entries {self.first}+{len(self.entries)} of"
+                                f" {self.total} (at most {MAX_PUBLISH})")
+        if not self.entries and self.total:
+            raise ProtocolError("publish: a part of a table with no entries")
+        for ms in (self.udp_idle_timeout_ms, self.orphan_grace_ms):
+            if not 0 < ms <= MAX_TIMEOUT_MS:
+                raise ProtocolError(f"publish: timeout of {ms} ms")
+        for e in self.entries:
+            if not (0 < e.host.port and 0 < e.guest_port) or not _guest_name(e.guest):
+                raise ProtocolError(f"publish: entry {e.host} -> {e.guest!r}:{e.guest_port}")
+
+
+def _publish_entry(fields: tuple) -> PublishEntry:
+    host, guest_port, reserved, raw = fields
+    _reserved(reserved)
+    name = raw.rstrip(b"\0")
+    if b"\0" in name or not _guest_name(name.decode("latin-1")):
+        raise ProtocolError("publish: guest is not a NUL-padded printable ASCII name")
+    return PublishEntry(Endpoint.unpack(host), guest_port, name.decode())
+
+
+def _guest_name(name: str) -> bool:
+    return 0 < len(name) <= GUEST_LEN and all(0x21 <= ord(c) < 0x7F for c in name)
+
+
+@dataclass(frozen=True)
+class Published(Message):
+    """Proxy stack -> operator: the answer to a table's last PUBLISH.  Every
+    entry listens but the failures, each (its index in the table, errno)."""
+
+    TYPE = 14
+    BODY = struct.Struct("<HH")  # failed, reserved
+    ITEM = struct.Struct("<HH")  # index, errno
+    failures: tuple[tuple[int, int], ...] = ()
+
+    def body_fields(self):
+        return (len(self.failures), 0)
+
+    def item_fields(self):
+        return list(self.failures)
+
+    @classmethod
+    def from_body(cls, v, items, request):
+        _reserved(v[1])
+        if v[0] != len(items):
+            raise ProtocolError(f"published: failed {v[0]}, {len(items)} failures")
+        return cls(tuple(items), request=request)
+
+    def check(self):
+        if len(self.failures) > MAX_PUBLISH:
+            raise ProtocolError(f"published: {len(self.failures)} failures")
+        for index, code in self.failures:
+            if index >= MAX_PUBLISH or not 0 < code < 4096:
+                raise ProtocolError(f"published: entry {index}, errno {code}")
+
+
 TYPES: dict[int, type[Message]] = {m.TYPE: m for m in (
     Hello, Welcome, Listen, Unlisten, Connect, Circuit, Close, Ok, Error, Accept, Egress,
-    Ingress)}
+    Ingress, Publish, Published)}
+# The replies (docs/protocol.md, section 5): on the proxy stack's socket, where both
+# sides make requests, a bad one fails its receiver's own request instead of being
+# answered (an answer would read as a reply to the other side's request of that number).
+REPLIES = frozenset(m.TYPE for m in (Welcome, Circuit, Ok, Error, Published))
 
 
 def _reserved(*values: int) -> None:
@@ -428,6 +553,8 @@ def encode(msg: Message, nfds: int = 0, request: int | None = None) -> bytes:
     if nfds not in msg.NFDS:
         raise ValueError(f"{type(msg).__name__} carries {msg.NFDS} descriptors, not {nfds}")
     body = msg.BODY.pack(*msg.body_fields())
+    if msg.ITEM is not None:
+        body += b"".join(msg.ITEM.pack(*fields) for fields in msg.item_fields())
     if msg.HAS_TEXT:
         text = msg.text().encode()
         body += TEXT_LEN.pack(len(text)) + text
@@ -446,7 +573,7 @@ def decode(data: bytes, nfds: int = 0) -> Message:
     try:
         return _decode(header, data, nfds)
     except ProtocolError as e:
-        e.request = header[3]
+        e.type, e.request = header[1], header[3]
         raise
 
 
@@ -475,12 +602,17 @@ def _decode_body(cls: type[Message] | None, kind: int, data: bytes, request: int
     return msg
 
 
-def _split_body(cls: type[Message], body: memoryview) -> tuple[tuple, str]:
+def _split_body(cls: type[Message], body: memoryview) -> tuple[tuple, str | list[tuple]]:
     fixed = cls.BODY.size
     if len(body) < fixed:
         raise ProtocolError(f"{cls.__name__}: body of {len(body)} bytes, needs {fixed}")
     values = cls.BODY.unpack_from(body)
     rest = body[fixed:]
+    if cls.ITEM is not None:
+        if len(rest) % cls.ITEM.size:
+            raise ProtocolError(f"{cls.__name__}: {len(rest)} bytes of records of"
+                                f" {cls.ITEM.size}")
+        return values, list(cls.ITEM.iter_unpack(rest))
     if not cls.HAS_TEXT:
         if len(rest):
             raise ProtocolError(f"{cls.__name__}: {len(rest)} bytes after the body")

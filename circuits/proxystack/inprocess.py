@@ -3,7 +3,7 @@
 The operator imports this module only for that placement, and only when it
 starts the stack, so the operator package never depends on the proxy stack
 at import time.  The stack is the same service the worker runs and speaks
-the same protocol (HELLO, EGRESS, INGRESS) over a socketpair the operator
+the same protocol (HELLO, EGRESS, INGRESS, PUBLISH) over a socketpair the operator
 made, so the two placements differ only in where the service runs.  Host
 sockets are made in `[operator] host_netns` by a switch around each
 socket() call (sockets.py), since the operator's thread must stay home.
@@ -38,11 +38,11 @@ class InProcess:
         self.task = loop.create_task(self._attach(sock))
 
     async def _attach(self, sock: socket.socket) -> None:
-        """HELLO and the published ports; then no task waits on the link (a
-        callback does), so the operator's loop can close with nothing pending."""
+        """HELLO (the operator's PUBLISH follows); then no task waits on the
+        link (a callback does), so the operator's loop can close with nothing
+        pending."""
         try:
             link = await self.stack.attach(sock)
-            self.stack.publish()
         except Exception as e:  # noqa: BLE001 - any failure is the stack's end, never the operator's
             log.exception("the in-process proxy stack failed")
             self._end(str(e))

@@ -1,8 +1,10 @@
 """The proxy stack's control connection to the operator.
 
 It says HELLO as any guest does (the operator knows it as "proxystack" by the
-socket it connects to), then serves the operator's EGRESS requests and asks
-INGRESS for published connections.  Replies are matched by request number.
+socket it connects to), then serves the operator's EGRESS and PUBLISH requests
+and asks INGRESS for published connections.  Replies are matched by request
+number; a table's PUBLISH parts are joined here, and the service sees whole
+tables.
 One Link is one operator's connection: when that operator goes, the worker
 reaches for the next one (`reach`) and makes a new Link.
 """
@@ -48,8 +50,11 @@ class Link:
     """Requests both ways over one connected SOCK_SEQPACKET control socket."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket,
-                 on_egress: Callable[[p.Egress, list[int]], None]):
-        self.loop, self.sock, self.on_egress = loop, sock, on_egress
+                 on_egress: Callable[[p.Egress, list[int]], None],
+                 on_publish: Callable[[p.Publish], p.Message]):
+        self.loop, self.sock = loop, sock
+        self.on_egress, self.on_publish = on_egress, on_publish
+        self.tables = p.Joiner()
         self.sock.setblocking(False)
         self.ids = itertools.count(1)
         self.waiting: dict[int, asyncio.Future] = {}
@@ -96,12 +101,26 @@ class Link:
                 return self._lost(str(e))
             except p.ProtocolError as e:
                 log.error("operator sent a bad message: %s", e)
+                self._refuse(e)
                 continue
             self._dispatch(msg, fds)
+
+    def _refuse(self, e: p.ProtocolError) -> None:
+        """A bad reply fails the request it answers; anything else (a request,
+        a type we do not know) is answered ERROR EPROTO (docs/protocol.md 5)."""
+        if e.type in p.REPLIES:
+            future = self.waiting.pop(e.request, None)
+            if future is not None and not future.done():
+                future.set_result((p.Error(e.errno, f"a bad reply: {e}"), []))
+            return
+        self.send(p.Error(e.errno, str(e), request=e.request))
 
     def _dispatch(self, msg: p.Message, fds: list[int]) -> None:
         if isinstance(msg, p.Egress):
             self.on_egress(msg, fds)
+            return
+        if isinstance(msg, p.Publish):
+            self._publish(msg)
             return
         future = self.waiting.pop(msg.request, None)
         if future is None or future.done():
@@ -109,6 +128,19 @@ class Link:
             p.close_all(fds)
             return
         future.set_result((msg, fds))
+
+    def _publish(self, part: p.Publish) -> None:
+        """OK to each part of a table but its last, which the service answers
+        once it has applied the whole table (which answers the last part)."""
+        try:
+            table = self.tables.add(part)
+        except p.ProtocolError as e:
+            self.send(p.Error(e.errno, str(e), request=part.request))
+            return
+        if table is None:
+            self.send(p.Ok(request=part.request))
+        else:
+            self.send(self.on_publish(table))
 
     def _lost(self, why: str, quiet: bool = False) -> None:
         if self.gone.done():

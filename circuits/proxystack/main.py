@@ -5,7 +5,9 @@ to the operator closes (the operator stopped, crashed, or was killed), it
 goes on carrying its established connections and keeps its published
 listening sockets (new outside connections there are reset at once, no
 INGRESS can be asked), and reaches for the control socket again every
-quarter second until a restarted operator welcomes it.  It gives up only
+quarter second until a restarted operator welcomes it.  Each operator gives
+it the publish table and timeouts to serve (PUBLISH) when it links and when
+it reloads; the worker applies the difference (ports.py).  It gives up only
 once it has carried no connection and had no operator for `[proxystack]
 orphan_grace` seconds.  SIGTERM or SIGINT stops it for good: every connection is reset.
 
@@ -54,8 +56,9 @@ def enter_namespace(config: Config) -> None:
         setns(netns_path(config.host_netns))
 
 
-def patience(stack: ProxyStack, grace: float):
-    """give_up() for `reach`: true after `grace` seconds with no connection."""
+def patience(stack: ProxyStack):
+    """give_up() for `reach`: true after the stack's orphan_grace (the last
+    operator's) with no connection."""
     alone_since: float | None = None
 
     def give_up() -> bool:
@@ -65,19 +68,18 @@ def patience(stack: ProxyStack, grace: float):
             return False
         now = time.monotonic()
         alone_since = alone_since or now
-        return now - alone_since >= grace
+        return now - alone_since >= stack.orphan_grace
 
     return give_up
 
 
 async def serve(stack: ProxyStack, path: str) -> None:
     """Serve one operator after another until there is none to serve."""
-    grace = stack.config.proxystack.orphan_grace
-    give_up = patience(stack, grace)
+    give_up = patience(stack)
     while True:
         sock = await reach(path, give_up)
         if sock is None:
-            log.warning("no operator and no connection for %.0f s: exiting", grace)
+            log.warning("no operator and no connection for %.0f s: exiting", stack.orphan_grace)
             return
         try:
             link = await asyncio.wait_for(stack.attach(sock), HELLO_TIMEOUT)
@@ -87,7 +89,6 @@ async def serve(stack: ProxyStack, path: str) -> None:
             stack.link.close()
             await asyncio.sleep(RETRY_MAX)
             continue
-        stack.publish()  # the first time only; a port it cannot bind ends the worker
         log.info("linked to the operator (%d connections carried)", stack.connections)
         await link.gone
         stack.operator_gone()

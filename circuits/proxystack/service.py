@@ -12,12 +12,15 @@ from circuits import protocol as p
 from circuits.operator.config import Config
 from circuits.proxystack import egress
 from circuits.proxystack.datagrams import DatagramSplice
-from circuits.proxystack.ingress import Published, PublishedUdp
 from circuits.proxystack.link import Link, OperatorGone
+from circuits.proxystack.ports import Ports
 from circuits.proxystack.sockets import PLAIN, HostSockets
 from circuits.proxystack.splice import Splice
 
 log = logging.getLogger("circuits.proxystack")
+# Seconds after WELCOME with no PUBLISH before we publish our own file's ports
+# ourselves: an operator that knows PUBLISH sends it right after its WELCOME.
+OWN_TABLE_AFTER = 2.0
 
 
 class ProxyStack:
@@ -28,28 +31,45 @@ class ProxyStack:
         self.config, self.loop, self.sockets = config, loop, sockets
         self.splices: set[Splice] = set()
         self.tasks: set[asyncio.Task] = set()  # egress connects, each for the link that asked
-        self.published: list[Published | PublishedUdp] = []
+        self.ports = Ports(loop, sockets, self.hand_over, self.ask_circuit)
+        # The operator's, from its PUBLISH; until then our own file's.
+        self.udp_idle = config.proxystack.udp_idle_timeout
+        self.orphan_grace = config.proxystack.orphan_grace
         self.link: Link | None = None
+        self._own_table: asyncio.TimerHandle | None = None
 
     async def attach(self, sock: socket.socket) -> Link:
         """HELLO on a connected control socket: the link to serve from now on.
         OperatorGone or OSError if the operator does not welcome us."""
-        self.link = Link(self.loop, sock, self.on_egress)
+        self.link = Link(self.loop, sock, self.on_egress, self.on_publish)
         await self.link.hello()
+        if not self.ports.applied:  # the operator's PUBLISH follows its WELCOME
+            self._own_table = self.loop.call_later(OWN_TABLE_AFTER, self._publish_own, self.link)
         return self.link
 
-    def publish(self) -> None:
-        """Listen on the published ports, once (they stay across links); a port
-        that cannot be bound raises OSError: the stack cannot serve its config."""
-        if self.published:
+    def on_publish(self, table: p.Publish) -> p.Published:
+        """The operator's whole publish table and timeouts: applied as a
+        difference (ports.py); the answer names the entries that failed."""
+        if self._own_table is not None:
+            self._own_table.cancel()
+            self._own_table = None
+        self.udp_idle = table.udp_idle_timeout_ms / 1000
+        self.orphan_grace = table.orphan_grace_ms / 1000
+        failures = self.ports.apply(table.entries, self.udp_idle)
+        log.info("publish table applied: %d of %d ports listening", len(table.entries) -
+                 len(failures), len(table.entries))
+        return p.Published(tuple((i, e.errno or errno.EIO) for i, e in failures),
+                           request=table.request)
+
+    def _publish_own(self, link: Link) -> None:
+        """An operator that welcomed us but gave no table (one older than
+        PUBLISH): the ports of our own configuration file, as before it."""
+        self._own_table = None
+        if self.ports.applied or link is not self.link or link.gone.done():
             return
-        idle = self.config.proxystack.udp_idle_timeout
-        for entry in self.config.publish:
-            if entry.proto == "tcp":
-                self.published.append(Published(self.loop, entry, self.hand_over, self.sockets))
-            else:
-                self.published.append(PublishedUdp(self.loop, entry, idle, self.ask_circuit,
-                                                   self.sockets))
+        log.warning("the operator gave no publish table: publishing the ports of %s",
+                    self.config.path)
+        self.ports.apply(p.entries_of(self.config.publish), self.udp_idle)
 
     def operator_gone(self) -> None:
         """The link's operator is gone: the connects it asked for are abandoned
@@ -60,8 +80,7 @@ class ProxyStack:
     @property
     def connections(self) -> int:
         """Established connections and UDP flows carried now."""
-        flows = sum(len(pub.flows) for pub in self.published if isinstance(pub, PublishedUdp))
-        return len(self.splices) + flows
+        return len(self.splices) + self.ports.flows
 
     # -- egress --------------------------------------------------------------
 
@@ -92,8 +111,8 @@ class ProxyStack:
         if msg.kind == p.STREAM:
             self._splice(sock, circuit)  # before OK: the guest may send at once
         else:
-            idle = self.config.proxystack.udp_idle_timeout
-            self._start(DatagramSplice(self.loop, sock, circuit, idle, self.splices.discard))
+            self._start(DatagramSplice(self.loop, sock, circuit, self.udp_idle,
+                                       self.splices.discard))
         link.send(p.Ok(request=msg.request))
 
     # -- ingress -------------------------------------------------------------
@@ -141,9 +160,9 @@ class ProxyStack:
 
     def stop(self) -> None:
         """Every connection is reset both ways; nothing is left half-open."""
-        published, self.published = self.published, []
-        for port in published:
-            port.close()
+        if self._own_table is not None:
+            self._own_table.cancel()
+        self.ports.close()
         for task in self.tasks:
             task.cancel()
         for splice in list(self.splices):
