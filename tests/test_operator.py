@@ -323,6 +323,25 @@ def test_reload_tightens_and_revokes(operator):
             conn.recv(10)
 
 
+def test_a_reload_gives_the_connecting_guest_its_new_limits(operator):
+    """Limits are the running file's for both ends of a setup: a reload that
+    raises tiny's open circuits from 5 to 7 lets its sixth and seventh in."""
+    with circuits.listen(("10.0.0.2", 7010), backlog=100, control=operator("db")):
+        held = [circuits.connect(("10.0.0.2", 7010), control=operator("tiny")) for _ in range(5)]
+        with pytest.raises(OSError) as e:
+            circuits.connect(("10.0.0.2", 7010), control=operator("tiny"))
+        assert e.value.errno == errno.EMFILE
+        text = operator.config.read_text()
+        operator.config.write_text(text.replace("circuits = 5\n", "circuits = 7\n"))
+        assert ctl(operator, "reload").returncode == 0
+        held += [circuits.connect(("10.0.0.2", 7010), control=operator("tiny")) for _ in range(2)]
+        with pytest.raises(OSError) as e:
+            circuits.connect(("10.0.0.2", 7010), control=operator("tiny"))
+        assert e.value.errno == errno.EMFILE
+        for c in held:
+            c.close()
+
+
 def test_bad_reload_keeps_the_running_policy(operator):
     operator.config.write_text(operator.config.read_text() + "\n[[rules]]\nfrom = 'nobody'\n")
     out = ctl(operator, "reload")

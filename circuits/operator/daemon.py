@@ -115,6 +115,12 @@ class GuestConn:
             p.close_all(fds)
 
     def reply(self, msg: p.Message, fds: list[int] = ()) -> None:
+        if self.sock.fileno() < 0:
+            # Gone before its answer (a connect to the outside it gave up on):
+            # nobody to tell.  The circuit's unsent side ends with its bell.
+            log.debug("guest %s: gone before the answer to request %d", self.guest.name,
+                      msg.request)
+            return
         try:
             p.send(self.sock, msg, fds)
         except (BlockingIOError, OSError) as e:
@@ -392,8 +398,14 @@ class Operator:
     def close(self, conn: GuestConn, msg: p.Close) -> None:
         conn.reply(p.Ok(request=msg.request))
 
+    def _running(self, guest: Guest) -> Guest:
+        """The guest as the running file has it: its limits and stack options
+        follow reloads (a connection's `guest` is what its control socket was
+        served as at start, which keeps its identity and its mark)."""
+        return self.config.guests.get(guest.name, guest)
+
     def connect(self, conn: GuestConn, msg: p.Connect) -> None:
-        source, remote = conn.guest, msg.remote
+        source, remote = self._running(conn.guest), msg.remote
         self._rate_limit(source)
         verdict = self.policy.check(source.name, remote.address, remote.port,
                                     "tcp" if remote.proto == p.TCP else "udp")
@@ -423,8 +435,8 @@ class Operator:
             raise Refused(errno.ENETUNREACH, f"{msg.remote.address} is outside and no proxy"
                           " stack is running")
         guest, remote = conn.guest, msg.remote
-        size = self._ring_size(msg.ring_size, guest)
-        self._check_limits(size, guest)
+        size = self._ring_size(msg.ring_size, self._running(guest))
+        self._check_limits(size, self._running(guest))
         kind = p.STREAM if remote.proto == p.TCP else p.DGRAM
         made = make(CircuitSpec("stream" if kind == p.STREAM else "dgram", 0, (size, size)))
         cid, self.next_circuit = self.next_circuit, self.next_circuit + 1
@@ -453,7 +465,7 @@ class Operator:
                         remote: p.Endpoint) -> p.Egress:
         # The running file's stack options, but the start's mark (`guest` is the one
         # its control socket was served as at start): the host table counts by it.
-        stack = getattr(self.config.guests.get(guest.name), "stack", guest.stack)
+        stack = self._running(guest).stack
         # A source address applies to the connections of its own family.
         address = stack.source if stack.source and stack.source.version == remote.address.version \
             else ipaddress.ip_address("::" if remote.address.version == 6 else "0.0.0.0")
@@ -557,8 +569,8 @@ class Operator:
     def _make_circuit(self, conn: GuestConn, request: int, ring_size: int, local: p.Endpoint,
                       remote: p.Endpoint, listener: Listener, names: tuple[str, str]) -> None:
         """A circuit from conn (side 0, at `local`) to listener (side 1, `remote`)."""
-        dest = self.config.guests[listener.guest]
-        guests = [g for g in (conn.guest, dest) if g.name != PROXY_IDENTITY]
+        ends = (self._running(conn.guest), self._running(listener.conn.guest))
+        guests = [g for g in ends if g.name != PROXY_IDENTITY]
         size = self._ring_size(ring_size or listener.ring_size, *guests)
         self._check_limits(size, *guests)
         kind = p.STREAM if remote.proto == p.TCP else p.DGRAM
