@@ -302,21 +302,24 @@ static int circuit_reply(const struct msg *m, int got[MAX_FDS], int nfds,
     return 0;
 }
 
-int cp_ctl_connect(int fd, const struct cp_endpoint *remote, struct cp_circuit_msg *c,
-                   int fds[4])
+int cp_ctl_send_connect(int fd, const struct cp_endpoint *remote, uint32_t *request)
 {
     uint8_t body[24];
     put_endpoint(body, remote);
     put32(body + 20, 0);
-    uint32_t id = __atomic_fetch_add(&next_request, 1, __ATOMIC_RELAXED);
-    int err = send_msg(fd, CONNECT, id, body, sizeof(body));
+    *request = __atomic_fetch_add(&next_request, 1, __ATOMIC_RELAXED);
+    return send_msg(fd, CONNECT, *request, body, sizeof(body));
+}
+
+int cp_ctl_recv_connect(int fd, uint32_t request, bool wait, struct cp_circuit_msg *c,
+                        int fds[4])
+{
     struct msg m;
     int got[MAX_FDS], nfds = 0;
-    while (!err && (err = recv_msg(fd, true, REPLY_TIMEOUT_MS, &m, got, &nfds)) == -EINTR)
-        ;
+    int err = recv_msg(fd, wait, REPLY_TIMEOUT_MS, &m, got, &nfds);
     if (err)
         return err;
-    if (m.request != id) {
+    if (m.request != request) {
         close_fds(got, nfds);
         return -EPROTO;
     }
