@@ -1,0 +1,224 @@
+/*
+ * epoll_connect.c - sockets put in an epoll set before they connect or
+ * listen, as event loops do.  Built and run by tests/test_preload_epoll.py
+ * under `circuits run`:
+ *
+ *     epoll_connect nginx HOST PORT     nginx's upstream connect
+ *         (ngx_event_connect_peer): socket, FIONBIO, epoll_ctl ADD
+ *         EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET, connect (EINPROGRESS), wait
+ *         for EPOLLOUT, SO_ERROR, then write a line and wait (edge-triggered)
+ *         for its echo; twice, the second on a socket that a dup holds
+ *         while the number it connected on is closed
+ *     epoll_connect refused HOST PORT   the same sequence to nobody: the
+ *         errno SO_ERROR gives after EPOLLOUT|EPOLLERR
+ *     epoll_connect listen HOST PORT    epoll_ctl ADD, then bind and listen:
+ *         wait for EPOLLIN, accept one connection, echo a line
+ *     epoll_connect udp HOST PORT1 PORT2  a UDP socket in an epoll set
+ *         connected, then re-connected elsewhere: each echo wakes the set
+ *
+ * Prints "ok ..." and exits 0, or "FAIL what: why" and exits 1.  Every wait
+ * is bounded (5 s): a wake-up that never comes is a failure, not a hang.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define WAIT_MS 5000
+
+static void fail(const char *what, const char *why)
+{
+    printf("FAIL %s: %s\n", what, why);
+    exit(1);
+}
+
+#define CHECK(cond, what)                \
+    do {                                 \
+        if (!(cond))                     \
+            fail(what, strerror(errno)); \
+    } while (0)
+
+static struct sockaddr_in addr_of(const char *host, const char *port)
+{
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(port))};
+    if (inet_pton(AF_INET, host, &a.sin_addr) != 1)
+        fail("address", host);
+    return a;
+}
+
+/* Wait for an event of data `tag` with any of `want`; its events. */
+static uint32_t wait_for(int ep, uint64_t tag, uint32_t want, const char *what)
+{
+    struct epoll_event ev[8];
+    for (;;) {
+        int n = epoll_wait(ep, ev, 8, WAIT_MS);
+        CHECK(n >= 0, what);
+        if (n == 0)
+            fail(what, "no event within 5 s");
+        for (int i = 0; i < n; i++)
+            if (ev[i].data.u64 == tag && (ev[i].events & want))
+                return ev[i].events;
+    }
+}
+
+/* Read until a newline comes, waiting for EPOLLIN edges between reads. */
+static size_t read_line(int ep, int fd, uint64_t tag, char *buf, size_t size)
+{
+    size_t got = 0;
+    while (!memchr(buf, '\n', got)) {
+        ssize_t n = read(fd, buf + got, size - got);
+        if (n > 0) {
+            got += (size_t)n;
+            continue;
+        }
+        if (n == 0)
+            fail("read", "end of data before the line");
+        CHECK(errno == EAGAIN, "read");
+        wait_for(ep, tag, EPOLLIN, "EPOLLIN for the echo");
+    }
+    return got;
+}
+
+/* ngx_event_connect_peer: registered before connect; 0 or SO_ERROR's errno. */
+static int nginx_connect(int ep, const struct sockaddr_in *a, uint64_t tag, int *out)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0), on = 1;
+    CHECK(fd >= 0, "socket");
+    CHECK(ioctl(fd, FIONBIO, &on) == 0, "FIONBIO");
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.u64 = tag};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) == 0, "epoll_ctl ADD before connect");
+    int rc = connect(fd, (const struct sockaddr *)a, sizeof(*a));
+    CHECK(rc == 0 || errno == EINPROGRESS, "connect");
+    wait_for(ep, tag, EPOLLOUT, "EPOLLOUT after connect");
+    int err = -1;
+    socklen_t len = sizeof(err);
+    CHECK(getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) == 0, "SO_ERROR");
+    *out = fd;
+    return err;
+}
+
+static void echo_once(int ep, int fd, uint64_t tag, const char *line)
+{
+    char buf[256] = {0};
+    CHECK(write(fd, line, strlen(line)) == (ssize_t)strlen(line), "write");
+    size_t n = read_line(ep, fd, tag, buf, sizeof(buf) - 1);
+    if (n != strlen(line) || memcmp(buf, line, n))
+        fail("echo", buf);
+}
+
+static int role_nginx(const struct sockaddr_in *a)
+{
+    int ep = epoll_create1(EPOLL_CLOEXEC), fd;
+    CHECK(ep >= 0, "epoll_create1");
+    int err = nginx_connect(ep, a, 1, &fd);
+    if (err)
+        fail("SO_ERROR", strerror(err));
+    echo_once(ep, fd, 1, "upstream one\n");
+    /* Keep a dup, close the number connect() is called on before it settles. */
+    int fd2, keep;
+    err = nginx_connect(ep, a, 2, &fd2);
+    if (err)
+        fail("SO_ERROR (second)", strerror(err));
+    CHECK((keep = dup(fd2)) >= 0, "dup");
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLRDHUP | EPOLLET, .data.u64 = 3};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, keep, &ev) == 0, "epoll_ctl ADD of the dup");
+    close(fd2);
+    echo_once(ep, keep, 3, "upstream two\n");
+    close(keep);
+    close(fd);
+    printf("ok nginx\n");
+    return 0;
+}
+
+static int role_refused(const struct sockaddr_in *a)
+{
+    int ep = epoll_create1(EPOLL_CLOEXEC), fd;
+    CHECK(ep >= 0, "epoll_create1");
+    int err = nginx_connect(ep, a, 1, &fd);
+    printf("ok %s\n", err == ECONNREFUSED ? "ECONNREFUSED" : err == EACCES ? "EACCES"
+                      : strerror(err));
+    return 0;
+}
+
+static int role_listen(const struct sockaddr_in *a)
+{
+    int ep = epoll_create1(EPOLL_CLOEXEC), on = 1;
+    int lst = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    CHECK(ep >= 0 && lst >= 0, "socket");
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLEXCLUSIVE, .data.u64 = 7};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, lst, &ev) == 0, "epoll_ctl ADD before listen");
+    CHECK(setsockopt(lst, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on)) == 0, "SO_REUSEADDR");
+    CHECK(bind(lst, (const struct sockaddr *)a, sizeof(*a)) == 0, "bind");
+    CHECK(listen(lst, 16) == 0, "listen");
+    printf("listening\n");
+    fflush(stdout);
+    wait_for(ep, 7, EPOLLIN, "EPOLLIN of the listener");
+    int conn = accept4(lst, NULL, NULL, SOCK_NONBLOCK);
+    CHECK(conn >= 0, "accept4");
+    ev = (struct epoll_event){.events = EPOLLIN | EPOLLET, .data.u64 = 8};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, conn, &ev) == 0, "epoll_ctl ADD of the connection");
+    char buf[256] = {0};
+    size_t n = read_line(ep, conn, 8, buf, sizeof(buf) - 1);
+    CHECK(write(conn, buf, n) == (ssize_t)n, "write");
+    close(conn);
+    printf("ok listen\n");
+    return 0;
+}
+
+/* One datagram out, its echo back through the epoll set. */
+static void udp_round(int ep, int fd, const char *msg)
+{
+    char buf[512];
+    CHECK(send(fd, msg, strlen(msg), 0) == (ssize_t)strlen(msg), "send");
+    wait_for(ep, 9, EPOLLIN, "EPOLLIN of the UDP socket");
+    ssize_t n = recv(fd, buf, sizeof(buf) - 1, MSG_DONTWAIT);
+    CHECK(n > 0, "recv");
+    buf[n] = 0;
+    if (strncmp(buf, msg, strlen(msg)))
+        fail("udp echo", buf);
+}
+
+static int role_udp(const char *host, const char *port1, const char *port2)
+{
+    struct sockaddr_in a = addr_of(host, port1), b = addr_of(host, port2);
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
+    CHECK(ep >= 0 && fd >= 0, "socket");
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 9};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) == 0, "epoll_ctl ADD before connect");
+    CHECK(connect(fd, (const struct sockaddr *)&a, sizeof(a)) == 0, "connect");
+    udp_round(ep, fd, "first");
+    CHECK(connect(fd, (const struct sockaddr *)&b, sizeof(b)) == 0, "re-connect");
+    udp_round(ep, fd, "second");
+    printf("ok udp\n");
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc == 4 && !strcmp(argv[1], "nginx")) {
+        struct sockaddr_in a = addr_of(argv[2], argv[3]);
+        return role_nginx(&a);
+    }
+    if (argc == 4 && !strcmp(argv[1], "refused")) {
+        struct sockaddr_in a = addr_of(argv[2], argv[3]);
+        return role_refused(&a);
+    }
+    if (argc == 4 && !strcmp(argv[1], "listen")) {
+        struct sockaddr_in a = addr_of(argv[2], argv[3]);
+        return role_listen(&a);
+    }
+    if (argc == 5 && !strcmp(argv[1], "udp"))
+        return role_udp(argv[2], argv[3], argv[4]);
+    fprintf(stderr, "usage: epoll_connect nginx|refused|listen HOST PORT | udp HOST PORT1 PORT2\n");
+    return 2;
+}

@@ -1,0 +1,125 @@
+"""Sockets in an epoll set before they connect or listen (epoll.c, connect.c).
+
+Event loops (nginx's upstreams, above all) add a socket to their epoll set
+first and connect it after; the registration must follow the socket from its
+placeholder to the circuit's doorbell, with the program's events and data.
+tests/epoll_connect.c does exactly nginx's sequence, under `circuits run`;
+its peers are other guests (a plain-socket echo server, the client API), so
+whatever comes back crossed a circuit.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+import circuits
+from circuits.operator.admin import request
+
+HERE = Path(__file__).parent
+SOURCE = HERE / "epoll_connect.c"
+APP = HERE / "preload_app.py"
+DB = "10.0.0.2"
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory) -> str:
+    if not shutil.which("cc"):
+        pytest.skip("no C compiler (cc) to build tests/epoll_connect.c")
+    exe = tmp_path_factory.mktemp("epoll") / "epoll_connect"
+    subprocess.run(["cc", "-O1", "-Wall", "-Werror", "-o", str(exe), str(SOURCE)], check=True)
+    return str(exe)
+
+
+def run(operator, guest: str, argv: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "circuits", "run", "--guest", guest,
+                             "--config", str(operator.config), "--", *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def admin(operator, cmd: str):
+    answer = request(str(Path(operator("web")).parent / "admin.sock"), cmd)
+    assert answer["ok"], answer
+    return answer["result"]
+
+
+def finish(proc: subprocess.Popen, timeout: float = 30) -> str:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"still running after {timeout} s: {out} {err}")
+    assert proc.returncode == 0, out + err
+    return out
+
+
+def test_nginx_upstream_sequence_between_guests(operator, program):
+    server = run(operator, "db", [sys.executable, str(APP), "echo-server", DB, "7001", "2"])
+    assert server.stdout.readline().split()[0] == "listening", server.communicate()
+    client = run(operator, "web", [program, "nginx", DB, "7001"],
+                 env={**os.environ, "CIRCUITS_LOG": "debug"})
+    out = finish(client)
+    assert out.strip() == "ok nginx"
+    finish(server)
+    metrics = admin(operator, "metrics")
+    assert 'circuits_setups_total{guest="web"} 2' in metrics  # both connects were circuits
+    assert 'circuits_bytes_sent_total{guest="web"} 26' in metrics  # both lines crossed them
+
+
+@pytest.mark.parametrize("port,expect", [("7009", "ECONNREFUSED"),  # nobody listens
+                                         ("22", "EACCES")])  # the policy says no
+def test_nginx_upstream_sequence_refused(operator, program, port, expect):
+    assert finish(run(operator, "web", [program, "refused", DB, port])).strip() == f"ok {expect}"
+
+
+def test_listen_after_epoll_ctl_add(operator, program):
+    server = run(operator, "db", [program, "listen", DB, "7002"])
+    assert server.stdout.readline().strip() == "listening", server.communicate()
+    with circuits.connect((DB, 7002), control=operator("web")) as conn:
+        conn.settimeout(10)
+        conn.sendall(b"through the listener\n")
+        got = b""
+        while not got.endswith(b"\n"):
+            more = conn.recv(100)
+            assert more, "the listener closed before echoing"
+            got += more
+    assert got == b"through the listener\n"
+    assert finish(server).split()[-2:] == ["ok", "listen"]
+
+
+class DatagramEcho:
+    """A datagram listener of guest db echoing each datagram it gets."""
+
+    def __init__(self, operator, port: int):
+        self.listener = circuits.listen((DB, port), kind="dgram", control=operator("db"))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.send(data)
+
+
+def test_udp_socket_in_epoll_before_connect_and_across_reconnect(operator, program):
+    echoes = [DatagramEcho(operator, port) for port in (7003, 7004)]
+    try:
+        out = finish(run(operator, "batch", [program, "udp", DB, "7003", "7004"]))
+    finally:
+        for e in echoes:
+            e.listener.close()
+    assert out.strip() == "ok udp"
