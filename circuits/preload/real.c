@@ -15,6 +15,7 @@
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -76,8 +77,9 @@ static void init_once(void)
     resolve_all();
     hide_init();
     cp_log_init(getenv("CIRCUITS_LOG"));
+    /* A copy: nginx writes its process title over the environment's strings. */
     const char *path = getenv("CIRCUITS_CONTROL");
-    control_path = path && *path ? path : NULL;
+    control_path = path && *path ? strdup(path) : NULL;
     cp_bypass_init(getenv("CIRCUITS_BYPASS"));
 }
 
