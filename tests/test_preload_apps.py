@@ -48,11 +48,12 @@ class Apps:
         return [sys.executable, "-m", "circuits", "run", "--guest", guest,
                 "--config", str(self.op.config), "--", *argv]
 
-    def server(self, argv: list[str], **kw) -> subprocess.Popen:
-        proc = subprocess.Popen(self.argv(self.op.b, argv), stdout=subprocess.PIPE,
+    def server(self, argv: list[str], guest: str | None = None, **kw) -> subprocess.Popen:
+        """A server in guest b (or `guest`), once that guest listens."""
+        proc = subprocess.Popen(self.argv(guest or self.op.b, argv), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, **kw)
         self.procs.append(proc)
-        self.wait_listening(proc)
+        self.wait_listening(proc, guest=guest or self.op.b)
         return proc
 
     def client(self, argv: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProcess:
@@ -64,9 +65,11 @@ class Apps:
         assert answer["ok"], answer
         return answer["result"]
 
-    def wait_listening(self, proc: subprocess.Popen, timeout: float = 20) -> None:
+    def wait_listening(self, proc: subprocess.Popen, timeout: float = 20,
+                       guest: str | None = None) -> None:
         deadline = time.monotonic() + timeout
-        while not any(g["name"] == self.op.b and g["listeners"] for g in self.admin("guests")):
+        guest = guest or self.op.b
+        while not any(g["name"] == guest and g["listeners"] for g in self.admin("guests")):
             assert proc.poll() is None, f"the server exited: {proc.communicate()}"
             assert time.monotonic() < deadline, "the server never listened"
             time.sleep(0.05)
@@ -120,6 +123,33 @@ def apps(tmp_path, request):
         pytest.skip(WHY_NOT)
     with running(NetOperator(tmp_path, request.getfixturevalue("scratch_ns"),
                              template=APPS_CONFIG)) as op:
+        a = Apps(op, tmp_path)
+        try:
+            yield a
+        finally:
+            a.stop()
+
+
+# Three namespaced guests: a (the client) reaches b (a reverse proxy), which
+# reaches c (the upstream).
+PROXY_CONFIG = APPS_CONFIG.replace(
+    'addresses = ["192.0.2.3"]\n', 'addresses = ["192.0.2.3"]\nnetns = true\n') + """
+[[rules]]
+from = "{b}"
+to = "{c}"
+proto = "tcp"
+action = "allow"
+"""
+assert PROXY_CONFIG.count("netns = true") == 3
+
+
+@pytest.fixture
+def proxy_apps(tmp_path, request):
+    """An operator with three namespaced guests (needs root: skipped otherwise)."""
+    if WHY_NOT:
+        pytest.skip(WHY_NOT)
+    with running(NetOperator(tmp_path, request.getfixturevalue("scratch_ns"),
+                             template=PROXY_CONFIG)) as op:
         a = Apps(op, tmp_path)
         try:
             yield a
@@ -223,6 +253,83 @@ def test_curl_downloads_from_nginx(apps, nginx, tmp_path):
     assert got.returncode == 0, got.stderr
     assert sha256(tmp_path / "got") == sha256(nginx / "www" / "blob")  # sendfile, by the library
     wait_crossed(apps, apps.op.b, before, 8 << 20)
+
+
+# ---- nginx as a reverse proxy ------------------------------------------------
+
+UPSTREAM, PROXY = "192.0.2.3", SERVER  # guest c, guest b
+
+PROXY_CONF = """
+daemon off;
+master_process on;
+worker_processes 2;
+user root;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    upstream up {{
+        server {upstream}:7007;
+        keepalive 16;
+    }}
+    server {{
+        listen {addr}:7006;
+        location / {{
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+def setups(apps: Apps, guest: str) -> int:
+    """circuits_setups_total of guest: the connects the operator set up for it."""
+    m = re.search(rf'^circuits_setups_total{{guest="{guest}"}} (\d+)$', apps.admin("metrics"),
+                  re.M)
+    return int(m.group(1)) if m else 0
+
+
+@needs("nginx", "curl", "wrk")
+def test_nginx_reverse_proxy_to_an_upstream_in_another_guest(proxy_apps, tmp_path):
+    """nginx connects to its upstreams as event loops do: the socket goes into
+    its epoll set first (EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET), then a
+    non-blocking connect, EPOLLOUT, SO_ERROR; with upstream keepalive it
+    reuses those circuits for many requests."""
+    apps = proxy_apps
+    up = tmp_path / "upstream"
+    conf = nginx_conf(up, UPSTREAM, 7007)
+    (up / "www" / "blob").write_bytes(os.urandom(8 << 20))
+    apps.server(["nginx", "-p", str(up), "-e", str(up / "error.log"), "-c", str(conf)],
+                guest=apps.op.c)
+    px = tmp_path / "proxy"
+    px.mkdir()
+    (px / "nginx.conf").write_text(PROXY_CONF.format(d=px, addr=PROXY, upstream=UPSTREAM))
+    apps.server(["nginx", "-p", str(px), "-e", str(px / "error.log"), "-c", str(px / "nginx.conf")])
+
+    before = sent_total(apps, apps.op.c), sent_total(apps, apps.op.b)
+    got = apps.client(["curl", "-sS", "-o", str(tmp_path / "got"), f"http://{PROXY}:7006/blob"])
+    assert got.returncode == 0, got.stderr + (px / "error.log").read_text()
+    assert sha256(tmp_path / "got") == sha256(up / "www" / "blob")
+    wait_crossed(apps, apps.op.c, before[0], 8 << 20)  # upstream -> proxy, through a circuit
+    wait_crossed(apps, apps.op.b, before[1], 8 << 20)  # proxy -> client, through another
+
+    connects = setups(apps, apps.op.b)
+    with Watch(apps) as w:
+        got = apps.client(["wrk", "-t1", "-c10", "-d2s", f"http://{PROXY}:7006/"], timeout=60)
+    assert got.returncode == 0, got.stderr
+    requests = int(re.search(r"(\d+) requests in", got.stdout).group(1))
+    assert requests > 100 and "Socket errors" not in got.stdout and "Non-2xx" not in got.stdout, \
+        got.stdout + (px / "error.log").read_text()
+    assert all(n > 0 for n in w.crossed())
+    upstream_connects = setups(apps, apps.op.b) - connects
+    print(f"{requests} requests through the proxy, {upstream_connects} upstream circuits")
+    # keepalive: the proxy's upstream circuits serve many requests each
+    assert 0 < upstream_connects <= requests // 10, (upstream_connects, requests)
 
 
 # ---- iperf3 -----------------------------------------------------------------
