@@ -14,7 +14,8 @@
  *     epoll_connect listen HOST PORT    epoll_ctl ADD, then bind and listen:
  *         wait for EPOLLIN, accept one connection, echo a line
  *     epoll_connect udp HOST PORT1 PORT2  a UDP socket in an epoll set
- *         connected, then re-connected elsewhere: each echo wakes the set
+ *         connected, then re-connected elsewhere: each echo wakes the set;
+ *         then a dup of it in the set, re-connected through the other number
  *
  * Prints "ok ..." and exits 0, or "FAIL what: why" and exits 1.  Every wait
  * is bounded (5 s): a wake-up that never comes is a failure, not a hang.
@@ -173,12 +174,12 @@ static int role_listen(const struct sockaddr_in *a)
     return 0;
 }
 
-/* One datagram out, its echo back through the epoll set. */
-static void udp_round(int ep, int fd, const char *msg)
+/* One datagram out, its echo back through the epoll set (registered as tag). */
+static void udp_round(int ep, int fd, uint64_t tag, const char *msg)
 {
     char buf[512];
     CHECK(send(fd, msg, strlen(msg), 0) == (ssize_t)strlen(msg), "send");
-    wait_for(ep, 9, EPOLLIN, "EPOLLIN of the UDP socket");
+    wait_for(ep, tag, EPOLLIN, "EPOLLIN of the UDP socket");
     ssize_t n = recv(fd, buf, sizeof(buf) - 1, MSG_DONTWAIT);
     CHECK(n > 0, "recv");
     buf[n] = 0;
@@ -195,9 +196,16 @@ static int role_udp(const char *host, const char *port1, const char *port2)
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 9};
     CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) == 0, "epoll_ctl ADD before connect");
     CHECK(connect(fd, (const struct sockaddr *)&a, sizeof(a)) == 0, "connect");
-    udp_round(ep, fd, "first");
+    udp_round(ep, fd, 9, "first");
     CHECK(connect(fd, (const struct sockaddr *)&b, sizeof(b)) == 0, "re-connect");
-    udp_round(ep, fd, "second");
+    udp_round(ep, fd, 9, "second");
+    int d = dup(fd);
+    CHECK(d >= 0, "dup");
+    CHECK(epoll_ctl(ep, EPOLL_CTL_DEL, fd, NULL) == 0, "epoll_ctl DEL");
+    ev.data.u64 = 10;
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, d, &ev) == 0, "epoll_ctl ADD of the dup");
+    CHECK(connect(fd, (const struct sockaddr *)&a, sizeof(a)) == 0, "re-connect (other number)");
+    udp_round(ep, d, 10, "third");
     printf("ok udp\n");
     return 0;
 }

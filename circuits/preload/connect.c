@@ -73,9 +73,7 @@ static int answer(int ctl, uint32_t request, bool wait, struct cp_circuit_msg *m
     int err;
     while ((err = cp_ctl_recv_connect(ctl, request, wait, m, fds)) == -EINTR)
         ;
-    if (err == -ECONNABORTED) /* the operator left with our CONNECT */
-        cp_unreachable(err);
-    return err;
+    return err == -ECONNABORTED ? cp_unreachable(err) : err; /* the operator left with it */
 }
 
 int cp_ask_circuit(const struct cp_endpoint *ep, uint32_t kind, struct cp_circuit_msg *m,

@@ -11,7 +11,8 @@
  * long; the program's descriptor is a duplicate of it, so it polls readable
  * when a reply arrives).  CONNECTs share a small pool of connections:
  * threads connecting at once each take their own, so none waits for
- * another's reply.
+ * another's reply, and a connect in flight keeps its own until the answer
+ * comes (connect.c).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -28,6 +29,10 @@
 #define MAX_MESSAGE 4096
 #define MAX_FDS 4
 #define REPLY_TIMEOUT_MS 10000 /* the operator answers at once; a stuck one is an error */
+/* ...but a CONNECT to the outside once the host's handshake is done, within
+ * its connect_timeout (30 s by default): wait as long as the kernel's own
+ * connect would (tcp_syn_retries 6: 127 s). */
+#define CONNECT_TIMEOUT_MS 130000
 #define POOL_MAX 8
 
 enum { HELLO = 1, WELCOME, LISTEN, UNLISTEN, CONNECT, CIRCUIT, CLOSE, OK, ERROR, ACCEPT };
@@ -316,7 +321,7 @@ int cp_ctl_recv_connect(int fd, uint32_t request, bool wait, struct cp_circuit_m
 {
     struct msg m;
     int got[MAX_FDS], nfds = 0;
-    int err = recv_msg(fd, wait, REPLY_TIMEOUT_MS, &m, got, &nfds);
+    int err = recv_msg(fd, wait, CONNECT_TIMEOUT_MS, &m, got, &nfds);
     if (err)
         return err;
     if (m.request != request) {

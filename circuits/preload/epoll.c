@@ -74,7 +74,7 @@ struct reg {
 
 struct ep {
     int epfd, inner, poke, refs;
-    int rings;   /* registrations watching a doorbell: worth a spin before sleeping */
+    int rings;   /* registrations watching a doorbell, worth a spin before sleeping (atomic) */
     bool hangup; /* atomic: the inner set saw a hang-up; ask the kernel about peers once */
     bool woke;   /* atomic: the inner set fired (drop_inner) */
     bool answer; /* atomic: a connect's answer came (drop_inner): settle it */
@@ -194,7 +194,7 @@ static void unhook(struct ep *e, struct reg *r)
         if (r->watch[i] >= 0 && !watched_by_other(e, r, r->watch[i]))
             real.epoll_ctl(e->inner, EPOLL_CTL_DEL, r->watch[i], NULL);
     if (r->rings)
-        e->rings--;
+        __atomic_sub_fetch(&e->rings, 1, __ATOMIC_RELAXED);
     r->kfd = r->watch[0] = r->watch[1] = -1;
     r->rings = false;
 }
@@ -240,7 +240,7 @@ static int hook(struct ep *e, struct reg *r)
             return err;
         }
         r->rings = true;
-        e->rings++;
+        __atomic_add_fetch(&e->rings, 1, __ATOMIC_RELAXED);
         return 0;
     default:
         return 0; /* fresh or failed: ready as they are, nothing to wait for */
