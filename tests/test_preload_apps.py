@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from circuits.bench.apps import nginx_conf
+from circuits.bench.apps import NGINX_CONF, nginx_conf
 from circuits.operator.admin import request
 from guestnet_fixtures import APPS_CONFIG, WHY_NOT, NetOperator, running, scratch_ns  # noqa: F401
 
@@ -116,18 +116,23 @@ class Watch:
         return (sum(s[0] for s in self.seen.values()), sum(s[1] for s in self.seen.values()))
 
 
-@pytest.fixture
-def apps(tmp_path, request):
-    """An operator with two namespaced guests (needs root: skipped otherwise)."""
+def _apps(tmp_path, request, template: str):
+    """An operator with namespaced guests (needs root: skipped otherwise)."""
     if WHY_NOT:
         pytest.skip(WHY_NOT)
     with running(NetOperator(tmp_path, request.getfixturevalue("scratch_ns"),
-                             template=APPS_CONFIG)) as op:
+                             template=template)) as op:
         a = Apps(op, tmp_path)
         try:
             yield a
         finally:
             a.stop()
+
+
+@pytest.fixture
+def apps(tmp_path, request):
+    """Two namespaced guests: a (the client) may reach b (the server)."""
+    yield from _apps(tmp_path, request, APPS_CONFIG)
 
 
 # Three namespaced guests: a (the client) reaches b (a reverse proxy), which
@@ -145,16 +150,8 @@ assert PROXY_CONFIG.count("netns = true") == 3
 
 @pytest.fixture
 def proxy_apps(tmp_path, request):
-    """An operator with three namespaced guests (needs root: skipped otherwise)."""
-    if WHY_NOT:
-        pytest.skip(WHY_NOT)
-    with running(NetOperator(tmp_path, request.getfixturevalue("scratch_ns"),
-                             template=PROXY_CONFIG)) as op:
-        a = Apps(op, tmp_path)
-        try:
-            yield a
-        finally:
-            a.stop()
+    """Three namespaced guests: a reaches b, b reaches c."""
+    yield from _apps(tmp_path, request, PROXY_CONFIG)
 
 
 def sent_total(apps: Apps, guest: str) -> int:
@@ -259,32 +256,26 @@ def test_curl_downloads_from_nginx(apps, nginx, tmp_path):
 
 UPSTREAM, PROXY = "192.0.2.3", SERVER  # guest c, guest b
 
-PROXY_CONF = """
-daemon off;
-master_process on;
-worker_processes 2;
-user root;
-pid {d}/nginx.pid;
-error_log {d}/error.log;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/body;
-    proxy_temp_path {d}/proxy;
-    upstream up {{
+# The benchmark's nginx.conf, its server a reverse proxy to c with upstream keepalive.
+SERVES_FILES = """    server {{
+        listen {addr}:{port};
+        root {d}/www;
+    }}
+"""
+PROXY_CONF = NGINX_CONF.replace(SERVES_FILES, """    upstream up {{
         server {upstream}:7007;
         keepalive 16;
     }}
     server {{
-        listen {addr}:7006;
+        listen {addr}:{port};
         location / {{
             proxy_pass http://up;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
         }}
     }}
-}}
-"""
+""")
+assert PROXY_CONF != NGINX_CONF
 
 
 def setups(apps: Apps, guest: str) -> int:
@@ -308,7 +299,8 @@ def test_nginx_reverse_proxy_to_an_upstream_in_another_guest(proxy_apps, tmp_pat
                 guest=apps.op.c)
     px = tmp_path / "proxy"
     px.mkdir()
-    (px / "nginx.conf").write_text(PROXY_CONF.format(d=px, addr=PROXY, upstream=UPSTREAM))
+    (px / "nginx.conf").write_text(PROXY_CONF.format(d=px, addr=PROXY, port=7006,
+                                                     upstream=UPSTREAM))
     apps.server(["nginx", "-p", str(px), "-e", str(px / "error.log"), "-c", str(px / "nginx.conf")])
 
     before = sent_total(apps, apps.op.c), sent_total(apps, apps.op.b)

@@ -13,13 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
 import circuits
 from circuits.operator.admin import request
+from datagram_echo import Echo
 
 HERE = Path(__file__).parent
 SOURCE = HERE / "epoll_connect.c"
@@ -93,33 +93,11 @@ def test_listen_after_epoll_ctl_add(operator, program):
     assert finish(server).split()[-2:] == ["ok", "listen"]
 
 
-class DatagramEcho:
-    """A datagram listener of guest db echoing each datagram it gets."""
-
-    def __init__(self, operator, port: int):
-        self.listener = circuits.listen((DB, port), kind="dgram", control=operator("db"))
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                conn.send(data)
-
-
 def test_udp_socket_in_epoll_before_connect_and_across_reconnect(operator, program):
-    echoes = [DatagramEcho(operator, port) for port in (7003, 7004)]
+    echoes = [Echo(operator, port) for port in (7003, 7004)]  # echo with "|peer" appended
     try:
         out = finish(run(operator, "batch", [program, "udp", DB, "7003", "7004"]))
     finally:
         for e in echoes:
-            e.listener.close()
+            e.close()
     assert out.strip() == "ok udp"
