@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ import pytest
 import circuits
 from circuits.operator.admin import request
 from datagram_echo import Echo
+import preload_app
 
 HERE = Path(__file__).parent
 SOURCE = HERE / "epoll_connect.c"
@@ -70,6 +73,27 @@ def test_nginx_upstream_sequence_between_guests(operator, program):
     metrics = admin(operator, "metrics")
     assert 'circuits_setups_total{guest="web"} 2' in metrics  # both connects were circuits
     assert 'circuits_bytes_sent_total{guest="web"} 26' in metrics  # both lines crossed them
+
+
+def test_nginx_upstream_sequence_to_a_bypass_address(operator, program):
+    """connect() hands the socket to the kernel (CIRCUITS_BYPASS): the
+    registration made before it becomes the kernel's own."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(2)
+
+        def serve() -> None:
+            for _ in range(2):
+                conn, _ = srv.accept()
+                threading.Thread(target=preload_app.echo, args=(conn,), daemon=True).start()
+
+        threading.Thread(target=serve, daemon=True).start()
+        env = {**os.environ, "CIRCUITS_BYPASS": "127.0.0.0/8", "CIRCUITS_LOG": "debug"}
+        client = run(operator, "web", [program, "nginx", "127.0.0.1", str(srv.getsockname()[1])],
+                     env=env)
+        out, err = client.communicate(timeout=30)
+    assert client.returncode == 0 and out.strip() == "ok nginx", out + err
+    assert "handed to the kernel (connect to a CIRCUITS_BYPASS address)" in err
 
 
 @pytest.mark.parametrize("port,expect", [("7009", "ECONNREFUSED"),  # nobody listens
