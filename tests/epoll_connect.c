@@ -16,6 +16,10 @@
  *     epoll_connect udp HOST PORT1 PORT2  a UDP socket in an epoll set
  *         connected, then re-connected elsewhere: each echo wakes the set;
  *         then a dup of it in the set, re-connected through the other number
+ *     epoll_connect again HOST PORT     a non-blocking connect, then connect()
+ *         again every 10 ms, with no poll between, until it says 0 or
+ *         EISCONN (the kernel's: EALREADY while in flight, then 0 once);
+ *         to nobody, it says ECONNREFUSED once, then tries anew
  *
  * Prints "ok ..." and exits 0, or "FAIL what: why" and exits 1.  Every wait
  * is bounded (5 s): a wake-up that never comes is a failure, not a hang.
@@ -210,6 +214,49 @@ static int role_udp(const char *host, const char *port1, const char *port2)
     return 0;
 }
 
+static int role_again(const struct sockaddr_in *a)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    CHECK(fd >= 0, "socket");
+    int rc = connect(fd, (const struct sockaddr *)a, sizeof(*a));
+    CHECK(rc == 0 || errno == EINPROGRESS, "connect");
+    int tries = 0;
+    for (; rc != 0 && tries < WAIT_MS / 10; tries++) {
+        usleep(10000);
+        rc = connect(fd, (const struct sockaddr *)a, sizeof(*a));
+        if (rc < 0 && errno == EISCONN)
+            fail("connect again", "EISCONN before any 0 (the kernel's says 0 once)");
+        if (rc < 0 && errno == ECONNREFUSED) { /* reported once, then a new try */
+            rc = connect(fd, (const struct sockaddr *)a, sizeof(*a));
+            CHECK(rc < 0 && errno == EINPROGRESS, "connect after the refusal");
+            printf("ok again ECONNREFUSED\n");
+            return 0;
+        }
+        if (rc < 0 && errno != EALREADY && errno != EINPROGRESS)
+            fail("connect again", strerror(errno));
+    }
+    if (rc != 0)
+        fail("connect again", "still EALREADY after 5 s");
+    rc = connect(fd, (const struct sockaddr *)a, sizeof(*a));
+    if (rc == 0 || errno != EISCONN)
+        fail("connect once more", rc == 0 ? "0, not EISCONN" : strerror(errno));
+    int off = 0;
+    CHECK(ioctl(fd, FIONBIO, &off) == 0, "FIONBIO");
+    char buf[64] = {0};
+    CHECK(write(fd, "again\n", 6) == 6, "write");
+    size_t got = 0;
+    while (!memchr(buf, '\n', got)) {
+        ssize_t n = read(fd, buf + got, sizeof(buf) - 1 - got);
+        CHECK(n > 0, "read");
+        got += (size_t)n;
+    }
+    if (strcmp(buf, "again\n"))
+        fail("echo", buf);
+    close(fd);
+    printf("ok again\n");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -225,8 +272,12 @@ int main(int argc, char **argv)
         struct sockaddr_in a = addr_of(argv[2], argv[3]);
         return role_listen(&a);
     }
+    if (argc == 4 && !strcmp(argv[1], "again")) {
+        struct sockaddr_in a = addr_of(argv[2], argv[3]);
+        return role_again(&a);
+    }
     if (argc == 5 && !strcmp(argv[1], "udp"))
         return role_udp(argv[2], argv[3], argv[4]);
-    fprintf(stderr, "usage: epoll_connect nginx|refused|listen HOST PORT | udp HOST PORT1 PORT2\n");
+    fprintf(stderr, "usage: epoll_connect nginx|refused|listen|again HOST PORT | udp HOST PORT1 PORT2\n");
     return 2;
 }

@@ -125,3 +125,20 @@ def test_udp_socket_in_epoll_before_connect_and_across_reconnect(operator, progr
         for e in echoes:
             e.close()
     assert out.strip() == "ok udp"
+
+
+@pytest.mark.parametrize("role", ["again"])
+def test_connect_in_flight_seen_by_other_calls(operator, program, role):
+    """again: connect() called again until it settles, with no poll between."""
+    server = run(operator, "db", [sys.executable, str(APP), "echo-server", DB, "7005", "1"])
+    assert server.stdout.readline().split()[0] == "listening", server.communicate()
+    try:
+        assert finish(run(operator, "web", [program, role, DB, "7005"])).strip() == f"ok {role}"
+    finally:
+        server.kill()
+        server.communicate()
+
+
+def test_connect_again_reports_a_refusal_once(operator, program):
+    out = finish(run(operator, "web", [program, "again", DB, "7009"]))  # nobody listens
+    assert out.strip() == "ok again ECONNREFUSED"

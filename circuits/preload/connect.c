@@ -222,7 +222,13 @@ static int connect_stream(int fd, struct cp_sock *s, const struct cp_endpoint *e
     case CP_LISTENING:
         return -EINVAL;
     case CP_CONNECTING:
-        return nonblock ? -EALREADY : finish(s, true, true);
+        if (!nonblock)
+            return finish(s, true, true);
+        if (finish(s, false, false) == -EAGAIN)
+            return -EALREADY;
+        if (state_of(s) == CP_CONNECTED)
+            return 0; /* the kernel's: the connect that finds the handshake done says 0 */
+        __attribute__((fallthrough)); /* it failed: this connect reports it */
     case CP_FAILED: { /* the kernel's second connect reports the failure, then tries anew */
         int err = __atomic_exchange_n(&s->so_error, 0, __ATOMIC_ACQ_REL);
         __atomic_store_n(&s->state, CP_FRESH, __ATOMIC_RELEASE);
