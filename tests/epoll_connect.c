@@ -20,6 +20,10 @@
  *         again every 10 ms, with no poll between, until it says 0 or
  *         EISCONN (the kernel's: EALREADY while in flight, then 0 once);
  *         to nobody, it says ECONNREFUSED once, then tries anew
+ *     epoll_connect thread HOST PORT    a thread asleep in epoll_wait on a
+ *         set of a pipe while another adds a fresh socket to the set and
+ *         connects it: the sleeper sees the socket's EPOLLOUT within 1 s,
+ *         and no event of any other data
  *
  * Prints "ok ..." and exits 0, or "FAIL what: why" and exits 1.  Every wait
  * is bounded (5 s): a wake-up that never comes is a failure, not a hang.
@@ -34,7 +38,9 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
+#include <pthread.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #define WAIT_MS 5000
@@ -257,6 +263,80 @@ static int role_again(const struct sockaddr_in *a)
     return 0;
 }
 
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* A thread in epoll_wait on ep until it sees `tag` with any of `want`. */
+struct sleeper {
+    int ep;
+    uint64_t tag;
+    uint32_t want;
+    int64_t woke_ms;   /* when it saw it; -1: never */
+    char bad[128];     /* what else it saw, if anything */
+};
+
+static void *sleep_on(void *arg)
+{
+    struct sleeper *z = arg;
+    z->woke_ms = -1;
+    int64_t end = now_ms() + WAIT_MS;
+    while (now_ms() < end) {
+        struct epoll_event ev[8];
+        int n = epoll_wait(z->ep, ev, 8, (int)(end - now_ms()));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            snprintf(z->bad, sizeof(z->bad), "epoll_wait: %s", strerror(errno));
+            return NULL;
+        }
+        for (int i = 0; i < n; i++) {
+            if (ev[i].data.u64 != z->tag) {
+                snprintf(z->bad, sizeof(z->bad), "an event of data %#llx (events %#x)",
+                         (unsigned long long)ev[i].data.u64, ev[i].events);
+                return NULL;
+            }
+            if (ev[i].events & z->want) {
+                z->woke_ms = now_ms();
+                return NULL;
+            }
+        }
+    }
+    return NULL;
+}
+
+static int role_thread(const struct sockaddr_in *a)
+{
+    int ep = epoll_create1(EPOLL_CLOEXEC), p[2];
+    CHECK(ep >= 0 && pipe(p) == 0, "epoll_create1, pipe");
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 100};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, p[0], &ev) == 0, "epoll_ctl ADD of the pipe");
+    struct sleeper z = {.ep = ep, .tag = 1, .want = EPOLLOUT};
+    pthread_t t;
+    CHECK(pthread_create(&t, NULL, sleep_on, &z) == 0, "pthread_create");
+    usleep(200000); /* the sleeper is asleep in the kernel by now */
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    CHECK(fd >= 0, "socket");
+    ev = (struct epoll_event){.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.u64 = 1};
+    int64_t added = now_ms();
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) == 0, "epoll_ctl ADD");
+    int rc = connect(fd, (const struct sockaddr *)a, sizeof(*a));
+    CHECK(rc == 0 || errno == EINPROGRESS, "connect");
+    pthread_join(t, NULL);
+    if (z.bad[0])
+        fail("the sleeper", z.bad);
+    if (z.woke_ms < 0)
+        fail("the sleeper", "no EPOLLOUT within 5 s");
+    if (z.woke_ms - added > 1000)
+        fail("the sleeper", "woke more than 1 s after the ADD");
+    close(fd);
+    printf("ok thread\n");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -276,8 +356,12 @@ int main(int argc, char **argv)
         struct sockaddr_in a = addr_of(argv[2], argv[3]);
         return role_again(&a);
     }
+    if (argc == 4 && !strcmp(argv[1], "thread")) {
+        struct sockaddr_in a = addr_of(argv[2], argv[3]);
+        return role_thread(&a);
+    }
     if (argc == 5 && !strcmp(argv[1], "udp"))
         return role_udp(argv[2], argv[3], argv[4]);
-    fprintf(stderr, "usage: epoll_connect nginx|refused|listen|again HOST PORT | udp HOST PORT1 PORT2\n");
+    fprintf(stderr, "usage: epoll_connect nginx|refused|listen|again|thread HOST PORT | udp HOST PORT1 PORT2\n");
     return 2;
 }

@@ -127,9 +127,11 @@ def test_udp_socket_in_epoll_before_connect_and_across_reconnect(operator, progr
     assert out.strip() == "ok udp"
 
 
-@pytest.mark.parametrize("role", ["again"])
+@pytest.mark.parametrize("role", ["again", "thread"])
 def test_connect_in_flight_seen_by_other_calls(operator, program, role):
-    """again: connect() called again until it settles, with no poll between."""
+    """again: connect() called again until it settles, with no poll between;
+    thread: by a thread that was asleep in epoll_wait before the socket was
+    added to its set (the set then held no circuit socket)."""
     server = run(operator, "db", [sys.executable, str(APP), "echo-server", DB, "7005", "1"])
     assert server.stdout.readline().split()[0] == "listening", server.communicate()
     try:

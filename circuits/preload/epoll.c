@@ -23,7 +23,8 @@
  *
  * The first four are watched through an inner epoll of ours, put in the
  * program's set under a data value of its own, so a ring or an answer wakes
- * a program sleeping in epoll_wait.  When the socket changes state (it
+ * a program sleeping in epoll_wait (even one whose wait began before the set
+ * held a circuit socket: passed_through keeps that value from it).  When the socket changes state (it
  * connects, listens, re-connects, an answer settles it), cp_epoll_follow
  * moves each of its registrations to the new descriptors and pokes the set
  * (an eventfd in the inner set) so that a sleeper looks again.  Waiting:
@@ -574,17 +575,21 @@ static int collect(struct ep *e, struct epoll_event *out, int max, bool arm)
     return n;
 }
 
+/* The kernel's answer without our inner set's event: the events left. */
+static int drop_ours(struct epoll_event *ev, int k)
+{
+    int kept = 0;
+    for (int i = 0; i < k; i++)
+        if (ev[i].data.u64 != INNER_DATA)
+            ev[kept++] = ev[i];
+    return kept;
+}
+
 /* Take our inner set's event out of the kernel's answer; harvest the inner set. */
 static int drop_inner(struct ep *e, struct epoll_event *ev, int k)
 {
-    int kept = 0;
-    bool inner = false;
-    for (int i = 0; i < k; i++) {
-        if (ev[i].data.u64 == INNER_DATA)
-            inner = true;
-        else
-            ev[kept++] = ev[i];
-    }
+    int kept = drop_ours(ev, k);
+    bool inner = kept < k;
     struct epoll_event junk[64];
     int got = 64;
     while (inner && got == 64) {
@@ -676,15 +681,37 @@ static int wait_loop(struct ep *e, struct epoll_event *ev, int max, int64_t dead
     }
 }
 
+/*
+ * The kernel answered a wait on a set we had no record of when it began (k:
+ * its answer).  Another thread may have added a circuit socket since, which
+ * put our inner set in the program's: its event is ours, never the
+ * program's.  If nothing else came, wait on as for a set of circuits.
+ */
+static int passed_through(int epfd, struct epoll_event *ev, int max, int k, int64_t deadline,
+                          const sigset_t *mask)
+{
+    int kept = k > 0 ? drop_ours(ev, k) : k;
+    if (kept != 0 || k == 0)
+        return kept;
+    int err;
+    struct ep *e = ep_get(epfd, false, &err);
+    if (!e) /* the set was closed under us */
+        return 0;
+    int rc = wait_loop(e, ev, max, deadline, mask);
+    ep_put(e);
+    return (int)cp_ret(rc);
+}
+
 CP_EXPORT int epoll_pwait(int epfd, struct epoll_event *ev, int max, int timeout,
                           const sigset_t *mask)
 {
     cp_init();
     int err;
+    int64_t deadline = timeout < 0 ? -1 : cp_now_ns() + (int64_t)timeout * 1000000LL;
     struct ep *e = max > 0 && ev ? ep_get(epfd, false, &err) : NULL;
     if (!e)
-        return real.epoll_pwait(epfd, ev, max, timeout, mask);
-    int64_t deadline = timeout < 0 ? -1 : cp_now_ns() + (int64_t)timeout * 1000000LL;
+        return passed_through(epfd, ev, max, real.epoll_pwait(epfd, ev, max, timeout, mask),
+                              deadline, mask);
     int rc = wait_loop(e, ev, max, deadline, mask);
     ep_put(e);
     return (int)cp_ret(rc);
@@ -696,17 +723,18 @@ CP_EXPORT int epoll_pwait2(int epfd, struct epoll_event *ev, int max, const stru
 {
     cp_init();
     int err;
+    int64_t deadline = ts ? cp_now_ns() + (int64_t)ts->tv_sec * 1000000000LL + ts->tv_nsec : -1;
     struct ep *e = max > 0 && ev ? ep_get(epfd, false, &err) : NULL;
     if (!e) {
         if (!real.epoll_pwait2)
             return (int)cp_ret(-ENOSYS);
-        return real.epoll_pwait2(epfd, ev, max, ts, mask);
+        return passed_through(epfd, ev, max, real.epoll_pwait2(epfd, ev, max, ts, mask),
+                              deadline, mask);
     }
     if (ts && (ts->tv_sec < 0 || ts->tv_nsec < 0 || ts->tv_nsec >= 1000000000L)) {
         ep_put(e);
         return (int)cp_ret(-EINVAL);
     }
-    int64_t deadline = ts ? cp_now_ns() + (int64_t)ts->tv_sec * 1000000000LL + ts->tv_nsec : -1;
     int rc = wait_loop(e, ev, max, deadline, mask);
     ep_put(e);
     return (int)cp_ret(rc);
