@@ -24,6 +24,13 @@
  *         set of a pipe while another adds a fresh socket to the set and
  *         connects it: the sleeper sees the socket's EPOLLOUT within 1 s,
  *         and no event of any other data
+ *     epoll_connect add HOST PORT       a thread asleep in epoll_wait while
+ *         another adds a fresh socket to its set, first to a set of a pipe
+ *         only, then to one that holds a circuit socket already: the sleeper
+ *         wakes with its EPOLLOUT (the kernel reports it at the ADD)
+ *     epoll_connect mod HOST PORT       a thread asleep in epoll_wait on a
+ *         connected socket registered for EPOLLIN while another thread
+ *         MODs it to EPOLLIN|EPOLLOUT: the sleeper wakes with EPOLLOUT
  *
  * Prints "ok ..." and exits 0, or "FAIL what: why" and exits 1.  Every wait
  * is bounded (5 s): a wake-up that never comes is a failure, not a hang.
@@ -337,6 +344,68 @@ static int role_thread(const struct sockaddr_in *a)
     return 0;
 }
 
+/* Another thread adds a fresh socket (EPOLLOUT, data tag) while z sleeps on ep. */
+static int add_under(struct sleeper *z, uint64_t tag)
+{
+    pthread_t t;
+    *z = (struct sleeper){.ep = z->ep, .tag = tag, .want = EPOLLOUT};
+    CHECK(pthread_create(&t, NULL, sleep_on, z) == 0, "pthread_create");
+    usleep(200000); /* the sleeper is asleep in the kernel by now */
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    CHECK(fd >= 0, "socket");
+    struct epoll_event ev = {.events = EPOLLOUT | EPOLLONESHOT, .data.u64 = tag};
+    int64_t added = now_ms();
+    CHECK(epoll_ctl(z->ep, EPOLL_CTL_ADD, fd, &ev) == 0, "epoll_ctl ADD");
+    pthread_join(t, NULL);
+    if (z->bad[0])
+        fail("the sleeper", z->bad);
+    if (z->woke_ms < 0 || z->woke_ms - added > 1000)
+        fail("the sleeper", "no EPOLLOUT within 1 s of the ADD");
+    return fd;
+}
+
+static int role_add(void)
+{
+    struct sleeper z = {.ep = epoll_create1(EPOLL_CLOEXEC)};
+    int p[2];
+    CHECK(z.ep >= 0 && pipe(p) == 0, "epoll_create1, pipe");
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 100};
+    CHECK(epoll_ctl(z.ep, EPOLL_CTL_ADD, p[0], &ev) == 0, "epoll_ctl ADD of the pipe");
+    int one = add_under(&z, 1); /* the set holds no circuit socket yet */
+    int two = add_under(&z, 2); /* it holds one (reported: EPOLLONESHOT) */
+    close(one);
+    close(two);
+    printf("ok add\n");
+    return 0;
+}
+
+static int role_mod(const struct sockaddr_in *a)
+{
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    CHECK(ep >= 0 && fd >= 0, "epoll_create1, socket");
+    CHECK(connect(fd, (const struct sockaddr *)a, sizeof(*a)) == 0, "connect");
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 1};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) == 0, "epoll_ctl ADD");
+    struct sleeper z = {.ep = ep, .tag = 1, .want = EPOLLOUT};
+    pthread_t t;
+    CHECK(pthread_create(&t, NULL, sleep_on, &z) == 0, "pthread_create");
+    usleep(200000);
+    ev.events = EPOLLIN | EPOLLOUT;
+    int64_t modified = now_ms();
+    CHECK(epoll_ctl(ep, EPOLL_CTL_MOD, fd, &ev) == 0, "epoll_ctl MOD");
+    pthread_join(t, NULL);
+    if (z.bad[0])
+        fail("the sleeper", z.bad);
+    if (z.woke_ms < 0)
+        fail("the sleeper", "no EPOLLOUT within 5 s of the MOD");
+    if (z.woke_ms - modified > 1000)
+        fail("the sleeper", "woke more than 1 s after the MOD");
+    close(fd);
+    printf("ok mod\n");
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -360,8 +429,14 @@ int main(int argc, char **argv)
         struct sockaddr_in a = addr_of(argv[2], argv[3]);
         return role_thread(&a);
     }
+    if (argc == 4 && !strcmp(argv[1], "add"))
+        return role_add();
+    if (argc == 4 && !strcmp(argv[1], "mod")) {
+        struct sockaddr_in a = addr_of(argv[2], argv[3]);
+        return role_mod(&a);
+    }
     if (argc == 5 && !strcmp(argv[1], "udp"))
         return role_udp(argv[2], argv[3], argv[4]);
-    fprintf(stderr, "usage: epoll_connect nginx|refused|listen|again|thread HOST PORT | udp HOST PORT1 PORT2\n");
+    fprintf(stderr, "usage: epoll_connect nginx|refused|listen|again|thread|add|mod HOST PORT | udp HOST PORT1 PORT2\n");
     return 2;
 }

@@ -141,6 +141,20 @@ def test_connect_in_flight_seen_by_other_calls(operator, program, role):
         server.communicate()
 
 
+@pytest.mark.parametrize("role", ["add", "mod"])
+def test_epoll_ctl_wakes_a_thread_asleep_on_the_set(operator, program, role):
+    """The kernel looks at a registration as epoll_ctl adds or changes it and
+    wakes a waiter if it is ready: a fresh socket added (EPOLLOUT), a
+    connected one MODded to EPOLLOUT."""
+    server = run(operator, "db", [sys.executable, str(APP), "echo-server", DB, "7006", "1"])
+    assert server.stdout.readline().split()[0] == "listening", server.communicate()
+    try:
+        assert finish(run(operator, "web", [program, role, DB, "7006"])).strip() == f"ok {role}"
+    finally:
+        server.kill()
+        server.communicate()
+
+
 def test_connect_again_reports_a_refusal_once(operator, program):
     out = finish(run(operator, "web", [program, "again", DB, "7009"]))  # nobody listens
     assert out.strip() == "ok again ECONNREFUSED"

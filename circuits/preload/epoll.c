@@ -76,6 +76,7 @@ struct reg {
 struct ep {
     int epfd, inner, poke, refs;
     int rings;   /* registrations watching a doorbell, worth a spin before sleeping (atomic) */
+    int sleepers; /* waits about to sleep in the kernel, or asleep (atomic): epoll_ctl pokes them */
     bool hangup; /* atomic: the inner set saw a hang-up; ask the kernel about peers once */
     bool woke;   /* atomic: the inner set fired (drop_inner) */
     bool answer; /* atomic: a connect's answer came (drop_inner): settle it */
@@ -110,6 +111,14 @@ static struct ep *find_locked(int epfd)
     return NULL;
 }
 
+/* Wake whoever sleeps on the program's set: a registration moved or came. */
+static void poke(struct ep *e)
+{
+    uint64_t one = 1;
+    if (real.write(e->poke, &one, sizeof(one)) < 0)
+        return; /* the counter cannot overflow in practice; a wake is all we want */
+}
+
 /* A new record of epfd: our inner set, with the poke in it, in the program's set. */
 static struct ep *ep_new(int epfd, int *err)
 {
@@ -122,8 +131,8 @@ static struct ep *ep_new(int epfd, int *err)
     e->inner = cp_hide_fd(real.epoll_create1(EPOLL_CLOEXEC));
     e->poke = cp_hide_fd(eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     struct epoll_event in = {.events = EPOLLIN, .data.u64 = INNER_DATA},
-                       poke = {.events = EPOLLIN | EPOLLET, .data.u64 = WATCH_POKE};
-    if (e->inner < 0 || e->poke < 0 || real.epoll_ctl(e->inner, EPOLL_CTL_ADD, e->poke, &poke) < 0 ||
+                       pk = {.events = EPOLLIN | EPOLLET, .data.u64 = WATCH_POKE};
+    if (e->inner < 0 || e->poke < 0 || real.epoll_ctl(e->inner, EPOLL_CTL_ADD, e->poke, &pk) < 0 ||
         real.epoll_ctl(epfd, EPOLL_CTL_ADD, e->inner, &in) < 0) {
         *err = -errno;
         if (e->inner >= 0)
@@ -135,6 +144,7 @@ static struct ep *ep_new(int epfd, int *err)
     }
     e->refs = 1; /* the list's */
     pthread_mutex_init(&e->lock, NULL);
+    poke(e); /* a wait that began before this record is the kernel's alone: look (passed_through) */
     return e;
 }
 
@@ -155,14 +165,6 @@ static struct ep *ep_get(int epfd, bool create, int *err)
         __atomic_add_fetch(&e->refs, 1, __ATOMIC_ACQ_REL);
     pthread_mutex_unlock(&eps_lock);
     return e;
-}
-
-/* Wake whoever sleeps on the program's set: a registration moved. */
-static void poke(struct ep *e)
-{
-    uint64_t one = 1;
-    if (real.write(e->poke, &one, sizeof(one)) < 0)
-        return; /* the counter cannot overflow in practice; a wake is all we want */
 }
 
 static struct reg **find_reg(struct ep *e, int fd)
@@ -494,6 +496,10 @@ CP_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
         cp_sock_keep(s); /* a registration is no call in flight (udp.c) */
     if (err == 1) /* a parked registration came back: it holds one already */
         err = 0;
+    /* The kernel looks at what was added or changed at once, waking waiters if
+     * it is ready; a thread asleep on the set looks again. */
+    if (!err && op != EPOLL_CTL_DEL && __atomic_load_n(&e->sleepers, __ATOMIC_SEQ_CST))
+        poke(e);
     ep_put(e);
     return (int)cp_ret(err);
 }
@@ -659,14 +665,20 @@ static int wait_loop(struct ep *e, struct epoll_event *ev, int max, int64_t dead
         bool rings = __atomic_load_n(&e->rings, __ATOMIC_RELAXED) > 0;
         if (wait && !empty && rings && cp_spin(any_ready, &look, deadline)) /* before a sleep */
             n = look.n, wait = false;
-        if (wait)
+        bool counted = wait; /* in before the last look: what epoll_ctl adds or
+                              * changes after it pokes the set */
+        if (counted) {
+            __atomic_add_fetch(&e->sleepers, 1, __ATOMIC_SEQ_CST);
             wait = (n = collect(e, ev, max, true)) == 0;
-        if (n < max) {
-            int k = real.epoll_pwait(e->epfd, ev + n, max - n, wait ? cp_ms_until(deadline) : 0, mask);
-            if (k < 0)
-                return n ? n : -errno;
-            n += drop_inner(e, ev + n, k);
         }
+        int k = n < max ? real.epoll_pwait(e->epfd, ev + n, max - n,
+                                           wait ? cp_ms_until(deadline) : 0, mask) : 0;
+        int err = errno;
+        if (counted)
+            __atomic_sub_fetch(&e->sleepers, 1, __ATOMIC_SEQ_CST);
+        if (k < 0)
+            return n ? n : -err;
+        n += drop_inner(e, ev + n, k);
         bool woke = __atomic_exchange_n(&e->woke, false, __ATOMIC_ACQ_REL);
         if (woke && !n)
             free_regs(drop_parked(e)); /* a parked doorbell rang for nothing */
