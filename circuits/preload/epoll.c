@@ -278,6 +278,7 @@ static void free_regs(struct reg *r)
 static void each_reg(struct cp_sock *s, struct reg *(*fn)(struct ep *, struct reg **, int),
                      int arg)
 {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* the new state is out before the count is read (add) */
     if (!__atomic_load_n(&s->epolls, __ATOMIC_ACQUIRE) || !__atomic_load_n(&n_eps, __ATOMIC_ACQUIRE))
         return;
     struct reg *dead = NULL;
@@ -432,12 +433,16 @@ static int add(struct ep *e, int fd, struct cp_sock *s, const struct epoll_event
         return -ENOMEM;
     *r = (struct reg){.fd = fd, .s = s, .kfd = -1, .watch = {-1, -1}};
     unpark(r, ev); /* the same start as a registration that comes back */
+    /* Counted before hook reads the state: a state change that does not see
+     * the count is one hook sees, and one that does waits for e->lock, then
+     * finds r linked (each_reg). */
+    __atomic_add_fetch(&s->epolls, 1, __ATOMIC_SEQ_CST);
     int err = hook(e, r);
     if (err) {
+        __atomic_sub_fetch(&s->epolls, 1, __ATOMIC_ACQ_REL);
         free(r);
         return err;
     }
-    __atomic_add_fetch(&s->epolls, 1, __ATOMIC_ACQ_REL);
     r->next = e->regs;
     e->regs = r;
     return 0;
