@@ -28,12 +28,17 @@ connection is up.
         and closes its copy; the parent waits for it, then sends a line on
         the circuit and prints its echo (one process at a time uses a
         circuit: docs/preload.md)
+    egress_app.py interrupt HOST PORT
+        a blocking connect that SIGALRM's handler interrupts after 0.5 s
+        (prints "interrupted", with the seconds it took); the connect goes on
+        as the kernel's does: once writable, prints "connected ERRNO"
 SELECTOR: epoll (the library's epoll_*) or select (its poll and select).
 """
 import errno
 import fcntl
 import os
 import selectors
+import signal
 import socket
 import stat
 import struct
@@ -177,6 +182,28 @@ def fork(host: str, port: str) -> None:
     print("parent: child exited", status, "echo", got.decode().strip(), flush=True)
 
 
+class Alarm(Exception):
+    pass
+
+
+def alarm(signum, frame):
+    raise Alarm
+
+
+def interrupt(host: str, port: str) -> None:
+    signal.signal(signal.SIGALRM, alarm)
+    s = socket.socket()
+    start = time.monotonic()
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    try:
+        s.connect((host, int(port)))
+        sys.exit("connected before the alarm: the test holds the handshake back")
+    except Alarm:
+        print(f"interrupted {time.monotonic() - start:.1f}", flush=True)
+    print("connected", name(writable(s, "select")), flush=True)
+
+
 if __name__ == "__main__":
     role, args = sys.argv[1], sys.argv[2:]
-    {"serve": serve, "connect": connect, "close": close, "fork": fork}[role](*args)
+    {"serve": serve, "connect": connect, "close": close, "fork": fork,
+     "interrupt": interrupt}[role](*args)

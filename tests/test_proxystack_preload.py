@@ -140,3 +140,19 @@ def test_fork_while_the_connect_is_in_flight(world):
     assert line(proc) == "child: SO_ERROR 0 peer 94"
     assert line(proc) == "parent: child exited 0 echo parent"  # the child's close only let go
     finish(proc)
+
+
+def test_signal_interrupts_a_blocking_connect(world):
+    """A blocking connect returns EINTR when a signal handler runs (Python
+    raises from the handler), as the kernel's does, and the connect goes on:
+    the socket turns writable once the handshake completes."""
+    world.serve("echo", 95)
+    held = Held(world, 95)
+    proc = app(world, "web", "interrupt", OUTSIDE_IP, "95")
+    try:
+        words = line(proc, timeout=10).split()
+        assert words[0] == "interrupted" and float(words[1]) < 5, words
+    finally:
+        held.release()
+    assert line(proc) == "connected 0"
+    finish(proc)

@@ -17,8 +17,9 @@
  *            the pool.  Whoever comes first settles: poll or epoll seeing
  *            the answer, a send or receive, getsockopt, connect again.
  *
- * A blocking connect starts and waits for the answer at once; a
- * non-blocking one starts and says EINPROGRESS.  Either way, epoll
+ * A blocking connect starts and waits for the answer at once (a signal
+ * handler cuts the wait short with EINTR, the CONNECT still in flight, as
+ * the kernel's); a non-blocking one starts and says EINPROGRESS.  Either way, epoll
  * registrations follow the socket from one descriptor to the next
  * (cp_epoll_follow).  A socket closed while its CONNECT is in flight takes
  * the answer if it is there and closes that circuit, or closes the control
@@ -66,13 +67,11 @@ static int send_connect(const struct cp_endpoint *ep, int *ctl, uint32_t *reques
     return 0;
 }
 
-/* The answer, if it came (or once it comes: wait).  Signals do not cut a
- * wait short: a blocking connect goes on as before it. */
+/* The answer, if it came (or once it comes: wait); -EINTR if a signal
+ * handler ran while waiting: the answer is still to come on ctl. */
 static int answer(int ctl, uint32_t request, bool wait, struct cp_circuit_msg *m, int fds[4])
 {
-    int err;
-    while ((err = cp_ctl_recv_connect(ctl, request, wait, m, fds)) == -EINTR)
-        ;
+    int err = cp_ctl_recv_connect(ctl, request, wait, m, fds);
     return err == -ECONNABORTED ? cp_unreachable(err) : err; /* the operator left with it */
 }
 
@@ -84,7 +83,8 @@ int cp_ask_circuit(const struct cp_endpoint *ep, uint32_t kind, struct cp_circui
     int err = send_connect(ep, &ctl, &request);
     if (err)
         return err;
-    err = answer(ctl, request, true, m, fds);
+    while ((err = answer(ctl, request, true, m, fds)) == -EINTR)
+        ; /* a UDP connect or a server's new peer: answered at once, never in flight */
     cp_ctl_put(ctl, answered(err));
     return err ? err : cp_ctl_attach(m, fds, 0, kind, c);
 }
@@ -121,15 +121,17 @@ static int install(struct cp_sock *s, const struct cp_circuit_msg *m, int fds[4]
 
 /*
  * Take the answer of s's CONNECT (s->lock held); -EAGAIN if it has not come
- * and !wait.  A failure is the caller's to report (`report`: a blocking
- * connect; s is fresh again) or SO_ERROR's (s is CP_FAILED).
+ * and !wait, -EINTR if a signal handler ran while waiting (s is still
+ * connecting, as a kernel socket whose blocking connect a signal cut short).
+ * A failure is the caller's to report (`report`: a blocking connect; s is
+ * fresh again) or SO_ERROR's (s is CP_FAILED).
  */
 static int finish(struct cp_sock *s, bool wait, bool report)
 {
     struct cp_circuit_msg m;
     int fds[4];
     int err = answer(s->pending, s->request, wait, &m, fds);
-    if (err == -EAGAIN)
+    if (err == -EAGAIN || err == -EINTR)
         return err;
     bool healthy = answered(err);
     if (!err)
@@ -167,7 +169,9 @@ int cp_connect_settle(struct cp_sock *s, bool wait)
 int cp_connect_circuit(int fd, struct cp_sock *s, const struct cp_endpoint *ep)
 {
     int err = start(fd, s, ep);
-    return err ? err : finish(s, true, true);
+    while (!err && (err = finish(s, true, true)) == -EINTR)
+        ; /* UDP (udp.c): its connect returns at once, the answer is at once too */
+    return err;
 }
 
 void cp_connect_abandon(struct cp_sock *s)
@@ -195,7 +199,8 @@ void cp_connect_abandon(struct cp_sock *s)
 static void settle_one(int fd, struct cp_sock *s, void *arg)
 {
     (void)fd, (void)arg;
-    cp_connect_settle(s, true);
+    while (cp_connect_settle(s, true) == -EINTR)
+        ;
 }
 
 /* Before fork: an answer in flight would reach one process only. */

@@ -302,7 +302,8 @@ void cp_hand_back(int fd, const char *why);
  * (s->lock held); a refusal leaves s fresh. */
 int cp_connect_circuit(int fd, struct cp_sock *s, const struct cp_endpoint *ep);
 /* A CONNECT in flight: take its answer if it came (wait: once it comes).
- * 0 once s is no longer CP_CONNECTING, -EAGAIN while it is. */
+ * 0 once s is no longer CP_CONNECTING, -EAGAIN while it is, -EINTR if a
+ * signal handler ran while waiting. */
 int cp_connect_settle(struct cp_sock *s, bool wait);
 /* The last reference to s is gone with its CONNECT in flight. */
 void cp_connect_abandon(struct cp_sock *s);
