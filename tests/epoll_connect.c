@@ -282,6 +282,7 @@ struct sleeper {
     int ep;
     uint64_t tag;
     uint32_t want;
+    pthread_t thread;
     int64_t woke_ms;   /* when it saw it; -1: never */
     char bad[128];     /* what else it saw, if anything */
 };
@@ -289,7 +290,6 @@ struct sleeper {
 static void *sleep_on(void *arg)
 {
     struct sleeper *z = arg;
-    z->woke_ms = -1;
     int64_t end = now_ms() + WAIT_MS;
     while (now_ms() < end) {
         struct epoll_event ev[8];
@@ -315,66 +315,74 @@ static void *sleep_on(void *arg)
     return NULL;
 }
 
-static int role_thread(const struct sockaddr_in *a)
+/* Start a sleeper on ep for tag's EPOLLOUT; it is asleep in the kernel on return. */
+static void fall_asleep(struct sleeper *z, int ep, uint64_t tag)
+{
+    *z = (struct sleeper){.ep = ep, .tag = tag, .want = EPOLLOUT, .woke_ms = -1};
+    CHECK(pthread_create(&z->thread, NULL, sleep_on, z) == 0, "pthread_create");
+    usleep(200000);
+}
+
+/* The sleeper saw its event within 1 s of `since`, and nothing else. */
+static void woke(struct sleeper *z, int64_t since, const char *after)
+{
+    char why[64];
+    pthread_join(z->thread, NULL);
+    if (z->bad[0])
+        fail("the sleeper", z->bad);
+    snprintf(why, sizeof(why), "no EPOLLOUT within 1 s of the %s", after);
+    if (z->woke_ms < 0 || z->woke_ms - since > 1000)
+        fail("the sleeper", why);
+}
+
+/* A set of a pipe: no circuit socket in it. */
+static int pipe_set(void)
 {
     int ep = epoll_create1(EPOLL_CLOEXEC), p[2];
     CHECK(ep >= 0 && pipe(p) == 0, "epoll_create1, pipe");
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 100};
     CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, p[0], &ev) == 0, "epoll_ctl ADD of the pipe");
-    struct sleeper z = {.ep = ep, .tag = 1, .want = EPOLLOUT};
-    pthread_t t;
-    CHECK(pthread_create(&t, NULL, sleep_on, &z) == 0, "pthread_create");
-    usleep(200000); /* the sleeper is asleep in the kernel by now */
+    return ep;
+}
+
+/* A fresh non-blocking socket added to ep under tag; its number. */
+static int add_fresh(int ep, uint64_t tag, uint32_t events)
+{
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
     CHECK(fd >= 0, "socket");
-    ev = (struct epoll_event){.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, .data.u64 = 1};
-    int64_t added = now_ms();
+    struct epoll_event ev = {.events = events, .data.u64 = tag};
     CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) == 0, "epoll_ctl ADD");
+    return fd;
+}
+
+static int role_thread(const struct sockaddr_in *a)
+{
+    int ep = pipe_set();
+    struct sleeper z;
+    fall_asleep(&z, ep, 1);
+    int64_t added = now_ms();
+    int fd = add_fresh(ep, 1, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET);
     int rc = connect(fd, (const struct sockaddr *)a, sizeof(*a));
     CHECK(rc == 0 || errno == EINPROGRESS, "connect");
-    pthread_join(t, NULL);
-    if (z.bad[0])
-        fail("the sleeper", z.bad);
-    if (z.woke_ms < 0)
-        fail("the sleeper", "no EPOLLOUT within 5 s");
-    if (z.woke_ms - added > 1000)
-        fail("the sleeper", "woke more than 1 s after the ADD");
+    woke(&z, added, "ADD and connect");
     close(fd);
     printf("ok thread\n");
     return 0;
 }
 
-/* Another thread adds a fresh socket (EPOLLOUT, data tag) while z sleeps on ep. */
-static int add_under(struct sleeper *z, uint64_t tag)
+static int role_add(const struct sockaddr_in *a)
 {
-    pthread_t t;
-    *z = (struct sleeper){.ep = z->ep, .tag = tag, .want = EPOLLOUT};
-    CHECK(pthread_create(&t, NULL, sleep_on, z) == 0, "pthread_create");
-    usleep(200000); /* the sleeper is asleep in the kernel by now */
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
-    CHECK(fd >= 0, "socket");
-    struct epoll_event ev = {.events = EPOLLOUT | EPOLLONESHOT, .data.u64 = tag};
-    int64_t added = now_ms();
-    CHECK(epoll_ctl(z->ep, EPOLL_CTL_ADD, fd, &ev) == 0, "epoll_ctl ADD");
-    pthread_join(t, NULL);
-    if (z->bad[0])
-        fail("the sleeper", z->bad);
-    if (z->woke_ms < 0 || z->woke_ms - added > 1000)
-        fail("the sleeper", "no EPOLLOUT within 1 s of the ADD");
-    return fd;
-}
-
-static int role_add(void)
-{
-    struct sleeper z = {.ep = epoll_create1(EPOLL_CLOEXEC)};
-    int p[2];
-    CHECK(z.ep >= 0 && pipe(p) == 0, "epoll_create1, pipe");
-    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 100};
-    CHECK(epoll_ctl(z.ep, EPOLL_CTL_ADD, p[0], &ev) == 0, "epoll_ctl ADD of the pipe");
-    int one = add_under(&z, 1); /* the set holds no circuit socket yet */
-    int two = add_under(&z, 2); /* it holds one (reported: EPOLLONESHOT) */
-    close(one);
-    close(two);
+    (void)a;
+    int ep = pipe_set(), fd[2];
+    struct sleeper z;
+    for (int i = 0; i < 2; i++) { /* first no circuit socket in the set, then one (reported) */
+        fall_asleep(&z, ep, (uint64_t)i + 1);
+        int64_t added = now_ms();
+        fd[i] = add_fresh(ep, (uint64_t)i + 1, EPOLLOUT | EPOLLONESHOT);
+        woke(&z, added, "ADD");
+    }
+    close(fd[0]);
+    close(fd[1]);
     printf("ok add\n");
     return 0;
 }
@@ -387,56 +395,37 @@ static int role_mod(const struct sockaddr_in *a)
     CHECK(connect(fd, (const struct sockaddr *)a, sizeof(*a)) == 0, "connect");
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 1};
     CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) == 0, "epoll_ctl ADD");
-    struct sleeper z = {.ep = ep, .tag = 1, .want = EPOLLOUT};
-    pthread_t t;
-    CHECK(pthread_create(&t, NULL, sleep_on, &z) == 0, "pthread_create");
-    usleep(200000);
+    struct sleeper z;
+    fall_asleep(&z, ep, 1);
     ev.events = EPOLLIN | EPOLLOUT;
     int64_t modified = now_ms();
     CHECK(epoll_ctl(ep, EPOLL_CTL_MOD, fd, &ev) == 0, "epoll_ctl MOD");
-    pthread_join(t, NULL);
-    if (z.bad[0])
-        fail("the sleeper", z.bad);
-    if (z.woke_ms < 0)
-        fail("the sleeper", "no EPOLLOUT within 5 s of the MOD");
-    if (z.woke_ms - modified > 1000)
-        fail("the sleeper", "woke more than 1 s after the MOD");
+    woke(&z, modified, "MOD");
     close(fd);
     printf("ok mod\n");
     return 0;
 }
 
+static const struct {
+    const char *name;
+    int (*run)(const struct sockaddr_in *);
+} roles[] = {
+    {"nginx", role_nginx}, {"refused", role_refused}, {"listen", role_listen},
+    {"again", role_again}, {"thread", role_thread}, {"add", role_add}, {"mod", role_mod},
+};
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
-    if (argc == 4 && !strcmp(argv[1], "nginx")) {
-        struct sockaddr_in a = addr_of(argv[2], argv[3]);
-        return role_nginx(&a);
-    }
-    if (argc == 4 && !strcmp(argv[1], "refused")) {
-        struct sockaddr_in a = addr_of(argv[2], argv[3]);
-        return role_refused(&a);
-    }
-    if (argc == 4 && !strcmp(argv[1], "listen")) {
-        struct sockaddr_in a = addr_of(argv[2], argv[3]);
-        return role_listen(&a);
-    }
-    if (argc == 4 && !strcmp(argv[1], "again")) {
-        struct sockaddr_in a = addr_of(argv[2], argv[3]);
-        return role_again(&a);
-    }
-    if (argc == 4 && !strcmp(argv[1], "thread")) {
-        struct sockaddr_in a = addr_of(argv[2], argv[3]);
-        return role_thread(&a);
-    }
-    if (argc == 4 && !strcmp(argv[1], "add"))
-        return role_add();
-    if (argc == 4 && !strcmp(argv[1], "mod")) {
-        struct sockaddr_in a = addr_of(argv[2], argv[3]);
-        return role_mod(&a);
+    for (size_t i = 0; argc == 4 && i < sizeof(roles) / sizeof(roles[0]); i++) {
+        if (!strcmp(argv[1], roles[i].name)) {
+            struct sockaddr_in a = addr_of(argv[2], argv[3]);
+            return roles[i].run(&a);
+        }
     }
     if (argc == 5 && !strcmp(argv[1], "udp"))
         return role_udp(argv[2], argv[3], argv[4]);
-    fprintf(stderr, "usage: epoll_connect nginx|refused|listen|again|thread|add|mod HOST PORT | udp HOST PORT1 PORT2\n");
+    fprintf(stderr, "usage: epoll_connect nginx|refused|listen|again|thread|add|mod HOST PORT"
+                    " | udp HOST PORT1 PORT2\n");
     return 2;
 }

@@ -127,29 +127,17 @@ def test_udp_socket_in_epoll_before_connect_and_across_reconnect(operator, progr
     assert out.strip() == "ok udp"
 
 
-@pytest.mark.parametrize("role", ["again", "thread"])
-def test_connect_in_flight_seen_by_other_calls(operator, program, role):
-    """again: connect() called again until it settles, with no poll between;
-    thread: by a thread that was asleep in epoll_wait before the socket was
-    added to its set (the set then held no circuit socket)."""
+@pytest.mark.parametrize("role", [
+    "again",   # connect() called again until it settles, with no poll between
+    "thread",  # by a thread asleep in epoll_wait since before the ADD (no circuit in its set)
+    "add",     # epoll_ctl ADD from another thread wakes a sleeper (a fresh socket: EPOLLOUT)
+    "mod",     # so does a MOD of a connected socket to EPOLLOUT
+])
+def test_connect_and_epoll_ctl_seen_by_other_calls_and_threads(operator, program, role):
     server = run(operator, "db", [sys.executable, str(APP), "echo-server", DB, "7005", "1"])
     assert server.stdout.readline().split()[0] == "listening", server.communicate()
     try:
         assert finish(run(operator, "web", [program, role, DB, "7005"])).strip() == f"ok {role}"
-    finally:
-        server.kill()
-        server.communicate()
-
-
-@pytest.mark.parametrize("role", ["add", "mod"])
-def test_epoll_ctl_wakes_a_thread_asleep_on_the_set(operator, program, role):
-    """The kernel looks at a registration as epoll_ctl adds or changes it and
-    wakes a waiter if it is ready: a fresh socket added (EPOLLOUT), a
-    connected one MODded to EPOLLOUT."""
-    server = run(operator, "db", [sys.executable, str(APP), "echo-server", DB, "7006", "1"])
-    assert server.stdout.readline().split()[0] == "listening", server.communicate()
-    try:
-        assert finish(run(operator, "web", [program, role, DB, "7006"])).strip() == f"ok {role}"
     finally:
         server.kill()
         server.communicate()
