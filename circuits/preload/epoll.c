@@ -478,6 +478,19 @@ static int ctl(struct ep *e, int op, int fd, struct cp_sock *s, struct epoll_eve
     return ev ? modify(e, *p, ev) : -EFAULT;
 }
 
+static uint32_t ready_of(struct reg *r, bool ask_kernel);
+
+/* Does what epoll_ctl just added or changed on fd wake a thread asleep on e
+ * (e->lock held)?  The kernel looks at a registration as it is made and wakes
+ * a waiter if it is ready.  No edge is used up here: the waiter reports it. */
+static bool wakes(struct ep *e, int fd)
+{
+    if (!__atomic_load_n(&e->sleepers, __ATOMIC_SEQ_CST))
+        return false; /* a wait counted in later looks at the set after us */
+    struct reg *r = *find_reg(e, fd);
+    return r && !r->parked && !r->off && r->kfd < 0 && ready_of(r, false);
+}
+
 CP_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
 {
     cp_init();
@@ -493,6 +506,7 @@ CP_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
     struct reg *dead = NULL;
     pthread_mutex_lock(&e->lock);
     err = ctl(e, op, fd, s, ev, &dead);
+    bool wake = (err == 0 || err == 1) && op != EPOLL_CTL_DEL && wakes(e, fd);
     pthread_mutex_unlock(&e->lock);
     free_regs(dead);
     if (op != EPOLL_CTL_ADD || err) /* an added registration keeps the reference */
@@ -501,9 +515,7 @@ CP_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
         cp_sock_keep(s); /* a registration is no call in flight (udp.c) */
     if (err == 1) /* a parked registration came back: it holds one already */
         err = 0;
-    /* The kernel looks at what was added or changed at once, waking waiters if
-     * it is ready; a thread asleep on the set looks again. */
-    if (!err && op != EPOLL_CTL_DEL && __atomic_load_n(&e->sleepers, __ATOMIC_SEQ_CST))
+    if (wake)
         poke(e);
     ep_put(e);
     return (int)cp_ret(err);
