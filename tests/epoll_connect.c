@@ -31,6 +31,10 @@
  *     epoll_connect mod HOST PORT       a thread asleep in epoll_wait on a
  *         connected socket registered for EPOLLIN while another thread
  *         MODs it to EPOLLIN|EPOLLOUT: the sleeper wakes with EPOLLOUT
+ *     epoll_connect fork HOST PORT      a thread loops in epoll_wait on a set
+ *         holding a connected socket while another forks 50 times; each
+ *         child closes the socket and exits: within 2 s, or it inherited a
+ *         lock the looping thread held
  *
  * Prints "ok ..." and exits 0, or "FAIL what: why" and exits 1.  Every wait
  * is bounded (5 s): a wake-up that never comes is a failure, not a hang.
@@ -46,7 +50,9 @@
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -406,12 +412,56 @@ static int role_mod(const struct sockaddr_in *a)
     return 0;
 }
 
+static volatile int looping = 1;
+
+static void *loop_on(void *arg)
+{
+    struct epoll_event ev[8];
+    while (looping)
+        epoll_wait(*(int *)arg, ev, 8, 0);
+    return NULL;
+}
+
+static int role_fork(const struct sockaddr_in *a)
+{
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    CHECK(ep >= 0 && fd >= 0, "epoll_create1, socket");
+    CHECK(connect(fd, (const struct sockaddr *)a, sizeof(*a)) == 0, "connect");
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 1};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) == 0, "epoll_ctl ADD");
+    pthread_t t;
+    CHECK(pthread_create(&t, NULL, loop_on, &ep) == 0, "pthread_create");
+    for (int i = 0; i < 50; i++) {
+        pid_t child = fork();
+        CHECK(child >= 0, "fork");
+        if (child == 0) {
+            close(fd);
+            _exit(0);
+        }
+        int status = -1;
+        for (int k = 0; k < 200 && waitpid(child, &status, WNOHANG) == 0; k++)
+            usleep(10000);
+        if (status != 0) {
+            kill(child, SIGKILL);
+            waitpid(child, NULL, 0);
+            fail("fork", "a child did not close its socket and exit within 2 s");
+        }
+    }
+    looping = 0;
+    pthread_join(t, NULL);
+    close(fd);
+    printf("ok fork\n");
+    return 0;
+}
+
 static const struct {
     const char *name;
     int (*run)(const struct sockaddr_in *);
 } roles[] = {
     {"nginx", role_nginx}, {"refused", role_refused}, {"listen", role_listen},
     {"again", role_again}, {"thread", role_thread}, {"add", role_add}, {"mod", role_mod},
+    {"fork", role_fork},
 };
 
 int main(int argc, char **argv)
@@ -425,7 +475,7 @@ int main(int argc, char **argv)
     }
     if (argc == 5 && !strcmp(argv[1], "udp"))
         return role_udp(argv[2], argv[3], argv[4]);
-    fprintf(stderr, "usage: epoll_connect nginx|refused|listen|again|thread|add|mod HOST PORT"
+    fprintf(stderr, "usage: epoll_connect nginx|refused|listen|again|thread|add|mod|fork HOST PORT"
                     " | udp HOST PORT1 PORT2\n");
     return 2;
 }

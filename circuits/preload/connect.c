@@ -203,16 +203,10 @@ static void settle_one(int fd, struct cp_sock *s, void *arg)
         ;
 }
 
-/* Before fork: an answer in flight would reach one process only. */
-static void settle_all(void)
+void cp_connect_settle_all(void)
 {
     if (__atomic_load_n(&in_flight, __ATOMIC_ACQUIRE))
         cp_fd_each(settle_one, NULL);
-}
-
-__attribute__((constructor)) static void connect_init(void)
-{
-    pthread_atfork(settle_all, NULL, NULL);
 }
 
 /* ---- connect() ---------------------------------------------------------- */

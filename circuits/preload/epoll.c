@@ -380,6 +380,24 @@ void cp_epoll_closed(int fd, bool was_circuit)
         ep_put(closed);
 }
 
+/* ---- fork ---------------------------------------------------------------- */
+
+/* In lock order: the list, then each set's (as each_reg takes them). */
+void cp_epoll_before_fork(void)
+{
+    pthread_mutex_lock(&eps_lock);
+    for (struct ep *e = eps; e; e = e->next)
+        pthread_mutex_lock(&e->lock);
+}
+
+/* Parent and child alike: the thread that took them gives them back. */
+void cp_epoll_after_fork(void)
+{
+    for (struct ep *e = eps; e; e = e->next)
+        pthread_mutex_unlock(&e->lock);
+    pthread_mutex_unlock(&eps_lock);
+}
+
 /* ---- epoll_ctl ----------------------------------------------------------- */
 
 /*

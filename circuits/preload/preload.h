@@ -307,6 +307,9 @@ int cp_connect_circuit(int fd, struct cp_sock *s, const struct cp_endpoint *ep);
 int cp_connect_settle(struct cp_sock *s, bool wait);
 /* The last reference to s is gone with its CONNECT in flight. */
 void cp_connect_abandon(struct cp_sock *s);
+/* Before fork: wait for every connect in flight (an answer would reach one
+ * process only), so that parent and child hold the same circuit. */
+void cp_connect_settle_all(void);
 
 /* ---- udp.c: UDP sockets, called from socket.c and io.c ---------------- */
 
@@ -408,5 +411,10 @@ void cp_epoll_follow(struct cp_sock *s);
 void cp_epoll_unhook(struct cp_sock *s);
 /* fd was handed back to the kernel: its registrations become the kernel's. */
 void cp_epoll_handed_back(int fd, struct cp_sock *s);
+/* Around fork: take every lock of epoll.c's (a looping epoll_wait holds its
+ * set's), and give them back in parent and child, so the child inherits none
+ * held by a thread it does not have. */
+void cp_epoll_before_fork(void);
+void cp_epoll_after_fork(void);
 
 #endif
