@@ -25,8 +25,9 @@
  *
  * Every circuit socket is backed by a real kernel descriptor on the number
  * the program sees: a placeholder socket of its family until it connects or
- * listens, then the circuit's doorbell (connected) or its own control
- * connection to the operator (listening).
+ * listens (while its CONNECT is in flight too), then the circuit's doorbell
+ * (connected) or an epoll of its own control connection to the operator
+ * (listening).
  */
 #ifndef CIRCUITS_PRELOAD_H
 #define CIRCUITS_PRELOAD_H
@@ -368,7 +369,7 @@ bool cp_udp_server_pending(struct cp_sock *s);
 
 /* ---- poll.c, shared with epoll.c ------------------------------------- */
 
-/* A connected (or failed) circuit socket: its readiness is ours to compute. */
+/* A connecting, connected or failed circuit socket: its readiness is ours to compute. */
 bool cp_computed(struct cp_sock *s);
 /* Its readiness now, as poll bits (the same values as epoll's), within events. */
 short cp_revents(struct cp_sock *s, short events, bool ask_kernel);

@@ -1,6 +1,6 @@
 /*
  * socket.c - the life of a circuit socket: socket, bind, listen, accept,
- * connect, shutdown, close, dup, fcntl, ioctl, names and options.
+ * shutdown, close, dup, fcntl, ioctl, names and options (connect: connect.c).
  *
  * socket(AF_INET or AF_INET6, SOCK_STREAM) makes a real kernel socket of
  * that family as a placeholder and records it in the table (fdtable.c).
