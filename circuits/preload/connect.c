@@ -68,10 +68,14 @@ static int send_connect(const struct cp_endpoint *ep, int *ctl, uint32_t *reques
 }
 
 /* The answer, if it came (or once it comes: wait); -EINTR if a signal
- * handler ran while waiting: the answer is still to come on ctl. */
-static int answer(int ctl, uint32_t request, bool wait, struct cp_circuit_msg *m, int fds[4])
+ * handler ran while waiting: the answer is still to come on ctl.  *healthy:
+ * ctl is fit for the next CONNECT (told before the operator's leaving, which
+ * leaves it dead, becomes ENETUNREACH). */
+static int answer(int ctl, uint32_t request, bool wait, struct cp_circuit_msg *m, int fds[4],
+                  bool *healthy)
 {
     int err = cp_ctl_recv_connect(ctl, request, wait, m, fds);
+    *healthy = answered(err);
     return err == -ECONNABORTED ? cp_unreachable(err) : err; /* the operator left with it */
 }
 
@@ -83,9 +87,10 @@ int cp_ask_circuit(const struct cp_endpoint *ep, uint32_t kind, struct cp_circui
     int err = send_connect(ep, &ctl, &request);
     if (err)
         return err;
-    while ((err = answer(ctl, request, true, m, fds)) == -EINTR)
+    bool healthy;
+    while ((err = answer(ctl, request, true, m, fds, &healthy)) == -EINTR)
         ; /* a UDP connect or a server's new peer: answered at once, never in flight */
-    cp_ctl_put(ctl, answered(err));
+    cp_ctl_put(ctl, healthy);
     return err ? err : cp_ctl_attach(m, fds, 0, kind, c);
 }
 
@@ -130,10 +135,10 @@ static int finish(struct cp_sock *s, bool wait, bool report)
 {
     struct cp_circuit_msg m;
     int fds[4];
-    int err = answer(s->pending, s->request, wait, &m, fds);
+    bool healthy;
+    int err = answer(s->pending, s->request, wait, &m, fds, &healthy);
     if (err == -EAGAIN || err == -EINTR)
         return err;
-    bool healthy = answered(err);
     if (!err)
         err = install(s, &m, fds);
     if (err) {
