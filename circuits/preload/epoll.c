@@ -24,10 +24,12 @@
  * The first four are watched through an inner epoll of ours, put in the
  * program's set under a data value of its own, so a ring or an answer wakes
  * a program sleeping in epoll_wait (even one whose wait began before the set
- * held a circuit socket: passed_through keeps that value from it).  When the socket changes state (it
- * connects, listens, re-connects, an answer settles it), cp_epoll_follow
- * moves each of its registrations to the new descriptors and pokes the set
- * (an eventfd in the inner set) so that a sleeper looks again.  Waiting:
+ * held a circuit socket: passed_through keeps that value from it).  When
+ * the socket changes state (it connects, listens, re-connects, an answer
+ * settles it), cp_epoll_follow moves each of its registrations to the new
+ * descriptors and pokes the set (an eventfd in the inner set) so that a
+ * sleeper looks again; epoll_ctl pokes it when what it registered is ready
+ * and a thread sleeps on the set.  Waiting:
  *
  *   1. settle the connects whose answers came; report the circuits that
  *      are ready (circuit_poll);
