@@ -19,14 +19,14 @@
  *
  * A blocking connect starts and waits for the answer at once (a signal
  * handler cuts the wait short with EINTR, the CONNECT still in flight, as
- * the kernel's); a non-blocking one starts and says EINPROGRESS.  Either way, epoll
- * registrations follow the socket from one descriptor to the next
- * (cp_epoll_follow).  A socket closed while its CONNECT is in flight takes
+ * the kernel's); a non-blocking one starts and says EINPROGRESS.  Either
+ * way, epoll registrations follow the socket from one descriptor to the
+ * next (cp_epoll_follow).  A socket closed while its CONNECT is in flight takes
  * the answer if it is there and closes that circuit, or closes the control
  * connection, whose answer the operator then cannot deliver: it drops that
  * connection, and the circuit with it.  fork() first waits for the answers
- * of connects in flight (pthread_atfork), so parent and child find the same
- * circuit, as they would share a kernel socket.
+ * of connects in flight (pthread_atfork, fork.c), so parent and child find
+ * the same circuit, as they would share a kernel socket.
  */
 #define _GNU_SOURCE
 #include <errno.h>
