@@ -393,17 +393,24 @@ static int role_add(const struct sockaddr_in *a)
     return 0;
 }
 
-static int role_mod(const struct sockaddr_in *a)
+/* A socket connected (blocking) to a, in a new set *ep for EPOLLIN under data 1. */
+static int connected_in_set(const struct sockaddr_in *a, int *ep)
 {
-    int ep = epoll_create1(EPOLL_CLOEXEC);
+    *ep = epoll_create1(EPOLL_CLOEXEC);
     int fd = socket(AF_INET, SOCK_STREAM, 0);
-    CHECK(ep >= 0 && fd >= 0, "epoll_create1, socket");
+    CHECK(*ep >= 0 && fd >= 0, "epoll_create1, socket");
     CHECK(connect(fd, (const struct sockaddr *)a, sizeof(*a)) == 0, "connect");
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 1};
-    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) == 0, "epoll_ctl ADD");
+    CHECK(epoll_ctl(*ep, EPOLL_CTL_ADD, fd, &ev) == 0, "epoll_ctl ADD");
+    return fd;
+}
+
+static int role_mod(const struct sockaddr_in *a)
+{
+    int ep, fd = connected_in_set(a, &ep);
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT, .data.u64 = 1};
     struct sleeper z;
     fall_asleep(&z, ep, 1);
-    ev.events = EPOLLIN | EPOLLOUT;
     int64_t modified = now_ms();
     CHECK(epoll_ctl(ep, EPOLL_CTL_MOD, fd, &ev) == 0, "epoll_ctl MOD");
     woke(&z, modified, "MOD");
@@ -424,12 +431,7 @@ static void *loop_on(void *arg)
 
 static int role_fork(const struct sockaddr_in *a)
 {
-    int ep = epoll_create1(EPOLL_CLOEXEC);
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    CHECK(ep >= 0 && fd >= 0, "epoll_create1, socket");
-    CHECK(connect(fd, (const struct sockaddr *)a, sizeof(*a)) == 0, "connect");
-    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 1};
-    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) == 0, "epoll_ctl ADD");
+    int ep, fd = connected_in_set(a, &ep);
     pthread_t t;
     CHECK(pthread_create(&t, NULL, loop_on, &ep) == 0, "pthread_create");
     for (int i = 0; i < 50; i++) {
