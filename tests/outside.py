@@ -7,7 +7,8 @@ Roles: http (GET /download/N streams N bytes of a fixed pattern; POST
 RST), halfclose (reads to EOF, then answers the sha256 of what it read),
 greet (sends a greeting and a FIN, then reads to EOF and prints the count),
 hold (reads nothing for 2 s, then all, and prints the count), flood (sends 64 MiB,
-then prints "sent"), udp-echo (answers each datagram with it and the sender's address).
+then prints "sent"), ends (reads to the connection's end, a FIN or a reset, then
+prints "ended"), udp-echo (answers each datagram with it and the sender's address).
 Prints "ready" once listening; the test kills it at the end.
 """
 from __future__ import annotations
@@ -120,6 +121,15 @@ class Handler(socketserver.BaseRequestHandler):
         for _ in range(64):
             s.sendall(BLOCK)
         print("sent", flush=True)
+
+    def ends(self, s: socket.socket) -> None:
+        """Read to the end, however it comes; say so."""
+        try:
+            while s.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+        print("ended", flush=True)
 
     def greet(self, s: socket.socket) -> None:
         s.sendall(b"hello from outside")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from circuits.bench.apps import nginx_conf
+from circuits.bench.apps import NGINX_CONF, nginx_conf
 from circuits.operator.admin import request
 from guestnet_fixtures import APPS_CONFIG, WHY_NOT, NetOperator, running, scratch_ns  # noqa: F401
 
@@ -48,11 +48,12 @@ class Apps:
         return [sys.executable, "-m", "circuits", "run", "--guest", guest,
                 "--config", str(self.op.config), "--", *argv]
 
-    def server(self, argv: list[str], **kw) -> subprocess.Popen:
-        proc = subprocess.Popen(self.argv(self.op.b, argv), stdout=subprocess.PIPE,
+    def server(self, argv: list[str], guest: str | None = None, **kw) -> subprocess.Popen:
+        """A server in guest b (or `guest`), once that guest listens."""
+        proc = subprocess.Popen(self.argv(guest or self.op.b, argv), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, **kw)
         self.procs.append(proc)
-        self.wait_listening(proc)
+        self.wait_listening(proc, guest=guest or self.op.b)
         return proc
 
     def client(self, argv: list[str], timeout: float = 60, **kw) -> subprocess.CompletedProcess:
@@ -64,9 +65,11 @@ class Apps:
         assert answer["ok"], answer
         return answer["result"]
 
-    def wait_listening(self, proc: subprocess.Popen, timeout: float = 20) -> None:
+    def wait_listening(self, proc: subprocess.Popen, timeout: float = 20,
+                       guest: str | None = None) -> None:
         deadline = time.monotonic() + timeout
-        while not any(g["name"] == self.op.b and g["listeners"] for g in self.admin("guests")):
+        guest = guest or self.op.b
+        while not any(g["name"] == guest and g["listeners"] for g in self.admin("guests")):
             assert proc.poll() is None, f"the server exited: {proc.communicate()}"
             assert time.monotonic() < deadline, "the server never listened"
             time.sleep(0.05)
@@ -113,18 +116,42 @@ class Watch:
         return (sum(s[0] for s in self.seen.values()), sum(s[1] for s in self.seen.values()))
 
 
-@pytest.fixture
-def apps(tmp_path, request):
-    """An operator with two namespaced guests (needs root: skipped otherwise)."""
+def _apps(tmp_path, request, template: str):
+    """An operator with namespaced guests (needs root: skipped otherwise)."""
     if WHY_NOT:
         pytest.skip(WHY_NOT)
     with running(NetOperator(tmp_path, request.getfixturevalue("scratch_ns"),
-                             template=APPS_CONFIG)) as op:
+                             template=template)) as op:
         a = Apps(op, tmp_path)
         try:
             yield a
         finally:
             a.stop()
+
+
+@pytest.fixture
+def apps(tmp_path, request):
+    """Two namespaced guests: a (the client) may reach b (the server)."""
+    yield from _apps(tmp_path, request, APPS_CONFIG)
+
+
+# Three namespaced guests: a (the client) reaches b (a reverse proxy), which
+# reaches c (the upstream).
+PROXY_CONFIG = APPS_CONFIG.replace(
+    'addresses = ["192.0.2.3"]\n', 'addresses = ["192.0.2.3"]\nnetns = true\n') + """
+[[rules]]
+from = "{b}"
+to = "{c}"
+proto = "tcp"
+action = "allow"
+"""
+assert PROXY_CONFIG.count("netns = true") == 3
+
+
+@pytest.fixture
+def proxy_apps(tmp_path, request):
+    """Three namespaced guests: a reaches b, b reaches c."""
+    yield from _apps(tmp_path, request, PROXY_CONFIG)
 
 
 def sent_total(apps: Apps, guest: str) -> int:
@@ -223,6 +250,78 @@ def test_curl_downloads_from_nginx(apps, nginx, tmp_path):
     assert got.returncode == 0, got.stderr
     assert sha256(tmp_path / "got") == sha256(nginx / "www" / "blob")  # sendfile, by the library
     wait_crossed(apps, apps.op.b, before, 8 << 20)
+
+
+# ---- nginx as a reverse proxy ------------------------------------------------
+
+UPSTREAM, PROXY = "192.0.2.3", SERVER  # guest c, guest b
+
+# The benchmark's nginx.conf, its server a reverse proxy to c with upstream keepalive.
+SERVES_FILES = """    server {{
+        listen {addr}:{port};
+        root {d}/www;
+    }}
+"""
+PROXY_CONF = NGINX_CONF.replace(SERVES_FILES, """    upstream up {{
+        server {upstream}:7007;
+        keepalive 16;
+    }}
+    server {{
+        listen {addr}:{port};
+        location / {{
+            proxy_pass http://up;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+""")
+assert PROXY_CONF != NGINX_CONF
+
+
+def setups(apps: Apps, guest: str) -> int:
+    """circuits_setups_total of guest: the connects the operator set up for it."""
+    m = re.search(rf'^circuits_setups_total{{guest="{guest}"}} (\d+)$', apps.admin("metrics"),
+                  re.M)
+    return int(m.group(1)) if m else 0
+
+
+@needs("nginx", "curl", "wrk")
+def test_nginx_reverse_proxy_to_an_upstream_in_another_guest(proxy_apps, tmp_path):
+    """nginx connects to its upstreams as event loops do: the socket goes into
+    its epoll set first (EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET), then a
+    non-blocking connect, EPOLLOUT, SO_ERROR; with upstream keepalive it
+    reuses those circuits for many requests."""
+    apps = proxy_apps
+    up = tmp_path / "upstream"
+    conf = nginx_conf(up, UPSTREAM, 7007)
+    (up / "www" / "blob").write_bytes(os.urandom(8 << 20))
+    apps.server(["nginx", "-p", str(up), "-e", str(up / "error.log"), "-c", str(conf)],
+                guest=apps.op.c)
+    px = tmp_path / "proxy"
+    px.mkdir()
+    (px / "nginx.conf").write_text(PROXY_CONF.format(d=px, addr=PROXY, port=7006,
+                                                     upstream=UPSTREAM))
+    apps.server(["nginx", "-p", str(px), "-e", str(px / "error.log"), "-c", str(px / "nginx.conf")])
+
+    before = sent_total(apps, apps.op.c), sent_total(apps, apps.op.b)
+    got = apps.client(["curl", "-sS", "-o", str(tmp_path / "got"), f"http://{PROXY}:7006/blob"])
+    assert got.returncode == 0, got.stderr + (px / "error.log").read_text()
+    assert sha256(tmp_path / "got") == sha256(up / "www" / "blob")
+    wait_crossed(apps, apps.op.c, before[0], 8 << 20)  # upstream -> proxy, through a circuit
+    wait_crossed(apps, apps.op.b, before[1], 8 << 20)  # proxy -> client, through another
+
+    connects = setups(apps, apps.op.b)
+    with Watch(apps) as w:
+        got = apps.client(["wrk", "-t1", "-c10", "-d2s", f"http://{PROXY}:7006/"], timeout=60)
+    assert got.returncode == 0, got.stderr
+    requests = int(re.search(r"(\d+) requests in", got.stdout).group(1))
+    assert requests > 100 and "Socket errors" not in got.stdout and "Non-2xx" not in got.stdout, \
+        got.stdout + (px / "error.log").read_text()
+    assert all(n > 0 for n in w.crossed())
+    upstream_connects = setups(apps, apps.op.b) - connects
+    print(f"{requests} requests through the proxy, {upstream_connects} upstream circuits")
+    # keepalive: the proxy's upstream circuits serve many requests each
+    assert 0 < upstream_connects <= requests // 10, (upstream_connects, requests)
 
 
 # ---- iperf3 -----------------------------------------------------------------

@@ -108,3 +108,33 @@ def test_the_operators_errno_reaches_the_program(tmp_path):
     finally:
         srv.close()
     assert out.strip() == "EHOSTUNREACH"
+
+
+LEAVES = """
+import errno, os, socket
+s = socket.socket()
+before = len(os.listdir("/proc/self/fd"))
+try:
+    s.connect(("10.0.0.2", 80))
+    print("connected")
+except OSError as e:
+    print(errno.errorcode[e.errno], len(os.listdir("/proc/self/fd")) - before)
+"""
+
+
+def test_the_operator_leaving_mid_connect_leaves_no_dead_connection(tmp_path):
+    """ENETUNREACH, and the control connection it left dead is closed, not
+    kept in the library's pool for the next connect."""
+    path = str(tmp_path / "fake.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    srv.bind(path)
+    srv.listen(4)
+    leave = lambda r: (b"", [])  # noqa: E731 - an empty packet: the library reads end of file
+    threading.Thread(target=serve, args=(srv, leave), daemon=True).start()
+    env = {**os.environ, "LD_PRELOAD": library_path(), "CIRCUITS_CONTROL": path}
+    try:
+        proc = subprocess.run([sys.executable, "-c", LEAVES], env=env, capture_output=True,
+                              text=True, timeout=30)
+    finally:
+        srv.close()
+    assert proc.stdout.split() == ["ENETUNREACH", "0"], proc.stdout + proc.stderr

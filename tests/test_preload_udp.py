@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 
 import circuits
 from circuits.operator.admin import request
+from datagram_echo import Echo
 
 UDP_APP = Path(__file__).with_name("udp_app.py")
 RESOLVER_C = Path(__file__).with_name("udp_resolver.c")
@@ -34,36 +34,6 @@ def admin(operator, cmd: str):
     answer = request(str(Path(operator("db")).parent / "admin.sock"), cmd)
     assert answer["ok"], answer
     return answer["result"]
-
-
-class Echo:
-    """A datagram listener of guest db: each circuit accepted is echoed, with
-    "|host:port" of the peer appended, until the circuit ends."""
-
-    def __init__(self, operator, port: int, ring_size: int = 0):
-        self.listener = circuits.listen((DB, port), kind="dgram", ring_size=ring_size,
-                                        control=operator("db"))
-        self.bytes_in = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, peer = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn, peer), daemon=True).start()
-
-    def _echo(self, conn, peer) -> None:
-        suffix = f"|{peer[0]}:{peer[1]}".encode()
-        with conn:
-            while data := conn.recv(1 << 17):
-                self.bytes_in += len(data)
-                with contextlib.suppress(OSError):  # too big with the suffix: dropped, as UDP would
-                    conn.send(data + suffix)
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@
  * long; the program's descriptor is a duplicate of it, so it polls readable
  * when a reply arrives).  CONNECTs share a small pool of connections:
  * threads connecting at once each take their own, so none waits for
- * another's reply.
+ * another's reply, and a connect in flight keeps its own until the answer
+ * comes (connect.c).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -28,6 +29,10 @@
 #define MAX_MESSAGE 4096
 #define MAX_FDS 4
 #define REPLY_TIMEOUT_MS 10000 /* the operator answers at once; a stuck one is an error */
+/* ...but a CONNECT to the outside once the host's handshake is done, within
+ * its connect_timeout (30 s by default): wait as long as the kernel's own
+ * connect would (tcp_syn_retries 6: 127 s). */
+#define CONNECT_TIMEOUT_MS 130000
 #define POOL_MAX 8
 
 enum { HELLO = 1, WELCOME, LISTEN, UNLISTEN, CONNECT, CIRCUIT, CLOSE, OK, ERROR, ACCEPT };
@@ -302,21 +307,24 @@ static int circuit_reply(const struct msg *m, int got[MAX_FDS], int nfds,
     return 0;
 }
 
-int cp_ctl_connect(int fd, const struct cp_endpoint *remote, struct cp_circuit_msg *c,
-                   int fds[4])
+int cp_ctl_send_connect(int fd, const struct cp_endpoint *remote, uint32_t *request)
 {
     uint8_t body[24];
     put_endpoint(body, remote);
     put32(body + 20, 0);
-    uint32_t id = __atomic_fetch_add(&next_request, 1, __ATOMIC_RELAXED);
-    int err = send_msg(fd, CONNECT, id, body, sizeof(body));
+    *request = __atomic_fetch_add(&next_request, 1, __ATOMIC_RELAXED);
+    return send_msg(fd, CONNECT, *request, body, sizeof(body));
+}
+
+int cp_ctl_recv_connect(int fd, uint32_t request, bool wait, struct cp_circuit_msg *c,
+                        int fds[4])
+{
     struct msg m;
     int got[MAX_FDS], nfds = 0;
-    while (!err && (err = recv_msg(fd, true, REPLY_TIMEOUT_MS, &m, got, &nfds)) == -EINTR)
-        ;
+    int err = recv_msg(fd, wait, CONNECT_TIMEOUT_MS, &m, got, &nfds);
     if (err)
         return err;
-    if (m.request != id) {
+    if (m.request != request) {
         close_fds(got, nfds);
         return -EPROTO;
     }

@@ -23,6 +23,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -69,7 +70,7 @@ struct cp_sock *cp_sock_new(int family)
     s->family = family;
     s->state = CP_FRESH;
     s->ctl = -1, s->lep = -1, s->timer = -1;
-    s->peer_bell = -1;
+    s->peer_bell = -1, s->pending = -1;
     pthread_mutex_init(&s->lock, NULL);
     pthread_mutex_init(&s->rx_lock, NULL);
     return s;
@@ -88,6 +89,34 @@ int cp_fd_install(int fd, struct cp_sock *s)
     if (old) /* its descriptor was closed behind our back and reused */
         cp_sock_release(old);
     return 0;
+}
+
+void cp_sock_hold(struct cp_sock *s)
+{
+    __atomic_add_fetch(&s->refs, 1, __ATOMIC_ACQ_REL);
+}
+
+/* Under the stripe's write lock: close() takes fd out of the table before it
+ * closes the number, so while the slot holds s the number is s's. */
+int cp_fd_put_file(int fd, struct cp_sock *s, int file)
+{
+    int err = 0;
+    if (!cp_fd_maybe(fd))
+        return 0;
+    pthread_rwlock_wrlock(stripe(fd));
+    if (__atomic_load_n(slot(fd), __ATOMIC_ACQUIRE) == s) {
+        int cloexec = real.fcntl(fd, F_GETFD) & FD_CLOEXEC ? O_CLOEXEC : 0;
+        if (real.dup3(file, fd, cloexec) < 0) {
+            err = -errno;
+        } else {
+            int fl = real.fcntl(fd, F_GETFL);
+            bool nonblock = __atomic_load_n(&s->nonblock, __ATOMIC_RELAXED);
+            if (fl >= 0)
+                real.fcntl(fd, F_SETFL, nonblock ? fl | O_NONBLOCK : fl & ~O_NONBLOCK);
+        }
+    }
+    pthread_rwlock_unlock(stripe(fd));
+    return err;
 }
 
 bool cp_fd_maybe(int fd)
@@ -162,6 +191,7 @@ void cp_sock_release(struct cp_sock *s)
 {
     if (!s || __atomic_sub_fetch(&s->refs, 1, __ATOMIC_ACQ_REL) > 0)
         return;
+    cp_connect_abandon(s);
     if (s->c) {
         char a[CP_EP_STR], b[CP_EP_STR];
         cp_log("circuit %llu %s -> %s closed: %llu bytes sent, %llu received",

@@ -105,12 +105,28 @@ CP_EXPORT pid_t fork(void)
     return pid;
 }
 
-static void after_fork_child(void) { cp_fd_after_fork(); }
+/*
+ * pthread_atfork, so that fork()s inside libc are covered too.  Before: the
+ * connects in flight settle first (settling moves epoll registrations, under
+ * epoll's locks), then epoll's locks are taken.  After: given back; the
+ * child's table locks are new.
+ */
+static void before_fork(void)
+{
+    cp_connect_settle_all();
+    cp_epoll_before_fork();
+}
+
+static void after_fork_child(void)
+{
+    cp_fd_after_fork();
+    cp_epoll_after_fork();
+}
 
 __attribute__((constructor)) static void fork_init(void)
 {
     owner = getpid();
-    pthread_atfork(NULL, NULL, after_fork_child);
+    pthread_atfork(before_fork, cp_epoll_after_fork, after_fork_child);
 }
 
 /* ---- exec ------------------------------------------------------------- */

@@ -62,10 +62,24 @@ static bool refused(struct cp_sock *s, int cflags, int condition)
     return !(m & condition);
 }
 
+/* A connect still in flight: a blocking call waits for its answer (EINTR
+ * if a signal handler ran meanwhile), a non-blocking one says EAGAIN, as the
+ * kernel's before the handshake ends; 0 once it is settled. */
+static int in_flight(struct cp_sock *s, int flags, uint32_t *again)
+{
+    int err = cp_connect_settle(s, !(core_flags(s, flags) & CIRCUIT_NONBLOCK));
+    if (err == -EAGAIN)
+        __atomic_add_fetch(again, 1, __ATOMIC_RELEASE);
+    return err;
+}
+
 ssize_t cp_recv(struct cp_sock *s, void *buf, size_t len, int flags)
 {
     if (s->dgram)
         return cp_udp_recv(s, buf, len, flags, NULL, NULL);
+    int err = in_flight(s, flags, &s->rx_again);
+    if (err)
+        return err;
     if (state_of(s) != CP_CONNECTED)
         return not_connected(s);
     if (s->rd_shut)
@@ -87,6 +101,9 @@ ssize_t cp_send(struct cp_sock *s, const void *buf, size_t len, int flags)
 {
     if (s->dgram)
         return cp_udp_send(s, buf, len, flags, NULL, 0);
+    int err = in_flight(s, flags, &s->tx_again);
+    if (err)
+        return err;
     if (state_of(s) != CP_CONNECTED)
         return state_of(s) == CP_FAILED ? not_connected(s) : -ENOTCONN;
     ssize_t n = s->wr_shut ? -EPIPE : 0;

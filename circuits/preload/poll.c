@@ -33,7 +33,12 @@
 bool cp_computed(struct cp_sock *s)
 {
     int st = s ? __atomic_load_n(&s->state, __ATOMIC_ACQUIRE) : -1;
-    return st == CP_CONNECTED || st == CP_FAILED;
+    return st == CP_CONNECTED || st == CP_FAILED || st == CP_CONNECTING;
+}
+
+static bool connecting(struct cp_sock *s)
+{
+    return s && __atomic_load_n(&s->state, __ATOMIC_ACQUIRE) == CP_CONNECTING;
 }
 
 /* ask_kernel: also ask whether the peer vanished (a poll(2)); a caller that
@@ -41,8 +46,11 @@ bool cp_computed(struct cp_sock *s)
 short cp_revents(struct cp_sock *s, short events, bool ask_kernel)
 {
     short r = 0;
-    if (__atomic_load_n(&s->state, __ATOMIC_ACQUIRE) == CP_FAILED)
+    int st = __atomic_load_n(&s->state, __ATOMIC_ACQUIRE);
+    if (st == CP_FAILED)
         return (short)((POLLOUT | POLLERR | POLLHUP) & (events | POLLERR | POLLHUP));
+    if (st == CP_CONNECTING)
+        return 0; /* as a kernel socket's before its handshake ends */
     int m = ask_kernel ? circuit_poll(s->c) : circuit_poll_known(s->c);
     if (m & CIRCUIT_READABLE || s->rd_shut)
         r |= POLLIN | POLLRDNORM;
@@ -88,14 +96,22 @@ bool cp_ask_due(struct cp_sock *s, int64_t now)
     return true;
 }
 
-static int compute_all(struct pollfd *fds, struct cp_sock **socks, nfds_t n)
+/* answered: the kernel said the control connection of each connecting
+ * socket is readable (NULL: ask each at most once a millisecond). */
+static int compute_all(struct pollfd *fds, struct cp_sock **socks, nfds_t n,
+                       const struct pollfd *answered)
 {
     int ready = 0;
     int64_t now = cp_now_ns();
-    for (nfds_t i = 0; i < n; i++)
-        if (cp_computed(socks[i]) &&
-            (fds[i].revents = cp_revents(socks[i], fds[i].events, cp_ask_due(socks[i], now))))
+    for (nfds_t i = 0; i < n; i++) {
+        if (!cp_computed(socks[i]))
+            continue;
+        bool ask = cp_ask_due(socks[i], now);
+        if (connecting(socks[i]) && (answered ? answered[i].revents != 0 : ask))
+            cp_connect_settle(socks[i], false);
+        if ((fds[i].revents = cp_revents(socks[i], fds[i].events, ask)))
             ready++;
+    }
     return ready;
 }
 
@@ -142,10 +158,13 @@ static nfds_t kernel_set(struct pollfd *k, const struct pollfd *fds, struct cp_s
         if (!cp_computed(socks[i]))
             continue;
         bool connected = __atomic_load_n(&socks[i]->state, __ATOMIC_ACQUIRE) == CP_CONNECTED;
-        /* A UDP socket re-connected through another of its numbers: this
-         * number still holds the old circuit's doorbell; sleep on the new. */
-        int bell = socks[i]->dgram ? circuit_bell(socks[i]->c) : fds[i].fd;
-        k[i].fd = wait && connected ? bell : -1;
+        /* The circuit's own doorbell, not the number's file: a UDP socket
+         * re-connected through another of its numbers, or a connect that
+         * completed after the program closed the number it connected on. */
+        int bell = connected ? circuit_bell(socks[i]->c) : -1;
+        if (connecting(socks[i]))
+            bell = socks[i]->pending; /* the operator's answer comes there */
+        k[i].fd = wait ? bell : -1;
         k[i].events = POLLIN;
         if (wait && connected)
             k[extra++] = (struct pollfd){.fd = socks[i]->peer_bell, .events = 0};
@@ -193,7 +212,26 @@ struct look {
 static bool any_ready(void *arg)
 {
     struct look *l = arg;
-    return compute_all(l->fds, l->socks, l->n) > 0;
+    return compute_all(l->fds, l->socks, l->n, NULL) > 0;
+}
+
+/*
+ * How long to sleep: until deadline, or CONNECT_LOOK_NS at most while a
+ * connect is in flight.  Its answer wakes us, unless another thread takes
+ * it first (a send, getsockopt): the kernel looks again at the control
+ * connection on waking, finds it drained, and would sleep on.
+ */
+#define CONNECT_LOOK_NS 100000000 /* 100 ms */
+
+static int64_t sleep_until(struct cp_sock **socks, nfds_t n, int64_t deadline)
+{
+    for (nfds_t i = 0; i < n; i++) {
+        if (connecting(socks[i])) {
+            int64_t soon = cp_now_ns() + CONNECT_LOOK_NS;
+            return deadline < 0 || soon < deadline ? soon : deadline;
+        }
+    }
+    return deadline;
 }
 
 static int poll_loop(struct pollfd *fds, struct cp_sock **socks, struct pollfd *k, nfds_t n,
@@ -201,22 +239,23 @@ static int poll_loop(struct pollfd *fds, struct cp_sock **socks, struct pollfd *
 {
     struct look look = {fds, socks, n};
     for (int empty = 0;; empty++) {
-        bool wait = deadline != 0 && compute_all(fds, socks, n) == 0;
+        bool wait = deadline != 0 && compute_all(fds, socks, n, NULL) == 0;
         if (wait && !empty && cp_spin(any_ready, &look, deadline))
             wait = false; /* ready: the kernel's descriptors are looked at without waiting */
         if (wait) {
             for (nfds_t i = 0; i < n; i++)
                 if (cp_computed(socks[i]))
                     cp_arm(socks[i], fds[i].events, false);
-            wait = compute_all(fds, socks, n) == 0;
+            wait = compute_all(fds, socks, n, NULL) == 0;
         }
         bool expired = deadline >= 0 && cp_now_ns() >= deadline;
         nfds_t total = kernel_set(k, fds, socks, n, wait && !expired);
         bool ask = (wait && !expired) || mask || any_kernel_fd(fds, socks, n);
-        int rc = ask ? kernel_poll(k, total, wait && !expired ? deadline : 0, mask) : 0;
+        int64_t until = wait && !expired ? sleep_until(socks, n, deadline) : 0;
+        int rc = ask ? kernel_poll(k, total, until, mask) : 0;
         if (rc < 0)
             return rc;
-        int ready = compute_all(fds, socks, n);
+        int ready = compute_all(fds, socks, n, ask ? k : NULL);
         for (nfds_t i = 0; i < n; i++)
             if (!cp_computed(socks[i]) && (fds[i].revents = kernel_revents(socks[i], k[i].revents)))
                 ready++;

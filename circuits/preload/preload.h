@@ -10,7 +10,8 @@
  *   addr.c     sockaddr <-> protocol endpoint, CIRCUITS_BYPASS
  *   control.c  a C client of the operator's control protocol (docs/protocol.md)
  *   fdtable.c  which program descriptors are circuit sockets, and their state
- *   socket.c   socket, bind, listen, accept, connect, close, dup, options...
+ *   socket.c   socket, bind, listen, accept, close, dup, options...
+ *   connect.c  connect: a CONNECT in flight until its answer comes
  *   io.c       read, write, send, recv and their vector and _chk variants
  *   poll.c     poll, ppoll, select, pselect: readiness from ring state
  *   epoll.c    epoll_create, epoll_ctl, epoll_wait: the same, for epoll
@@ -24,8 +25,9 @@
  *
  * Every circuit socket is backed by a real kernel descriptor on the number
  * the program sees: a placeholder socket of its family until it connects or
- * listens, then the circuit's doorbell (connected) or its own control
- * connection to the operator (listening).
+ * listens (while its CONNECT is in flight too), then the circuit's doorbell
+ * (connected) or an epoll of its own control connection to the operator
+ * (listening).
  */
 #ifndef CIRCUITS_PRELOAD_H
 #define CIRCUITS_PRELOAD_H
@@ -156,9 +158,15 @@ void cp_ctl_put(int fd, bool healthy);
 int cp_ctl_listen(int fd, const struct cp_endpoint *local, uint32_t backlog);
 /* Send an ACCEPT without waiting for its reply. */
 int cp_ctl_send_accept(int fd, const struct cp_endpoint *local);
-/* CONNECT and wait: 0 and the circuit's message and fds, or -errno. */
-int cp_ctl_connect(int fd, const struct cp_endpoint *remote, struct cp_circuit_msg *m,
-                   int fds[4]);
+/* Send a CONNECT without waiting for its reply; *request: its number. */
+int cp_ctl_send_connect(int fd, const struct cp_endpoint *remote, uint32_t *request);
+/*
+ * The reply to that CONNECT: 0 and the circuit's message and fds, -EAGAIN if
+ * it has not come and !wait, -EINTR if a signal came while waiting, or -errno
+ * (the operator's, -EPROTO for a bad reply, -ECONNABORTED if it left).
+ */
+int cp_ctl_recv_connect(int fd, uint32_t request, bool wait, struct cp_circuit_msg *m,
+                        int fds[4]);
 /*
  * Receive the reply to an ACCEPT: 0 with a circuit, -EAGAIN if none is
  * waiting and !wait, -EINTR if a signal came while waiting, -errno for an
@@ -177,6 +185,7 @@ enum cp_state {
     CP_LISTENING, /* fd is a duplicate of lep, an epoll of our control connection */
     CP_CONNECTED, /* fd is a duplicate of the circuit's doorbell */
     CP_FAILED,    /* a non-blocking connect failed: so_error says why */
+    CP_CONNECTING, /* a CONNECT in flight on `pending`; fd is still the placeholder */
 };
 
 struct cp_sock {
@@ -191,6 +200,9 @@ struct cp_sock {
     struct circuit *c; /* CP_CONNECTED */
     int peer_bell;     /* the peer's doorbell end, for hang-up (owned by c) */
     uint64_t circuit_id;
+    int pending;       /* CP_CONNECTING: the control connection its answer comes on */
+    uint32_t request;  /* CP_CONNECTING: the CONNECT's request number */
+    int epolls;        /* registrations in epoll sets (epoll.c; atomic) */
     int ctl;           /* CP_LISTENING: our own control connection (-1: lost, see lep) */
     int lep;           /* CP_LISTENING: an epoll of ctl, on the program's descriptor */
     int timer;         /* CP_LISTENING: retries listening again after the operator left */
@@ -204,7 +216,7 @@ struct cp_sock {
     uint32_t fork_seen;  /* fork.c's walk that last counted this socket */
     pthread_mutex_t lock; /* connect, listen and accept on this socket */
     bool dgram;           /* a UDP socket (udp.c) */
-    int fd;               /* UDP: the number it was made or last connected on */
+    int fd;               /* the number it was made or last connected on */
     bool implicit;        /* UDP: connected by sendto, not connect (getpeername: ENOTCONN) */
     struct cp_endpoint peer; /* UDP: the address the program connected or sent to */
     void *retired;        /* UDP: replaced circuits a call may still use (udp.c; atomic) */
@@ -218,6 +230,11 @@ struct cp_sock *cp_sock_new(int family);
 void cp_fd_each(void (*fn)(int fd, struct cp_sock *s, void *arg), void *arg);
 /* In a forked child, first: the table's locks as if no thread held them. */
 void cp_fd_after_fork(void);
+/* Another lasting reference to s (cp_sock_release gives it back). */
+void cp_sock_hold(struct cp_sock *s);
+/* dup3 file onto fd, keeping fd's close-on-exec and s's O_NONBLOCK, if fd is
+ * still s's descriptor (else nothing: the program closed that number). */
+int cp_fd_put_file(int fd, struct cp_sock *s, int file);
 /* Put s on descriptor fd; the table takes a reference of its own. */
 int cp_fd_install(int fd, struct cp_sock *s);
 /* Lock-free: may fd be a circuit socket?  false: pass the call through. */
@@ -275,10 +292,25 @@ int cp_unreachable(int err);
  * its descriptors and the attached circuit (side 0), or -errno. */
 int cp_ask_circuit(const struct cp_endpoint *ep, uint32_t kind, struct cp_circuit_msg *m,
                    int fds[4], struct circuit **c);
-/* Ask the operator for a circuit to ep and put it on fd (s->lock held). */
-int cp_connect_circuit(int fd, struct cp_sock *s, const struct cp_endpoint *ep);
 /* Leave fd's descriptor as it was at socket(): a kernel placeholder. */
 int cp_placeholder(int fd, struct cp_sock *s);
+/* The kernel keeps fd from now on: it is a plain socket again. */
+void cp_hand_back(int fd, const char *why);
+
+/* ---- connect.c ---------------------------------------------------------- */
+
+/* Ask the operator for a circuit to ep, wait for it and put it on fd
+ * (s->lock held); a refusal leaves s fresh. */
+int cp_connect_circuit(int fd, struct cp_sock *s, const struct cp_endpoint *ep);
+/* A CONNECT in flight: take its answer if it came (wait: once it comes).
+ * 0 once s is no longer CP_CONNECTING, -EAGAIN while it is, -EINTR if a
+ * signal handler ran while waiting. */
+int cp_connect_settle(struct cp_sock *s, bool wait);
+/* The last reference to s is gone with its CONNECT in flight. */
+void cp_connect_abandon(struct cp_sock *s);
+/* Before fork: wait for every connect in flight (an answer would reach one
+ * process only), so that parent and child hold the same circuit. */
+void cp_connect_settle_all(void);
 
 /* ---- udp.c: UDP sockets, called from socket.c and io.c ---------------- */
 
@@ -337,7 +369,7 @@ bool cp_udp_server_pending(struct cp_sock *s);
 
 /* ---- poll.c, shared with epoll.c ------------------------------------- */
 
-/* A connected (or failed) circuit socket: its readiness is ours to compute. */
+/* A connecting, connected or failed circuit socket: its readiness is ours to compute. */
 bool cp_computed(struct cp_sock *s);
 /* Its readiness now, as poll bits (the same values as epoll's), within events. */
 short cp_revents(struct cp_sock *s, short events, bool ask_kernel);
@@ -372,5 +404,18 @@ bool cp_procs_leave(struct cp_sock *s);
 
 /* close() of fd: forget it as an epoll instance and as a registered socket. */
 void cp_epoll_closed(int fd, bool was_circuit);
+/* s changed state (s->lock held): its registrations leave the descriptors
+ * they watched for those of the new state, and sleepers look again. */
+void cp_epoll_follow(struct cp_sock *s);
+/* Before s closes descriptors its registrations may watch (a UDP server's
+ * epoll): take them off; cp_epoll_follow puts them on the new ones. */
+void cp_epoll_unhook(struct cp_sock *s);
+/* fd was handed back to the kernel: its registrations become the kernel's. */
+void cp_epoll_handed_back(int fd, struct cp_sock *s);
+/* Around fork: take every lock of epoll.c's (a looping epoll_wait holds its
+ * set's), and give them back in parent and child, so the child inherits none
+ * held by a thread it does not have. */
+void cp_epoll_before_fork(void);
+void cp_epoll_after_fork(void);
 
 #endif

@@ -15,6 +15,7 @@
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -76,7 +77,14 @@ static void init_once(void)
     resolve_all();
     hide_init();
     cp_log_init(getenv("CIRCUITS_LOG"));
+    /* A copy: nginx writes its process title over the environment's strings.
+     * Not malloc's: this may run inside an allocator's own start (jemalloc's
+     * calls syscall()), which holds its lock.  A path too long for the copy
+     * is too long for a Unix socket address anyway (cp_ctl_open refuses it). */
+    static char copy[256];
     const char *path = getenv("CIRCUITS_CONTROL");
+    if (path && strlen(path) < sizeof(copy))
+        path = strcpy(copy, path);
     control_path = path && *path ? path : NULL;
     cp_bypass_init(getenv("CIRCUITS_BYPASS"));
 }

@@ -1,17 +1,15 @@
 /*
  * socket.c - the life of a circuit socket: socket, bind, listen, accept,
- * connect, shutdown, close, dup, fcntl, ioctl, names and options.
+ * shutdown, close, dup, fcntl, ioctl, names and options (connect: connect.c).
  *
  * socket(AF_INET or AF_INET6, SOCK_STREAM) makes a real kernel socket of
  * that family as a placeholder and records it in the table (fdtable.c).
  * Until it connects or listens, options go to the placeholder too, so
  * getsockopt and a hand-back to the kernel (CIRCUITS_BYPASS) find them set.
  *
- *   connect  asks the operator (a pooled control connection), attaches the
- *            circuit, and dup3()s the circuit's doorbell onto the program's
- *            descriptor: same number, same close-on-exec, O_NONBLOCK as set.
- *            Non-blocking: the setup completes at once and the call says
- *            EINPROGRESS; SO_ERROR then tells how it went.
+ *   connect  asks the operator for a circuit and dup3()s its doorbell onto
+ *            the program's descriptor (connect.c): same number, same
+ *            close-on-exec, O_NONBLOCK as set.
  *   listen   opens the socket's own control connection, LISTENs, sends one
  *            ACCEPT, and dup3()s an epoll instance holding the connection
  *            onto the program's descriptor: it polls readable when the
@@ -81,10 +79,12 @@ CP_EXPORT int socket(int domain, int type, int protocol)
     return fd;
 }
 
-/* The kernel keeps fd from now on: it is a plain socket again. */
-static void hand_back(int fd, const char *why)
+void cp_hand_back(int fd, const char *why)
 {
-    cp_sock_release(cp_fd_remove(fd));
+    struct cp_sock *s = cp_fd_remove(fd);
+    if (s)
+        cp_epoll_handed_back(fd, s);
+    cp_sock_release(s);
     cp_log("fd %d: handed to the kernel (%s)", fd, why);
 }
 
@@ -114,7 +114,7 @@ CP_EXPORT int bind(int fd, const struct sockaddr *addr, socklen_t len)
     pthread_mutex_unlock(&s->lock);
     cp_sock_put(s);
     if (bypass) {
-        hand_back(fd, "bind to a CIRCUITS_BYPASS address");
+        cp_hand_back(fd, "bind to a CIRCUITS_BYPASS address");
         return real.bind(fd, addr, len);
     }
     return (int)cp_ret(rc);
@@ -193,6 +193,7 @@ static int do_listen(int fd, struct cp_sock *s, int backlog)
     set_nonblock(fd, s->nonblock);
     s->ctl = ctl, s->lep = lep;
     __atomic_store_n(&s->state, CP_LISTENING, __ATOMIC_RELEASE);
+    cp_epoll_follow(s); /* registrations made before listen() watch the listener's epoll */
     return 0;
 }
 
@@ -354,53 +355,6 @@ CP_EXPORT int accept(int fd, struct sockaddr *addr, socklen_t *len)
     return accept4(fd, addr, len, 0);
 }
 
-/* Errors that leave a pooled control connection fit for the next CONNECT. */
-static bool answered(int err)
-{
-    return err != -EPROTO && err != -ETIMEDOUT && err != -ECONNABORTED && err != -EINTR;
-}
-
-int cp_ask_circuit(const struct cp_endpoint *ep, uint32_t kind, struct cp_circuit_msg *mp,
-                   int fds[4], struct circuit **c)
-{
-    struct cp_circuit_msg m;
-    int ctl = cp_ctl_get();
-    if (ctl < 0)
-        return cp_unreachable(ctl);
-    int err = cp_ctl_connect(ctl, ep, &m, fds);
-    if (err == -ECONNABORTED) { /* a pooled connection to an operator since restarted */
-        cp_ctl_put(ctl, false);
-        if ((ctl = cp_ctl_open()) < 0)
-            return cp_unreachable(ctl);
-        err = cp_ctl_connect(ctl, ep, &m, fds);
-    }
-    cp_ctl_put(ctl, answered(err));
-    if (!err)
-        err = cp_ctl_attach(&m, fds, 0, kind, c);
-    *mp = m;
-    return err;
-}
-
-int cp_connect_circuit(int fd, struct cp_sock *s, const struct cp_endpoint *ep)
-{
-    struct cp_circuit_msg m;
-    int fds[4];
-    struct circuit *c;
-    int err = cp_ask_circuit(ep, s->dgram ? CIRCUIT_DGRAM : CIRCUIT_STREAM, &m, fds, &c);
-    if (err)
-        return err;
-    if (real.dup3(fds[1], fd, cloexec_of(fd)) < 0) {
-        err = -errno;
-        circuit_free(c);
-        return err;
-    }
-    set_nonblock(fd, s->nonblock);
-    s->c = c, s->peer_bell = fds[3], s->circuit_id = m.id, s->procs = cp_procs_new();
-    s->local = m.local, s->remote = m.remote;
-    __atomic_store_n(&s->state, CP_CONNECTED, __ATOMIC_RELEASE);
-    return 0;
-}
-
 int cp_placeholder(int fd, struct cp_sock *s)
 {
     int k = real.socket(s->family, s->dgram ? SOCK_DGRAM : SOCK_STREAM, 0);
@@ -412,49 +366,6 @@ int cp_placeholder(int fd, struct cp_sock *s)
     return err;
 }
 
-CP_EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
-{
-    cp_init();
-    struct cp_sock *s = cp_fd_get(fd);
-    if (!s)
-        return real.connect(fd, addr, len);
-    if (s->dgram) {
-        int rc = cp_udp_connect(fd, s, addr, len);
-        cp_sock_put(s);
-        if (rc != CP_HAND_BACK)
-            return (int)cp_ret(rc);
-        hand_back(fd, "connect to a CIRCUITS_BYPASS address");
-        return real.connect(fd, addr, len);
-    }
-    struct cp_endpoint ep;
-    int rc = cp_endpoint_from(addr, len, s->family, &ep);
-    bool bypass = !rc && cp_bypassed(&ep);
-    char a[CP_EP_STR];
-    pthread_mutex_lock(&s->lock);
-    int state = state_of(s);
-    bool asked = !rc && !bypass && state != CP_CONNECTED && state != CP_LISTENING;
-    if (asked)
-        rc = cp_connect_circuit(fd, s, &ep);
-    else if (!rc && !bypass)
-        rc = state == CP_CONNECTED ? -EISCONN : -EINVAL;
-    if (asked)
-        cp_log("fd %d: connect to %s: %s, circuit %llu", fd, cp_endpoint_str(&ep, a),
-               rc ? strerror(-rc) : "connected", (unsigned long long)s->circuit_id);
-    /* Non-blocking: the kernel says EINPROGRESS for TCP, and SO_ERROR the outcome. */
-    bool nonblock = asked && __atomic_load_n(&s->nonblock, __ATOMIC_RELAXED);
-    if (nonblock && rc) {
-        s->so_error = -rc;
-        __atomic_store_n(&s->state, CP_FAILED, __ATOMIC_RELEASE);
-    }
-    pthread_mutex_unlock(&s->lock);
-    cp_sock_put(s);
-    if (bypass) {
-        hand_back(fd, "connect to a CIRCUITS_BYPASS address");
-        return real.connect(fd, addr, len);
-    }
-    return (int)cp_ret(nonblock ? -EINPROGRESS : rc);
-}
-
 CP_EXPORT int shutdown(int fd, int how)
 {
     cp_init();
@@ -462,6 +373,7 @@ CP_EXPORT int shutdown(int fd, int how)
     if (!s)
         return real.shutdown(fd, how);
     int rc = 0;
+    cp_connect_settle(s, false);
     if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR)
         rc = -EINVAL;
     else if (s->dgram)
@@ -629,7 +541,7 @@ static int name_of(struct cp_sock *s, struct sockaddr *addr, socklen_t *len, boo
     const struct cp_endpoint *ep = peer ? &s->remote : &s->local;
     if (peer && (state_of(s) != CP_CONNECTED || s->implicit))
         return -ENOTCONN; /* a UDP socket that only sent somewhere is not connected */
-    if (!peer && state_of(s) == CP_FRESH && !s->bound)
+    if (!peer && (state_of(s) == CP_FRESH || state_of(s) == CP_CONNECTING) && !s->bound)
         ep = &any;
     if (!len)
         return -EFAULT;
@@ -728,6 +640,7 @@ CP_EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
         return (int)cp_ret(rc);
     }
     if (level == SOL_SOCKET && name == SO_ERROR) {
+        cp_connect_settle(s, false); /* an answer that came is the outcome */
         value = __atomic_exchange_n(&s->so_error, 0, __ATOMIC_ACQ_REL);
         rc = 0;
     } else if (state_of(s) == CP_FRESH) {

@@ -135,10 +135,13 @@ static void dissolve(struct cp_sock *s)
         if (holds(s->fd, s))
             cp_placeholder(s->fd, s);
         __atomic_store_n(&s->state, CP_FRESH, __ATOMIC_RELEASE);
+        cp_epoll_follow(s);
         return;
     }
-    if (state == CP_FAILED)
+    if (state == CP_FAILED) {
         __atomic_store_n(&s->state, CP_FRESH, __ATOMIC_RELEASE);
+        cp_epoll_follow(s);
+    }
     if (state != CP_CONNECTED)
         return;
     char a[CP_EP_STR];
@@ -149,6 +152,7 @@ static void dissolve(struct cp_sock *s)
     if (holds(s->fd, s))
         cp_placeholder(s->fd, s);
     __atomic_store_n(&s->state, CP_FRESH, __ATOMIC_RELEASE);
+    cp_epoll_follow(s); /* off the doorbell while it is open: the circuit closes next */
     if (cp_procs_leave(s))
         circuit_close(s->c); /* the peer (the proxy stack) drops the flow */
     else

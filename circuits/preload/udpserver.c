@@ -177,6 +177,7 @@ int cp_udp_serve(int fd, struct cp_sock *s)
     s->ctl = ctl, s->lep = lep;
     s->procs = cp_procs_new(); /* the processes sharing the server, and its peers (fork.c) */
     __atomic_store_n(&s->state, CP_LISTENING, __ATOMIC_RELEASE);
+    cp_epoll_follow(s); /* registrations made before bind() watch the server's epoll */
     return 0;
 }
 
@@ -201,6 +202,7 @@ int cp_udp_adopt(struct cp_sock *s, const struct cp_endpoint *addr)
     s->c = p.c, s->peer_bell = p.peer_bell, s->circuit_id = p.id, s->procs = cp_procs_new();
     s->remote = s->peer = p.addr, s->implicit = false;
     __atomic_store_n(&s->state, CP_CONNECTED, __ATOMIC_RELEASE);
+    cp_epoll_follow(s); /* from the server's epoll (gone) to the peer's doorbell */
     char a[CP_EP_STR];
     cp_log("fd %d: udp server connected to its peer %s, circuit %llu", s->fd,
            cp_endpoint_str(addr, a), (unsigned long long)p.id);
@@ -212,6 +214,7 @@ void cp_udp_unserve(struct cp_sock *s)
     struct cp_udp_server *t = s->server;
     if (!t)
         return;
+    cp_epoll_unhook(s); /* registrations watch the epoll closed here */
     bool last = cp_procs_leave(s); /* else a forked copy serves the peers on */
     while (t->n)
         (last ? drop_peer : leave_peer)(s, t->n - 1);
