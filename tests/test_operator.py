@@ -161,8 +161,10 @@ def test_malformed_messages_get_eproto_and_others_are_served(operator):
     p.send(s, p.Hello(request=10))  # the same socket still works
     assert p.receive(s)[0] == p.Welcome(1, "web", request=10)
     with circuits.listen(("10.0.0.2", 5432), control=operator("db")) as lst:
-        serve_echo(lst)
+        server = serve_echo(lst)
         circuits.connect(("10.0.0.2", 5432), control=operator("web")).close()
+        server.join(10)  # accepted before the listener closes (else its accept sees EBADF)
+        assert not server.is_alive()
     s.close()
 
 
