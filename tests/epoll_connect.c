@@ -31,6 +31,10 @@
  *     epoll_connect mod HOST PORT       a thread asleep in epoll_wait on a
  *         connected socket registered for EPOLLIN while another thread
  *         MODs it to EPOLLIN|EPOLLOUT: the sleeper wakes with EPOLLOUT
+ *     epoll_connect oneshot HOST PORT   a thread asleep in epoll_wait on a set
+ *         whose EPOLLONESHOT registration it reported already, while another
+ *         reads to EAGAIN and MODs the registration on again: the next echo
+ *         wakes the sleeper (three times)
  *     epoll_connect fork HOST PORT      a thread loops in epoll_wait on a set
  *         holding a connected socket while another forks 50 times; each
  *         child closes the socket and exits: within 2 s, or it inherited a
@@ -321,10 +325,10 @@ static void *sleep_on(void *arg)
     return NULL;
 }
 
-/* Start a sleeper on ep for tag's EPOLLOUT; it is asleep in the kernel on return. */
-static void fall_asleep(struct sleeper *z, int ep, uint64_t tag)
+/* Start a sleeper on ep for tag's `want`; it is asleep in the kernel on return. */
+static void fall_asleep(struct sleeper *z, int ep, uint64_t tag, uint32_t want)
 {
-    *z = (struct sleeper){.ep = ep, .tag = tag, .want = EPOLLOUT, .woke_ms = -1};
+    *z = (struct sleeper){.ep = ep, .tag = tag, .want = want, .woke_ms = -1};
     CHECK(pthread_create(&z->thread, NULL, sleep_on, z) == 0, "pthread_create");
     usleep(200000);
 }
@@ -336,7 +340,8 @@ static void woke(struct sleeper *z, int64_t since, const char *after)
     pthread_join(z->thread, NULL);
     if (z->bad[0])
         fail("the sleeper", z->bad);
-    snprintf(why, sizeof(why), "no EPOLLOUT within 1 s of the %s", after);
+    snprintf(why, sizeof(why), "no %s within 1 s of the %s",
+             z->want == EPOLLIN ? "EPOLLIN" : "EPOLLOUT", after);
     if (z->woke_ms < 0 || z->woke_ms - since > 1000)
         fail("the sleeper", why);
 }
@@ -365,7 +370,7 @@ static int role_thread(const struct sockaddr_in *a)
 {
     int ep = pipe_set();
     struct sleeper z;
-    fall_asleep(&z, ep, 1);
+    fall_asleep(&z, ep, 1, EPOLLOUT);
     int64_t added = now_ms();
     int fd = add_fresh(ep, 1, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET);
     int rc = connect(fd, (const struct sockaddr *)a, sizeof(*a));
@@ -382,7 +387,7 @@ static int role_add(const struct sockaddr_in *a)
     int ep = pipe_set(), fd[2];
     struct sleeper z;
     for (int i = 0; i < 2; i++) { /* first no circuit socket in the set, then one (reported) */
-        fall_asleep(&z, ep, (uint64_t)i + 1);
+        fall_asleep(&z, ep, (uint64_t)i + 1, EPOLLOUT);
         int64_t added = now_ms();
         fd[i] = add_fresh(ep, (uint64_t)i + 1, EPOLLOUT | EPOLLONESHOT);
         woke(&z, added, "ADD");
@@ -410,12 +415,49 @@ static int role_mod(const struct sockaddr_in *a)
     int ep, fd = connected_in_set(a, &ep);
     struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT, .data.u64 = 1};
     struct sleeper z;
-    fall_asleep(&z, ep, 1);
+    fall_asleep(&z, ep, 1, EPOLLOUT);
     int64_t modified = now_ms();
     CHECK(epoll_ctl(ep, EPOLL_CTL_MOD, fd, &ev) == 0, "epoll_ctl MOD");
     woke(&z, modified, "MOD");
     close(fd);
     printf("ok mod\n");
+    return 0;
+}
+
+/* Read what is there until EAGAIN (fd non-blocking). */
+static void drain(int fd)
+{
+    char buf[256];
+    while (read(fd, buf, sizeof(buf)) > 0)
+        ;
+    CHECK(errno == EAGAIN, "read until EAGAIN");
+}
+
+/* A thread pool's EPOLLONESHOT: a thread reports the socket (the registration
+ * is off), goes back to sleep; another reads to EAGAIN and MODs it on again;
+ * the next data must wake the sleeper, as the kernel's MOD re-arms. */
+static int role_oneshot(const struct sockaddr_in *a)
+{
+    int ep, fd = connected_in_set(a, &ep), on = 1;
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLONESHOT, .data.u64 = 1};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_MOD, fd, &ev) == 0, "epoll_ctl MOD to EPOLLONESHOT");
+    CHECK(ioctl(fd, FIONBIO, &on) == 0, "FIONBIO");
+    for (int i = 0; i < 3; i++) {
+        CHECK(write(fd, "one\n", 4) == 4, "write");
+        wait_for(ep, 1, EPOLLIN, "EPOLLIN for the first echo"); /* now off */
+        struct sleeper z;
+        fall_asleep(&z, ep, 1, EPOLLIN); /* asleep on a set whose one registration is off */
+        drain(fd);
+        CHECK(epoll_ctl(ep, EPOLL_CTL_MOD, fd, &ev) == 0, "epoll_ctl MOD (re-arm)");
+        usleep(100000);
+        int64_t sent = now_ms();
+        CHECK(write(fd, "two\n", 4) == 4, "write");
+        woke(&z, sent, "echo that followed the re-arm");
+        drain(fd);
+        CHECK(epoll_ctl(ep, EPOLL_CTL_MOD, fd, &ev) == 0, "epoll_ctl MOD (re-arm)");
+    }
+    close(fd);
+    printf("ok oneshot\n");
     return 0;
 }
 
@@ -463,7 +505,7 @@ static const struct {
 } roles[] = {
     {"nginx", role_nginx}, {"refused", role_refused}, {"listen", role_listen},
     {"again", role_again}, {"thread", role_thread}, {"add", role_add}, {"mod", role_mod},
-    {"fork", role_fork},
+    {"fork", role_fork}, {"oneshot", role_oneshot},
 };
 
 int main(int argc, char **argv)
@@ -477,7 +519,7 @@ int main(int argc, char **argv)
     }
     if (argc == 5 && !strcmp(argv[1], "udp"))
         return role_udp(argv[2], argv[3], argv[4]);
-    fprintf(stderr, "usage: epoll_connect nginx|refused|listen|again|thread|add|mod|fork HOST PORT"
+    fprintf(stderr, "usage: epoll_connect nginx|refused|listen|again|thread|add|mod|fork|oneshot HOST PORT"
                     " | udp HOST PORT1 PORT2\n");
     return 2;
 }

@@ -133,6 +133,7 @@ def test_udp_socket_in_epoll_before_connect_and_across_reconnect(operator, progr
     "add",     # epoll_ctl ADD from another thread wakes a sleeper (a fresh socket: EPOLLOUT)
     "mod",     # so does a MOD of a connected socket to EPOLLOUT
     "fork",    # a child forked while another thread loops in epoll_wait can close its socket
+    "oneshot", # an EPOLLONESHOT registration MODded on again wakes a thread asleep on the set
 ])
 def test_connect_and_epoll_ctl_seen_by_other_calls_and_threads(operator, program, role):
     server = run(operator, "db", [sys.executable, str(APP), "echo-server", DB, "7005", "1"])

@@ -502,13 +502,24 @@ static uint32_t ready_of(struct reg *r, bool ask_kernel);
 
 /* Does what epoll_ctl just added or changed on fd wake a thread asleep on e
  * (e->lock held)?  The kernel looks at a registration as it is made and wakes
- * a waiter if it is ready.  No edge is used up here: the waiter reports it. */
+ * a waiter if it is ready.  No edge is used up here: the waiter reports it.
+ * A registration not ready is armed first: the sleeper armed the set before
+ * it was on (an ADD, an EPOLLONESHOT one MODded on again after another
+ * thread read to EAGAIN), and the peer rings only a raised flag, so its next
+ * data would wake nobody.  No system call while the flags are still up. */
 static bool wakes(struct ep *e, int fd)
 {
     if (!__atomic_load_n(&e->sleepers, __ATOMIC_SEQ_CST))
         return false; /* a wait counted in later looks at the set after us */
     struct reg *r = *find_reg(e, fd);
-    return r && !r->parked && !r->off && r->kfd < 0 && ready_of(r, false);
+    if (!r || r->parked || r->off || r->kfd >= 0)
+        return false;
+    if (ready_of(r, false))
+        return true;
+    cp_call_enter(r->s); /* arming touches the circuit (udp.c retires) */
+    cp_arm(r->s, (short)(r->events & 0xffff), true);
+    cp_call_leave(r->s);
+    return ready_of(r, false) != 0; /* what came before the flag went up rang nobody */
 }
 
 CP_EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
