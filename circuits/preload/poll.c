@@ -223,15 +223,24 @@ static bool any_ready(void *arg)
  */
 #define CONNECT_LOOK_NS 100000000 /* 100 ms */
 
-static int64_t sleep_until(struct cp_sock **socks, nfds_t n, int64_t deadline)
+static bool any_connecting(struct cp_sock **socks, nfds_t n)
 {
-    for (nfds_t i = 0; i < n; i++) {
-        if (connecting(socks[i])) {
-            int64_t soon = cp_now_ns() + CONNECT_LOOK_NS;
-            return deadline < 0 || soon < deadline ? soon : deadline;
-        }
-    }
-    return deadline;
+    for (nfds_t i = 0; i < n; i++)
+        if (connecting(socks[i]))
+            return true;
+    return false;
+}
+
+/* was: a socket was connecting when we last looked at the rings.  Another
+ * thread may have settled it since, after kernel_set chose what to sleep on
+ * (the drained control connection, or a doorbell a writable circuit never
+ * rings): the cap still holds for this sleep. */
+static int64_t sleep_until(struct cp_sock **socks, nfds_t n, int64_t deadline, bool was)
+{
+    if (!was && !any_connecting(socks, n))
+        return deadline;
+    int64_t soon = cp_now_ns() + CONNECT_LOOK_NS;
+    return deadline < 0 || soon < deadline ? soon : deadline;
 }
 
 static int poll_loop(struct pollfd *fds, struct cp_sock **socks, struct pollfd *k, nfds_t n,
@@ -242,16 +251,18 @@ static int poll_loop(struct pollfd *fds, struct cp_sock **socks, struct pollfd *
         bool wait = deadline != 0 && compute_all(fds, socks, n, NULL) == 0;
         if (wait && !empty && cp_spin(any_ready, &look, deadline))
             wait = false; /* ready: the kernel's descriptors are looked at without waiting */
+        bool was_connecting = false;
         if (wait) {
             for (nfds_t i = 0; i < n; i++)
                 if (cp_computed(socks[i]))
                     cp_arm(socks[i], fds[i].events, false);
+            was_connecting = any_connecting(socks, n); /* before the look that decides */
             wait = compute_all(fds, socks, n, NULL) == 0;
         }
         bool expired = deadline >= 0 && cp_now_ns() >= deadline;
         nfds_t total = kernel_set(k, fds, socks, n, wait && !expired);
         bool ask = (wait && !expired) || mask || any_kernel_fd(fds, socks, n);
-        int64_t until = wait && !expired ? sleep_until(socks, n, deadline) : 0;
+        int64_t until = wait && !expired ? sleep_until(socks, n, deadline, was_connecting) : 0;
         int rc = ask ? kernel_poll(k, total, until, mask) : 0;
         if (rc < 0)
             return rc;
