@@ -83,10 +83,15 @@ static void count_all(int delta)
     cp_fd_each(count_in, &delta);
 }
 
+static __thread bool forking;  /* inside our fork wrapper: before_fork counts */
+static __thread bool counted;  /* and it did */
+
 /*
  * The child is counted in before it exists: counting in the child, after
  * fork, would race with a parent that closes its copy at once (a server
  * handing each connection to a child) and end the circuit under the child.
+ * before_fork counts, once the connects in flight have settled: a socket
+ * another thread connected while we waited is the child's too.
  */
 CP_EXPORT pid_t fork(void)
 {
@@ -94,10 +99,11 @@ CP_EXPORT pid_t fork(void)
     cp_init();
     if (!next)
         next = (__typeof__(next))dlsym(RTLD_NEXT, "fork");
-    count_all(+1);
+    forking = true, counted = false;
     pid_t pid = next();
     int err = errno;
-    if (pid < 0)
+    forking = false;
+    if (pid < 0 && counted)
         count_all(-1);
     else if (pid == 0)
         owner = getpid();
@@ -108,12 +114,16 @@ CP_EXPORT pid_t fork(void)
 /*
  * pthread_atfork, so that fork()s inside libc are covered too.  Before: the
  * connects in flight settle first (settling moves epoll registrations, under
- * epoll's locks), then epoll's locks are taken.  After: given back; the
- * child's table locks are new.
+ * epoll's locks), then the child is counted in (our wrapper's forks), then
+ * epoll's locks are taken.  After: given back; the child's table locks are new.
  */
 static void before_fork(void)
 {
     cp_connect_settle_all();
+    if (forking) {
+        count_all(+1);
+        counted = true;
+    }
     cp_epoll_before_fork();
 }
 
