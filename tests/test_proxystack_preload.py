@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -140,6 +141,35 @@ def test_fork_while_the_connect_is_in_flight(world):
     assert line(proc) == "child: SO_ERROR 0 peer 94"
     assert line(proc) == "parent: child exited 0 echo parent"  # the child's close only let go
     finish(proc)
+
+
+@pytest.fixture(scope="module")
+def fork_connect(tmp_path_factory) -> str:
+    """tests/fork_connect.c, built."""
+    if not shutil.which("cc"):
+        pytest.skip("no C compiler (cc) to build tests/fork_connect.c")
+    exe = tmp_path_factory.mktemp("fork") / "fork_connect"
+    subprocess.run(["cc", "-O1", "-Wall", "-Werror", "-pthread", "-o", str(exe),
+                    str(Path(__file__).with_name("fork_connect.c"))], check=True)
+    return str(exe)
+
+
+def test_connect_started_while_fork_waits_is_the_childs_too(world, fork_connect):
+    """fork waits for a held connect; meanwhile another thread connects a
+    second socket.  The child is counted in for that one too: its close
+    leaves the parent's connection going."""
+    world.serve("echo", 95)
+    world.serve("echo", 96)
+    held = Held(world, 95)
+    proc = subprocess.Popen([sys.executable, "-m", "circuits", "run", "--guest", "web",
+                             "--config", str(world.config), "--", fork_connect, OUTSIDE_IP,
+                             "95", "96"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    assert line(proc) == "waiting"
+    time.sleep(1)  # the other thread connects (at 0.3 s) while fork waits
+    held.release()
+    out, err = finish(proc)
+    assert out.strip().splitlines()[-1] == "ok", out + err
 
 
 def test_signal_interrupts_a_blocking_connect(world):
