@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import ipaddress
 import os
 import socket
 import subprocess
@@ -22,7 +23,7 @@ from circuits import protocol as p
 from circuits.operator import child
 from circuits.operator.admin import request
 from circuits.proxystack.link import Link
-from circuits.proxystack.ports import Ports
+from circuits.proxystack.ports import Ports, _overlap
 from circuits.proxystack.sockets import PLAIN
 
 CONFIG = """
@@ -265,6 +266,43 @@ def test_the_proxy_stack_does_not_answer_a_bad_reply():
         with pytest.raises(BlockingIOError):  # nothing came back
             operator.recv(4096)
         assert not link.gone.done()
+    finally:
+        link.close()
+        operator.close()
+        loop.close()
+
+
+@pytest.mark.parametrize("a, b, clash", [
+    ("0.0.0.0", "::", True), ("::", "0.0.0.0", True),  # a dual-stack wildcard takes IPv4's
+    ("198.18.0.1", "0.0.0.0", True), ("0.0.0.0", "198.18.0.1", True),
+    ("198.18.0.1", "::", True), ("::", "198.18.0.1", True),
+    ("fd00::1", "::", True), ("fd00::1", "0.0.0.0", False), ("0.0.0.0", "fd00::1", False),
+    ("198.18.0.1", "198.18.0.2", False), ("198.18.0.1", "198.18.0.1", True),
+])
+def test_overlapping_addresses_clash_in_either_order(a, b, clash):
+    assert _overlap(ipaddress.ip_address(a), ipaddress.ip_address(b)) is clash
+
+
+def test_a_reply_to_a_request_cancelled_before_it_woke_has_its_descriptors_closed():
+    """A port closed under its INGRESS cancels the request after the CIRCUIT came
+    but before the task woke: the reply's descriptors must not be lost open."""
+    loop = asyncio.new_event_loop()
+    ours, operator = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    link = Link(loop, ours, lambda msg, fds: None, lambda table: None)
+    try:
+        task = loop.create_task(link.request(p.Hello()))
+        loop.run_until_complete(asyncio.sleep(0))
+        (request,) = link.waiting
+        fds = list(os.pipe())
+        link._dispatch(p.Welcome(p.VERSION, "proxystack", request=request), fds)
+        task.cancel()  # before the task has woken to take its reply
+        with pytest.raises(asyncio.CancelledError):
+            loop.run_until_complete(task)
+        for fd in fds:
+            with pytest.raises(OSError) as e:
+                os.fstat(fd)
+            assert e.value.errno == errno.EBADF
+        assert not link.waiting
     finally:
         link.close()
         operator.close()

@@ -74,7 +74,15 @@ class Link:
         future = self.loop.create_future()
         self.waiting[request] = future
         self.send(type(msg)(**{**msg.__dict__, "request": request}))
-        reply, fds = await future
+        try:
+            reply, fds = await future
+        except asyncio.CancelledError:
+            # Cancelled after the reply came but before we woke (a port closed
+            # under its INGRESS): the reply's descriptors are nobody's but ours.
+            self.waiting.pop(request, None)
+            if future.done() and not future.cancelled() and future.exception() is None:
+                p.close_all(future.result()[1])
+            raise
         if isinstance(reply, p.Error):
             p.close_all(fds)
             raise OSError(reply.code, reply.reason)
