@@ -370,3 +370,19 @@ def test_a_port_moves_to_an_overlapping_address_while_it_carries_a_connection(wo
         assert outside("say", "old", "c") == f"80 {old} c"
     else:  # the old socket made way: the peer's next datagram is a new flow, to port 84
         assert outside("say", "old", "c") == f"84 {old} c"
+
+
+def test_a_port_that_cannot_move_leaves_the_retired_flows_alone(world, web, outside):
+    """UDP 198.18.0.1:8080 is retired while a flow uses it, for 0.0.0.0:8080, which
+    the table's own 127.0.0.1:8080 keeps from binding.  The move fails and is
+    reported; the retired port is not closed for nothing: its flow goes on."""
+    web.udp(53)
+    web.udp(84)
+    web.udp(85)
+    old = outside.open("udp", "old", 8080)
+    assert outside("say", "old", "a") == f"53 {old} a"
+    others = [e for e in FIRST if (e[0], e[2]) != ("udp", 8080)]
+    set_publish(world, *others, ("udp", "127.0.0.1", 8080, 85), ("udp", "0.0.0.0", 8080, 84))
+    out = reload(world, 3, 4)
+    assert out.returncode == 1 and "udp://0.0.0.0:8080 -> web:84: cannot" in out.stdout, out
+    assert outside("say", "old", "b") == f"53 {old} b"

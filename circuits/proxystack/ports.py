@@ -92,9 +92,15 @@ class Ports:
     def _end_overlapping(self, host: p.Endpoint) -> bool:
         """A UDP port moving to an address that overlaps a retired one still
         draining (`0.0.0.0` and `198.18.0.1`, same port): the retired socket
-        holds the port, so it closes now and its flows end.  Whether one did."""
-        clash = [port for other, port in self.draining.items()
-                 if other.port == host.port and _overlap(other.address, host.address)]
+        holds the port, so it closes now and its flows end.  Whether one did.
+        Not when an open port of the table overlaps it too: that one holds the
+        port, and the draining flows would end for nothing."""
+        def clashes(other: p.Endpoint) -> bool:
+            return (other.proto == host.proto and other.port == host.port
+                    and _overlap(other.address, host.address))
+        if any(clashes(other) for other in self.open):
+            return False
+        clash = [port for other, port in self.draining.items() if clashes(other)]
         for port in clash:
             log.info("unpublished %s: %s takes its port, its flows end", describe(port.entry),
                      host)
@@ -138,8 +144,9 @@ class Ports:
 
 def _overlap(a, b) -> bool:
     """Whether sockets bound to addresses a and b (one port) clash: the same
-    address, or a wildcard of its family (IPv6's also takes IPv4's)."""
+    address, or a wildcard of its family (IPv6's also takes IPv4's), in
+    either order."""
     if a == b:
         return True
-    wild, other = (a, b) if a.is_unspecified else (b, a)
-    return wild.is_unspecified and (wild.version == other.version or wild.version == 6)
+    return any(wild.is_unspecified and (wild.version == other.version or wild.version == 6)
+               for wild, other in ((a, b), (b, a)))
