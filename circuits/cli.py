@@ -86,10 +86,21 @@ def run(guest: str, config_path: str, no_preload: bool, command: tuple[str, ...]
         _confine(config, guest)
     if relay is not None:
         _start_relay(config, guest, relay)
+    _default_signals()
     try:
         os.execvpe(command[0], list(command), env)
     except OSError as e:
         raise click.ClickException(f"cannot run {command[0]}: {e.strerror}") from None
+
+
+def _default_signals() -> None:
+    """Python ignores SIGPIPE and SIGXFSZ, and an ignored signal stays ignored
+    across exec: the program gets them as a shell would give them (`yes |
+    head -1` ends yes by SIGPIPE), as subprocess's restore_signals does."""
+    import signal
+
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _give_guest_files(config, guest: str) -> list[str]:
@@ -119,7 +130,10 @@ def _start_relay(config, guest: str, addresses: list[str]) -> None:
         socks = dnsrelay.bind_all(addresses)
     except OSError as e:
         raise click.ClickException(f"cannot bind guest {guest}'s DNS relay: {e}") from None
-    dnsrelay.start(socks, list(g.resolvers), g.control)
+    try:
+        dnsrelay.start(socks, list(g.resolvers), g.control)
+    except OSError as e:
+        raise click.ClickException(f"cannot start guest {guest}'s DNS relay: {e}") from None
 
 
 def _confine(config, guest: str) -> None:

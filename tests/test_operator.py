@@ -5,6 +5,7 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -192,6 +193,19 @@ def test_run_puts_the_guest_control_socket_in_the_environment(operator):
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == operator("web")
+
+
+def test_run_gives_the_program_default_signal_dispositions(operator):
+    """Python ignores SIGPIPE and SIGXFSZ; exec keeps what is ignored.  The
+    program must get them as from a shell: `yes | head -1` ends yes by SIGPIPE."""
+    out = subprocess.run([sys.executable, "-m", "circuits", "run", "--guest", "web", "--config",
+                          str(operator.config), "--", "sh", "-c",
+                          "grep SigIgn /proc/self/status; yes | head -1 >/dev/null"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    ignored = int(out.stdout.split()[1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1) | 1 << (signal.SIGXFSZ - 1)), out.stdout
+    assert "Broken pipe" not in out.stderr  # yes died by the signal, saying nothing
 
 
 def test_run_without_an_operator_fails_clearly(tmp_path):
