@@ -82,6 +82,8 @@ def run(guest: str, config_path: str, no_preload: bool, command: tuple[str, ...]
         except FileNotFoundError as e:
             raise click.ClickException(str(e)) from None
     relay = _give_guest_files(config, guest) if config.guests[guest].resolvers else None
+    if relay is not None:  # programs that ask the nameserver themselves reach the relay
+        env["CIRCUITS_BYPASS"] = ",".join(filter(None, [env.get("CIRCUITS_BYPASS"), *relay]))
     if config.guests[guest].netns:
         _confine(config, guest)
     if relay is not None:

@@ -199,13 +199,15 @@ def start(socks: list[socket.socket], resolvers, control: str) -> None:
         for s in socks:
             s.close()
         if os.waitstatus_to_exitcode(status) != 0:
-            raise OSError("the guest's DNS relay could not start (no pidfd for the program)")
+            raise OSError("the guest's DNS relay could not start (no pidfd for the program,"
+                          " or no process to spare)")
         return
     code = 1
     try:
         pidfd = os.pidfd_open(program)
-        code = 0
-        if os.fork():
+        relay = os.fork()
+        code = 0  # forked: the relay runs (a failed fork leaves 1, and the program none)
+        if relay:
             os._exit(0)
         os.setsid()
         devnull = os.open(os.devnull, os.O_RDWR)

@@ -11,6 +11,7 @@ Python program through egress, to a UDP echo outside.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -230,3 +231,47 @@ def test_the_relay_holds_none_of_the_programs_descriptors(dns):
         "someone but the program held the pipe"
     os.close(r)
     assert proc.wait(30) == 0, proc.stderr.read()
+
+
+def test_a_program_asking_the_nameserver_itself_reaches_the_relay(dns):
+    """A program that sends its own queries (c-ares, Node's dns.resolve, this
+    one: plain sockets, which the preload library sees) to the nameserver of
+    its resolv.conf: the relay's address goes to the kernel (CIRCUITS_BYPASS),
+    and the relay sends the query on through a circuit, as for glibc.  (It
+    was a circuit to 127.x.y.z:53, which no policy rule names: EACCES.)"""
+    start_dnsmasq(dns)
+    asker = f"""
+import socket, struct
+ns = next(l.split()[1] for l in open("/etc/resolv.conf") if l.startswith("nameserver"))
+name = b"".join(bytes([len(p)]) + p.encode() for p in "{NAME}".split(".")) + b"\\0"
+query = struct.pack("!HHHHHH", 0x4321, 0x0100, 1, 0, 0, 0) + name + struct.pack("!HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(10)
+s.connect((ns, 53))  # as c-ares does (an unconnected sendto there: ENETUNREACH, preload.md)
+s.send(query)
+answer = s.recv(2048)
+print(struct.unpack("!H", answer[:2])[0] == 0x4321, socket.inet_ntoa(answer[-4:]))
+"""
+    out = run(dns, dns.n, sys.executable, "-c", asker)
+    assert out.returncode == 0, (out.stderr, audit(dns))
+    assert out.stdout.split() == ["True", OUTSIDE_IP]
+    assert any(a["from"] == dns.n and a["proto"] == "udp" and a["to"] == OUTSIDE_IP
+               and a["verdict"] == "allow" for a in audit(dns))
+
+
+def test_a_relay_that_cannot_fork_is_an_error_not_a_silent_start(monkeypatch):
+    """The relay is a grandchild: a second fork that fails (no process to spare)
+    makes start() fail, never a program left with a resolv.conf nobody serves."""
+    from circuits import dnsrelay
+
+    real_fork, forks = os.fork, []
+
+    def fork():
+        forks.append(1)
+        if len(forks) > 1:  # in the child: the relay's own fork
+            raise OSError(errno.EAGAIN, "no process to spare")
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", fork)
+    with pytest.raises(OSError, match="could not start"):
+        dnsrelay.start([], ["192.0.2.53"], "/nonexistent/control.sock")
