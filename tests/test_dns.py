@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from circuits.operator.admin import request
-from proxystack_fixtures import CONFIG, OUTSIDE_IP, World, requires_netns
+from proxystack_fixtures import CONFIG, OUTSIDE_IP, World, requires_netns, sh
 
 pytestmark = [requires_netns,
               pytest.mark.skipif(not shutil.which("dnsmasq"), reason="dnsmasq-base: make deps")]
@@ -275,3 +275,27 @@ def test_a_relay_that_cannot_fork_is_an_error_not_a_silent_start(monkeypatch):
     monkeypatch.setattr(os, "fork", fork)
     with pytest.raises(OSError, match="could not start"):
         dnsrelay.start([], ["192.0.2.53"], "/nonexistent/control.sock")
+
+
+def test_a_tcp_retry_held_at_the_resolver_holds_up_no_udp_query(dns):
+    """The resolver drops TCP: a lookup whose answer comes truncated waits on
+    its TCP retry (the proxy stack's connect_timeout, 10 s here).  Another
+    thread's lookup meanwhile goes over UDP at once, not behind that connect
+    on a shared control connection."""
+    start_dnsmasq(dns)
+    sh("ip", "netns", "exec", dns.outside, "nft", "table inet held {\n"
+       " chain in { type filter hook input priority 0; tcp dport 53 drop; }\n}")
+    program = f"""
+import os, socket, threading, time
+big = threading.Thread(target=socket.getaddrinfo, args=("{BIG}", None, socket.AF_INET))
+big.start()
+time.sleep(1)  # its TCP retry waits for the resolver now
+t0 = time.monotonic()
+addr = socket.getaddrinfo("{NAME}", None, socket.AF_INET)[0][4][0]
+print(addr, round(time.monotonic() - t0, 2), big.is_alive(), flush=True)
+os._exit(0)
+"""
+    out = run(dns, dns.n, sys.executable, "-c", program)
+    assert out.returncode == 0, (out.stderr, audit(dns))
+    addr, took, waiting = out.stdout.split()
+    assert addr == OUTSIDE_IP and float(took) < 3 and waiting == "True", out.stdout
