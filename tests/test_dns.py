@@ -11,7 +11,6 @@ Python program through egress, to a UDP echo outside.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -257,24 +256,6 @@ print(struct.unpack("!H", answer[:2])[0] == 0x4321, socket.inet_ntoa(answer[-4:]
     assert out.stdout.split() == ["True", OUTSIDE_IP]
     assert any(a["from"] == dns.n and a["proto"] == "udp" and a["to"] == OUTSIDE_IP
                and a["verdict"] == "allow" for a in audit(dns))
-
-
-def test_a_relay_that_cannot_fork_is_an_error_not_a_silent_start(monkeypatch):
-    """The relay is a grandchild: a second fork that fails (no process to spare)
-    makes start() fail, never a program left with a resolv.conf nobody serves."""
-    from circuits import dnsrelay
-
-    real_fork, forks = os.fork, []
-
-    def fork():
-        forks.append(1)
-        if len(forks) > 1:  # in the child: the relay's own fork
-            raise OSError(errno.EAGAIN, "no process to spare")
-        return real_fork()
-
-    monkeypatch.setattr(os, "fork", fork)
-    with pytest.raises(OSError, match="could not start"):
-        dnsrelay.start([], ["192.0.2.53"], "/nonexistent/control.sock")
 
 
 def test_a_tcp_retry_held_at_the_resolver_holds_up_no_udp_query(dns):

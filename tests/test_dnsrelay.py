@@ -1,8 +1,12 @@
 """The DNS relay's own parts (circuits/dnsrelay.py); end to end in tests/test_dns.py."""
 from __future__ import annotations
 
+import errno
 import ipaddress
+import os
 import struct
+
+import pytest
 
 from circuits import dnsrelay
 
@@ -35,3 +39,20 @@ def test_local_addresses_are_loopback_and_apart_from_127_0_0():
         addrs = [ipaddress.ip_address(a) for a in dnsrelay.local_addresses(3)]
         assert all(a.is_loopback and a.packed[1:3] != b"\0\0" for a in addrs)
         assert len(set(addrs)) == 3
+
+
+def test_a_relay_that_cannot_fork_is_an_error_not_a_silent_start(monkeypatch):
+    """The relay is a grandchild: a second fork that fails (no process to spare)
+    makes start() fail, never a program left with a resolv.conf nobody serves."""
+    real_fork, forks = os.fork, []
+
+    def fork():
+        forks.append(1)
+        if len(forks) > 1:  # in the child: the relay's own fork
+            raise OSError(errno.EAGAIN, "no process to spare")
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", fork)
+    with pytest.raises(OSError, match="could not start"):
+        dnsrelay.start([], ["192.0.2.53"], "/nonexistent/control.sock")
+
