@@ -169,16 +169,37 @@ def connect(address: Address, *, kind: str = "stream", ring_size: int = 0,
     proto = p.TCP if kind == "stream" else p.UDP
     request = p.Connect(_endpoint(address, proto), ring_size)
     try:
-        reply, fds = _control(control).request(request)
+        reply, fds = _ask_connect(control, request)
     except GONE:  # a restarted operator: one more try on a new connection
         _forget(control)
         try:
-            reply, fds = _control(control).request(request)
+            reply, fds = _ask_connect(control, request)
         except GONE:  # going away again: not a protocol's EOFError to the application
             _forget(control)
             raise OSError(errno.ENETUNREACH, "the operator went away during the connect"
                           " (it is stopping or restarting)") from None
     return _connection(reply, fds)
+
+
+def _ask_connect(control: str | None, request: p.Connect) -> tuple[p.Message, list[int]]:
+    """A CONNECT on the shared control connection or, while another thread's
+    waits there (the operator answers a connect to the outside only once the
+    host connection is up: seconds, for a slow destination), on one of its
+    own, so that connects in threads never queue behind each other."""
+    shared = _control(control)
+    if shared._lock.acquire(blocking=False):
+        try:
+            return shared.answer(shared.ask(request))
+        finally:
+            shared._lock.release()
+    try:
+        own = Control(control)
+    except (OSError, EOFError):  # none to spare (the operator's limit per guest): wait our turn
+        return shared.request(request)
+    try:
+        return own.request(request)
+    finally:
+        own.close()
 
 
 def _forget(path: str | None) -> None:

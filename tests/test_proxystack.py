@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 
 import pytest
@@ -20,7 +21,7 @@ from circuits.operator.config import default_mark
 from outside import BLOCK, pattern_sha256
 from proxystack_fixtures import (  # noqa: F401 - fixtures
     HOST_IP, HOST_IP6, OUTSIDE_IP, OUTSIDE_IP6, PUBLISHED, SOURCE_IP, both_placements,
-    requires_netns, world, world_no_restart)
+    requires_netns, sh, world, world_no_restart)
 
 pytestmark = requires_netns
 BIG = 200 << 20  # the issue's 200 MB each way
@@ -249,6 +250,29 @@ def test_200_concurrent_egress_connections(world):
     finally:
         for conn in conns:
             conn.close()
+
+
+def test_a_connect_waiting_for_the_outside_holds_up_no_other_thread(world):
+    """The operator answers a connect to the outside once the host connection
+    is up; a thread whose destination does not answer must not hold up
+    another thread's connect (one control connection each while both wait)."""
+    world.serve("echo", 84)
+    world.serve("echo", 85)
+    hold = "table inet held {\n chain in { type filter hook input priority 0; tcp dport 85 drop; }\n}"
+    sh("ip", "netns", "exec", world.outside, "nft", hold)
+    slow: list = []
+    waiting = threading.Thread(target=lambda: slow.append(connect(world, "web", 85)))
+    waiting.start()
+    try:
+        time.sleep(0.5)  # its CONNECT is at the operator, the handshake held
+        start = time.monotonic()
+        connect(world, "web", 84).close()
+        assert time.monotonic() - start < 2 and waiting.is_alive()
+    finally:
+        sh("ip", "netns", "exec", world.outside, "nft", "delete", "table", "inet", "held")
+        waiting.join(15)  # the next SYN goes through
+    assert slow and slow[0].getpeername() == (OUTSIDE_IP, 85)
+    slow[0].close()
 
 
 @both_placements
