@@ -34,8 +34,6 @@ import time
 from ipaddress import IPv4Address, IPv6Address
 
 import circuits
-from circuits import protocol as p
-from circuits.client import Connection, Control, _connection
 
 DNS_PORT = 53
 MAX_QUERY = 65535
@@ -144,7 +142,9 @@ class Relay:
         """DNS over TCP: each length-prefixed query of the client goes through
         a stream circuit to the resolver, and its answer back, in turn."""
         try:
-            with client, self._connect_alone(resolver) as conn:
+            # A connect the resolver does not answer holds no UDP query up:
+            # circuits.connect asks on a control connection of its own then.
+            with client, circuits.connect((resolver, DNS_PORT), control=self.control) as conn:
                 client.settimeout(ANSWER_TIMEOUT)
                 conn.settimeout(ANSWER_TIMEOUT)
                 while query := _message(client.recv):
@@ -157,18 +157,6 @@ class Relay:
             pass  # refused by the policy, timed out, or gone: the client sees the close
         finally:
             self.slots.release()
-
-    def _connect_alone(self, resolver: str) -> Connection:
-        """A stream circuit to the resolver, asked on a control connection of
-        its own: the operator answers a TCP connect to the outside only once
-        the proxy stack's connection is up (up to its connect_timeout), and
-        the UDP queries meanwhile must not queue behind it on the shared one."""
-        ctl = Control(self.control)
-        try:
-            reply, fds = ctl.request(p.Connect(p.Endpoint.parse(resolver, DNS_PORT, p.TCP)))
-        finally:
-            ctl.close()
-        return _connection(reply, fds)
 
     def _ask(self, resolver: str, query: bytes) -> bytes | None:
         try:
