@@ -86,6 +86,15 @@ class Control:
         with self._lock:
             return self.answer(self.ask(msg))
 
+    def try_request(self, msg: p.Message) -> tuple[p.Message, list[int]] | None:
+        """request(), unless another thread's request is waiting here: None."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return self.answer(self.ask(msg))
+        finally:
+            self._lock.release()
+
     def ask(self, msg: p.Message) -> int:
         """Send a request without waiting; its number, for answer().  Callers
         that split a request so hold their own lock (a Listener does)."""
@@ -187,11 +196,9 @@ def _ask_connect(control: str | None, request: p.Connect) -> tuple[p.Message, li
     host connection is up: seconds, for a slow destination), on one of its
     own, so that connects in threads never queue behind each other."""
     shared = _control(control)
-    if shared._lock.acquire(blocking=False):
-        try:
-            return shared.answer(shared.ask(request))
-        finally:
-            shared._lock.release()
+    answered = shared.try_request(request)
+    if answered is not None:
+        return answered
     try:
         own = Control(control)
     except (OSError, EOFError):  # none to spare (the operator's limit per guest): wait our turn
