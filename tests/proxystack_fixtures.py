@@ -96,6 +96,22 @@ action = "allow"
 """
 
 
+class Held:
+    """An nft rule in the outside namespace dropping every packet to `port`:
+    a connect there gets no SYN-ACK until release() (then the host's next
+    SYN retransmission, a second or three later, completes it)."""
+
+    def __init__(self, world, port: int):
+        self.ns = world.outside
+        nft = f"""table inet held {{
+            chain in {{ type filter hook input priority 0; tcp dport {port} drop; }}
+        }}"""
+        sh("ip", "netns", "exec", self.ns, "nft", nft)
+
+    def release(self) -> None:
+        sh("ip", "netns", "exec", self.ns, "nft", "delete", "table", "inet", "held")
+
+
 class World:
     """The host and outside namespaces, the operator, and outside servers."""
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from circuits.operator.admin import request
-from proxystack_fixtures import CONFIG, OUTSIDE_IP, World, requires_netns, sh
+from proxystack_fixtures import CONFIG, OUTSIDE_IP, Held, World, requires_netns
 
 pytestmark = [requires_netns,
               pytest.mark.skipif(not shutil.which("dnsmasq"), reason="dnsmasq-base: make deps")]
@@ -264,8 +264,7 @@ def test_a_tcp_retry_held_at_the_resolver_holds_up_no_udp_query(dns):
     thread's lookup meanwhile goes over UDP at once, not behind that connect
     on a shared control connection."""
     start_dnsmasq(dns)
-    sh("ip", "netns", "exec", dns.outside, "nft", "table inet held {\n"
-       " chain in { type filter hook input priority 0; tcp dport 53 drop; }\n}")
+    Held(dns, 53)  # released with the outside namespace
     program = f"""
 import os, socket, threading, time
 big = threading.Thread(target=socket.getaddrinfo, args=("{BIG}", None, socket.AF_INET))

@@ -21,7 +21,7 @@ from circuits.operator.config import default_mark
 from outside import BLOCK, pattern_sha256
 from proxystack_fixtures import (  # noqa: F401 - fixtures
     HOST_IP, HOST_IP6, OUTSIDE_IP, OUTSIDE_IP6, PUBLISHED, SOURCE_IP, both_placements,
-    requires_netns, sh, world, world_no_restart)
+    Held, requires_netns, world, world_no_restart)
 
 pytestmark = requires_netns
 BIG = 200 << 20  # the issue's 200 MB each way
@@ -258,8 +258,7 @@ def test_a_connect_waiting_for_the_outside_holds_up_no_other_thread(world):
     another thread's connect (one control connection each while both wait)."""
     world.serve("echo", 84)
     world.serve("echo", 85)
-    hold = "table inet held {\n chain in { type filter hook input priority 0; tcp dport 85 drop; }\n}"
-    sh("ip", "netns", "exec", world.outside, "nft", hold)
+    held = Held(world, 85)
     slow: list = []
     waiting = threading.Thread(target=lambda: slow.append(connect(world, "web", 85)))
     waiting.start()
@@ -269,7 +268,7 @@ def test_a_connect_waiting_for_the_outside_holds_up_no_other_thread(world):
         connect(world, "web", 84).close()
         assert time.monotonic() - start < 2 and waiting.is_alive()
     finally:
-        sh("ip", "netns", "exec", world.outside, "nft", "delete", "table", "inet", "held")
+        held.release()
         waiting.join(15)  # the next SYN goes through
     assert slow and slow[0].getpeername() == (OUTSIDE_IP, 85)
     slow[0].close()

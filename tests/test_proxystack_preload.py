@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from circuits.operator.admin import request
-from proxystack_fixtures import OUTSIDE_IP, requires_netns, sh, world  # noqa: F401 - fixtures
+from proxystack_fixtures import Held, OUTSIDE_IP, requires_netns, world  # noqa: F401 - fixtures
 
 pytestmark = requires_netns
 APP = Path(__file__).with_name("egress_app.py")
@@ -50,22 +50,6 @@ def finish(proc: subprocess.Popen, timeout: float = 30) -> tuple[str, str]:
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out + err
     return out, err
-
-
-class Held:
-    """An nft rule in the outside namespace dropping every packet to `port`:
-    a connect there gets no SYN-ACK until release() (then the host's next
-    SYN retransmission, a second or three later, completes it)."""
-
-    def __init__(self, world, port: int):
-        self.ns = world.outside
-        nft = f"""table inet held {{
-            chain in {{ type filter hook input priority 0; tcp dport {port} drop; }}
-        }}"""
-        sh("ip", "netns", "exec", self.ns, "nft", nft)
-
-    def release(self) -> None:
-        sh("ip", "netns", "exec", self.ns, "nft", "delete", "table", "inet", "held")
 
 
 def live_to(world, port: int) -> list[dict]:
